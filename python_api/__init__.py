@@ -1,0 +1,13 @@
+"""python_api: the SAM-family optimizers and sharpness metrics, built on :mod:`sam_kernels`."""
+
+from python_api._base import NonFiniteError, SAMFamily
+from python_api.batchnorm import disable_running_stats, enable_running_stats
+from python_api.sam import SAM
+
+__all__ = [
+    "SAM",
+    "NonFiniteError",
+    "SAMFamily",
+    "disable_running_stats",
+    "enable_running_stats",
+]

@@ -1,0 +1,551 @@
+"""Machinery shared by every optimizer of the SAM family.
+
+A SAM-family optimizer wraps a base optimizer (a class, as in davda54/sam, or an instance) and
+shares its ``param_groups``, so LR schedulers attach to the wrapper. Every algorithm ends with
+exactly one base step at the *unperturbed* weights, which are restored from an exact backup.
+
+Base step. When the base optimizer is ``torch.optim.SGD`` or ``torch.optim.AdamW`` the wrapper
+performs the base step itself with the fused ops of :mod:`sam_kernels` (restore fused into the
+step, the combined gradient formed inside the pass, the step gated on the device by a finite
+flag: no host read). Its state lives in the base optimizer's ``state`` under torch's own keys
+(``momentum_buffer``; ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``; ``step``), so checkpoints
+move between the wrapper and torch. Any other base optimizer gets the restored weights and the
+gradient in ``p.grad`` and its own ``step()``, called after one host read of the finite flag.
+
+Non-finite values (the spec's shared rules): a non-finite loss or gradient at any evaluation
+makes the step change nothing and increments :attr:`skipped_steps`; ``on_nonfinite="raise"``
+reads the flag after each evaluation and raises :class:`NonFiniteError` (weights restored first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+import sam_kernels as sk
+from python_api.batchnorm import BNStatsKeeper, preserve_bn_stats
+
+Closure = Callable[[], Any]
+_ON_NONFINITE = ("skip", "raise")
+_EPS = 1e-12
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised with ``on_nonfinite="raise"`` when a loss or gradient is not finite."""
+
+
+def check_nonneg(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0.0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+def check_range(name: str, value: float, lo: float, hi: float, lo_open: bool, hi_open: bool):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value!r}")
+
+
+def _fused_kind(base: Optimizer) -> str | None:
+    """'sgd' / 'adamw' when the wrapper can run the base step itself, else None."""
+    if type(base) is torch.optim.SGD:
+        kind = "sgd"
+    elif type(base) is torch.optim.AdamW:
+        kind = "adamw"
+    else:
+        return None
+    for g in base.param_groups:
+        if g.get("differentiable", False):
+            return None
+    return kind
+
+
+class SAMFamily(Optimizer):
+    """Base class: wrapping, closures, BN handling, the fused base step and non-finite skips.
+
+    Subclasses implement :meth:`step` with the helpers below.
+    """
+
+    #: whether a step may read values on the host (AE-SAM, LookSAM, SS-SAM: the decision)
+    host_decisions = False
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict] | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        own_defaults: dict[str, Any],
+        *,
+        model: nn.Module | None = None,
+        on_nonfinite: str = "skip",
+        backend: str | None = None,
+        process_group: Any = None,
+        **base_kwargs: Any,
+    ) -> None:
+        if on_nonfinite not in _ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}, got {on_nonfinite!r}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        sk._backend.requested_backend(backend)  # validates the name early
+        self._own_keys = tuple(own_defaults)
+        if isinstance(base_optimizer, Optimizer):
+            if base_kwargs:
+                raise TypeError(
+                    f"base_optimizer is an instance; keyword arguments {sorted(base_kwargs)} "
+                    "would be ignored (give them to the base optimizer instead)"
+                )
+            base = base_optimizer
+            if params is not None:
+                given = {id(p) for p in _flatten_params(params)}
+                have = {id(p) for g in base.param_groups for p in g["params"]}
+                if given != have:
+                    raise ValueError(
+                        "params differ from the parameters of the base_optimizer instance; "
+                        "pass the same parameters (or params=None)"
+                    )
+            super().__init__(base.param_groups, own_defaults)
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+            if params is None:
+                raise TypeError("params is required when base_optimizer is a class")
+            super().__init__(params, own_defaults)
+            base = base_optimizer(self.param_groups, **base_kwargs)
+        else:
+            raise TypeError(
+                "base_optimizer must be a torch.optim.Optimizer subclass or instance, got "
+                f"{base_optimizer!r}"
+            )
+        self.base_optimizer = base
+        self.param_groups = base.param_groups
+        self.defaults.update(base.defaults)
+        for group in self.param_groups:
+            self._check_group(group)
+        self.model = model
+        self.on_nonfinite = on_nonfinite
+        self.backend = backend
+        self.process_group = process_group
+        self._bn = BNStatsKeeper(model) if model is not None else None
+        self._fused = _fused_kind(base)
+        self._device = self._find_device()
+        # device counters: steps taken (not skipped) and steps skipped; no host read to update
+        self._counters = torch.zeros(2, dtype=torch.float32, device=self._device)
+        self._rho_cache: tuple[tuple, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------- configuration
+    def _check_group(self, group: dict) -> None:
+        check_nonneg("rho", group["rho"])
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not hasattr(self, "base_optimizer"):  # inside __init__
+            super().add_param_group(param_group)
+            return
+        # the group list is shared: let the base add it (its defaults), with ours filled in
+        for k in self._own_keys:
+            param_group.setdefault(k, self.defaults[k])
+        self.base_optimizer.add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+        self._rho_cache = None
+
+    def _find_device(self) -> torch.device:
+        for g in self.param_groups:
+            for p in g["params"]:
+                return p.device
+        return torch.device("cpu")
+
+    @property
+    def skipped_steps(self) -> int:
+        """Number of steps skipped because a loss or gradient was not finite (host read)."""
+        return int(self._counters[1].item())
+
+    @property
+    def steps_taken(self) -> int:
+        """Number of steps applied (host read)."""
+        return int(self._counters[0].item())
+
+    # ----------------------------------------------------------------- closures
+    def _require_closure(self, closure: Closure | None) -> Closure:
+        if closure is None:
+            raise TypeError(
+                f"{type(self).__name__}.step requires a closure that runs forward and backward "
+                "at the current weights and returns the loss"
+            )
+        if not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        return closure
+
+    def _call_closure(self, closure: Closure, *, perturbed: bool, need_loss: bool, what: str):
+        """Run ``closure`` with grad enabled (BN stats preserved at perturbed points)."""
+        with torch.enable_grad(), preserve_bn_stats(self._bn if perturbed else None):
+            loss = closure()
+        if loss is None:
+            if need_loss:
+                raise TypeError(
+                    f"{type(self).__name__} needs the loss value at {what}, but the closure "
+                    "returned None; return the loss tensor from the closure"
+                )
+            return None
+        if not isinstance(loss, torch.Tensor):
+            if isinstance(loss, (int, float)):
+                loss = torch.tensor(float(loss), device=self._device)
+            else:
+                raise TypeError(f"the closure returned {type(loss).__name__}, expected a tensor")
+        elif loss.numel() != 1:
+            if need_loss:
+                raise ValueError(
+                    f"the closure returned a loss of shape {tuple(loss.shape)} at {what}; "
+                    "expected a scalar"
+                )
+        return loss.detach()
+
+    def _params_with_grad(self) -> list[torch.Tensor]:
+        out = []
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise ValueError(
+                            f"{type(self).__name__} does not support sparse gradients"
+                        )
+                    out.append(p)
+        return out
+
+    def _initial_eval(self, closure: Closure, loss: torch.Tensor | None, need_loss: bool):
+        """The closure contract: gradients present are g0; else evaluate at w.
+
+        Returns ``(L0 or None, evaluated)``. With ``need_loss`` and gradients present but no
+        ``loss=`` given, the closure is evaluated once more at ``w``.
+        """
+        have_grads = any(p.grad is not None for g in self.param_groups for p in g["params"])
+        if have_grads and (loss is not None or not need_loss):
+            return (self._as_loss(loss) if loss is not None else None), False
+        if have_grads:
+            self.zero_grad(set_to_none=True)
+        l0 = self._call_closure(closure, perturbed=False, need_loss=need_loss, what="w")
+        return l0, True
+
+    def _as_loss(self, loss: Any) -> torch.Tensor:
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+            return loss.detach().reshape(())
+        if isinstance(loss, (int, float)):
+            return torch.tensor(float(loss), device=self._device)
+        raise TypeError(f"loss must be a tensor or a number, got {type(loss).__name__}")
+
+    def _reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Average a loss that weights gradients over the ranks (one scalar all-reduce)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            loss = loss.detach().float().clone()
+            dist.all_reduce(loss, group=self.process_group)
+            loss /= dist.get_world_size(self.process_group)
+        return loss
+
+    # ----------------------------------------------------------------- non-finite values
+    def _ok_from(self, *values: torch.Tensor | None) -> torch.Tensor:
+        """1.0 where every given 0-d value is finite, else 0.0 (device tensor)."""
+        ok = torch.ones((), dtype=torch.float32, device=self._device)
+        for v in values:
+            if v is not None:
+                ok = ok * torch.isfinite(v.reshape(()).to(self._device)).to(torch.float32)
+        return ok
+
+    def _check_raise(self, ok: torch.Tensor, what: str, backups_of: Sequence | None = None):
+        """``on_nonfinite="raise"``: one host read; restore weights, then raise."""
+        if self.on_nonfinite != "raise":
+            return
+        if not bool(ok.item()):
+            if backups_of:
+                self._restore(backups_of)
+            raise NonFiniteError(
+                f"{type(self).__name__}: non-finite loss or gradient at {what}; weights and "
+                "optimizer state are unchanged"
+            )
+
+    # ----------------------------------------------------------------- perturbation
+    def _perturbed_groups(self) -> list[tuple[dict, list[torch.Tensor]]]:
+        out = []
+        for g in self.param_groups:
+            if g.get("rho", 0.0) == 0.0 or g.get("sam", True) is False:
+                continue
+            ps = [p for p in g["params"] if p.grad is not None]
+            if ps:
+                out.append((g, ps))
+        return out
+
+    def _backups(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for p in params:
+            st = self.state[p]
+            b = st.get("backup")
+            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                b = torch.empty_like(p, memory_format=torch.preserve_format)
+                st["backup"] = b
+            out.append(b)
+        return out
+
+    def _rho_vector(self, groups: list[tuple[dict, list[torch.Tensor]]]) -> torch.Tensor:
+        """Per-tensor rho as a device tensor, rebuilt only when a group's rho changes."""
+        key = tuple((id(g), float(g["rho"]), len(ps)) for g, ps in groups)
+        if self._rho_cache is None or self._rho_cache[0] != key:
+            vals = [float(g["rho"]) for g, ps in groups for _ in ps]
+            self._rho_cache = (key, torch.tensor(vals, dtype=torch.float32, device=self._device))
+        return self._rho_cache[1]
+
+    def _grad_norm(self, params: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Global norm ``||T(p) * g||`` over every parameter with a gradient (all groups)."""
+        sq = []
+        for g in self.param_groups:
+            ps = [p for p in g["params"] if p.grad is not None]
+            if params is not None:
+                keep = {id(p) for p in params}
+                ps = [p for p in ps if id(p) in keep]
+            if not ps:
+                continue
+            adaptive = bool(g.get("adaptive", False))
+            n = sk.grad_norm(
+                [p.grad for p in ps],
+                ps if adaptive else None,
+                eta=float(g.get("eta", 0.0)),
+                backend=self.backend,
+            )
+            sq.append((adaptive, float(g.get("eta", 0.0)), n))
+        if not sq:
+            return torch.zeros((), dtype=torch.float32, device=self._device)
+        if len(sq) == 1:
+            return sq[0][2]
+        return torch.linalg.vector_norm(torch.stack([n.to(self._device) for *_, n in sq]))
+
+    def _perturb_along_grad(self, norm: torch.Tensor) -> list[torch.Tensor]:
+        """SAM/ASAM ascent: ``p += rho/(norm + 1e-12) * T(p)^2 * g`` with exact backups.
+
+        A non-finite norm gives a zero scale, so no non-finite value reaches the weights.
+        Returns the perturbed parameters (the ones to restore).
+        """
+        groups = self._perturbed_groups()
+        if not groups:
+            return []
+        rho = self._rho_vector(groups)
+        inv = torch.where(torch.isfinite(norm), 1.0 / (norm + _EPS), torch.zeros_like(norm))
+        scale = rho * inv
+        perturbed: list[torch.Tensor] = []
+        start = 0
+        # one call per (adaptive, eta) setting: normally exactly one call in all
+        by_mode: dict[tuple[bool, float], list[int]] = {}
+        flat: list[torch.Tensor] = []
+        for g, ps in groups:
+            key = (bool(g.get("adaptive", False)), float(g.get("eta", 0.0)))
+            idx = by_mode.setdefault(key, [])
+            idx.extend(range(start, start + len(ps)))
+            flat.extend(ps)
+            start += len(ps)
+        for (adaptive, eta), idx in by_mode.items():
+            ps = [flat[i] for i in idx]
+            s = scale if len(idx) == len(flat) else scale[torch.tensor(idx, device=scale.device)]
+            sk.perturb_(
+                ps,
+                [p.grad for p in ps],
+                self._backups(ps),
+                s,
+                adaptive=adaptive,
+                eta=eta,
+                backend=self.backend,
+            )
+            perturbed.extend(ps)
+        return perturbed
+
+    def _restore(self, params: Sequence[torch.Tensor]) -> None:
+        if params:
+            sk.restore_(list(params), [self.state[p]["backup"] for p in params])
+
+    # ----------------------------------------------------------------- base step
+    def _base_step(
+        self,
+        ok: torch.Tensor,
+        perturbed: Sequence[torch.Tensor] = (),
+        grad_of: Callable[[list[torch.Tensor]], Any] | None = None,
+    ) -> None:
+        """Restore ``perturbed`` and take one base step at the unperturbed weights, if ``ok``.
+
+        ``grad_of(params)`` gives the gradient for a list of parameters (a list of tensors or a
+        :class:`sam_kernels.LinComb`); by default ``p.grad``. Parameters without a gradient are
+        not stepped (as in torch). Updates the device step/skip counters.
+        """
+        self._counters.add_(torch.stack([ok, 1.0 - ok]))
+        pert = {id(p) for p in perturbed}
+        if self._fused is not None:
+            stepped: set[int] = set()
+            for group in self.param_groups:
+                ps = [p for p in group["params"] if p.grad is not None]
+                if not ps:
+                    continue
+                stepped.update(id(p) for p in ps)
+                from_backup = all(id(p) in pert for p in ps)
+                if not from_backup:
+                    self._restore([p for p in ps if id(p) in pert])
+                grads = grad_of(ps) if grad_of is not None else [p.grad for p in ps]
+                backups = [self.state[p]["backup"] for p in ps] if from_backup else None
+                if self._fused == "sgd":
+                    self._fused_sgd(group, ps, grads, backups, ok)
+                else:
+                    self._fused_adamw(group, ps, grads, backups, ok)
+            # perturbed parameters whose gradient vanished in a later pass
+            self._restore([p for p in perturbed if id(p) not in stepped])
+            return
+        # generic base optimizer: restore, put the gradient in p.grad, one host read
+        self._restore(list(perturbed))
+        if grad_of is not None:
+            for group in self.param_groups:
+                ps = [p for p in group["params"] if p.grad is not None]
+                if ps:
+                    g = grad_of(ps)
+                    if isinstance(g, sk.LinComb):
+                        out = [torch.empty_like(p.grad) for p in ps]
+                        sk.lincomb_(out, g.terms, g.coefs, backend=self.backend)
+                        g = out
+                    for p, gi in zip(ps, g):
+                        if gi is not p.grad:
+                            p.grad.copy_(gi)
+        if bool(ok.item()):
+            self.base_optimizer.step()
+
+    def _fused_sgd(self, group, ps, grads, backups, ok) -> None:
+        st = self.base_optimizer.state
+        momentum = group["momentum"]
+        bufs, steps = [], []
+        for p in ps:
+            s = st[p]
+            if momentum != 0.0:
+                b = s.get("momentum_buffer")
+                if b is None:
+                    b = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    s["momentum_buffer"] = b
+                    # a fresh buffer: no step applied yet (torch's "first step")
+                    s.setdefault("step", torch.zeros((), dtype=torch.float32, device=p.device))
+                bufs.append(b)
+            t = s.get("step")
+            if t is None:  # state loaded from torch.optim.SGD: its buffer is initialised
+                t = torch.ones((), dtype=torch.float32, device=p.device)
+                s["step"] = t
+            elif t.device != p.device:
+                t = s["step"] = t.to(p.device, torch.float32)
+            steps.append(t)
+        sk.sgd_step_(
+            ps,
+            grads,
+            bufs,
+            steps,
+            backups=backups,
+            lr=group["lr"],
+            momentum=momentum,
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            weight_decay=group["weight_decay"],
+            maximize=group.get("maximize", False),
+            ok=ok,
+            backend=self.backend,
+        )
+
+    def _fused_adamw(self, group, ps, grads, backups, ok) -> None:
+        st = self.base_optimizer.state
+        amsgrad = group["amsgrad"]
+        m, v, vm, steps = [], [], [], []
+        for p in ps:
+            s = st[p]
+            if "exp_avg" not in s:
+                s["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if amsgrad:
+                    s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if s["step"].device != p.device or s["step"].dtype != torch.float32:
+                s["step"] = s["step"].to(p.device, torch.float32)
+            if amsgrad and "max_exp_avg_sq" not in s:
+                s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            m.append(s["exp_avg"])
+            v.append(s["exp_avg_sq"])
+            if amsgrad:
+                vm.append(s["max_exp_avg_sq"])
+            steps.append(s["step"])
+        beta1, beta2 = group["betas"]
+        sk.adamw_step_(
+            ps,
+            grads,
+            m,
+            v,
+            vm,
+            steps,
+            backups=backups,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            amsgrad=amsgrad,
+            maximize=group.get("maximize", False),
+            ok=ok,
+            backend=self.backend,
+        )
+
+    # ----------------------------------------------------------------- state
+    def _extra_state(self) -> dict[str, Any]:
+        """Algorithm state that is not per parameter (subclasses extend)."""
+        return {"counters": self._counters.clone()}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self._counters.copy_(extra["counters"].to(self._counters.device))
+
+    def state_dict(self) -> dict[str, Any]:
+        own = super().state_dict()
+        # backups are transient (valid only inside a step): not checkpointed
+        own["state"] = {
+            k: {n: v for n, v in s.items() if n != "backup"} for k, s in own["state"].items()
+        }
+        own["state"] = {k: s for k, s in own["state"].items() if s}
+        return {
+            "sam": own,
+            "base": self.base_optimizer.state_dict(),
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not {"sam", "base", "extra"} <= set(state_dict):
+            raise ValueError(
+                "not a SAM-family state_dict (expected keys 'sam', 'base', 'extra'); to load a "
+                "base optimizer's checkpoint use opt.base_optimizer.load_state_dict"
+            )
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        super().load_state_dict(state_dict["sam"])
+        # torch's load_state_dict replaces the group dicts: share them with the base again
+        for mine, base in zip(self.param_groups, self.base_optimizer.param_groups):
+            for k, v in mine.items():
+                if k != "params":
+                    base.setdefault(k, v)
+        self.param_groups = self.base_optimizer.param_groups
+        self._load_extra_state(state_dict["extra"])
+        self._rho_cache = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, groups=" + (
+            f"{len(self.param_groups)})"
+        )
+
+
+def _flatten_params(params: Iterable) -> list[torch.Tensor]:
+    out = []
+    for item in params:
+        if isinstance(item, dict):
+            ps = item["params"]
+            out.extend([ps] if isinstance(ps, torch.Tensor) else list(ps))
+        else:
+            out.append(item)
+    return out
+

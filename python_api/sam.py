@@ -1,0 +1,124 @@
+"""SAM (Foret et al., ICLR 2021) and ASAM (Kwon et al., ICML 2021).
+
+A drop-in replacement for davda54/sam: same constructor, ``first_step`` / ``second_step`` /
+``step(closure)``, ``base_optimizer`` attribute and shared ``param_groups``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+import sam_kernels as sk
+from python_api._base import Closure, SAMFamily, check_nonneg
+
+
+class SAM(SAMFamily):
+    r"""Sharpness-Aware Minimization; ``adaptive=True`` gives ASAM.
+
+    .. code-block:: text
+
+        T(p) = |p| + eta  if adaptive else 1
+        n    = || T(p) * g0 ||                      (global, over every parameter with a grad)
+        e(p) = rho / (n + 1e-12) * T(p)^2 * g0(p)
+        first_step:  save w (exact);  p += e(p)
+        (closure at w + e gives g1)
+        second_step: p = saved w;  base.step() with g1
+
+    Foret, Kleiner, Mobahi, Neyshabur, "Sharpness-Aware Minimization for Efficiently Improving
+    Generalization", ICLR 2021; Kwon, Kim, Park, Choi, "ASAM", ICML 2021. The default rho is
+    0.05 whether or not ``adaptive`` (as in davda54/sam); ASAM's authors use rho = 2.0.
+
+    Args:
+        params: parameters or parameter groups (a group may set its own ``rho``; ``rho=0``
+            keeps a group in the norm but unperturbed). ``None`` with a base optimizer instance.
+        base_optimizer: an optimizer class (built with ``**base_kwargs``) or instance.
+        rho: neighbourhood radius (>= 0).
+        adaptive: ASAM's scale-invariant neighbourhood.
+        eta: ASAM's offset in ``T(p) = |p| + eta`` (0 = davda54/sam).
+        model: if given, evaluations at perturbed weights leave BN running statistics as they
+            were.
+        on_nonfinite: ``"skip"`` (default; the step changes nothing, on the device) or
+            ``"raise"`` (a host read per evaluation, then :class:`NonFiniteError`).
+        backend: force ``"eager"``, ``"triton"`` or ``"cuda"`` for the fused ops.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict] | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.0,
+        *,
+        model: nn.Module | None = None,
+        on_nonfinite: str = "skip",
+        backend: str | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        check_nonneg("rho", rho)
+        check_nonneg("eta", eta)
+        super().__init__(
+            params,
+            base_optimizer,
+            dict(rho=rho, adaptive=adaptive, eta=eta),
+            model=model,
+            on_nonfinite=on_nonfinite,
+            backend=backend,
+            **base_kwargs,
+        )
+        self._perturbed: list[torch.Tensor] = []
+        self._ok = torch.ones((), dtype=torch.float32, device=self._device)
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        check_nonneg("eta", group.get("eta", 0.0))
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Save ``w`` and move to ``w + e(w)`` along the current gradients (``g0``)."""
+        norm = self._grad_norm()
+        self._ok = torch.isfinite(norm).to(torch.float32)
+        self._check_raise(self._ok, "the first evaluation (gradient at w)")
+        self._perturbed = self._perturb_along_grad(norm)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, loss: torch.Tensor | None = None) -> None:
+        """Restore ``w`` exactly and take the base step with the current gradients (``g1``)."""
+        ps = self._params_with_grad()
+        ok = self._ok * sk.finite_flag([p.grad for p in ps], backend=self.backend)
+        if loss is not None:
+            ok = ok * self._ok_from(loss)
+        self._check_raise(ok, "the perturbed evaluation (gradient at w + e)", self._perturbed)
+        self._base_step(ok, self._perturbed)
+        self._perturbed = []
+        self._ok = torch.ones((), dtype=torch.float32, device=self._device)
+        if zero_grad:
+            self.zero_grad()
+
+    def step(  # type: ignore[override]
+        self, closure: Closure | None = None, loss: torch.Tensor | float | None = None
+    ) -> torch.Tensor | None:
+        """One SAM step: ``first_step``, the closure at ``w + e``, ``second_step``.
+
+        Gradients already present are ``g0`` (davda54/sam's loop); otherwise the closure is
+        first run at ``w``. Returns ``L0`` when evaluated or given, else the perturbed loss.
+        """
+        closure = self._require_closure(closure)
+        l0, _ = self._initial_eval(closure, loss, need_loss=False)
+        if l0 is not None:
+            l0_ok = self._ok_from(l0)
+        with torch.no_grad():
+            self.first_step(zero_grad=True)
+        if l0 is not None:
+            self._ok = self._ok * l0_ok
+            self._check_raise(self._ok, "the loss at w", self._perturbed)
+        l1 = self._call_closure(closure, perturbed=True, need_loss=False, what="w + e")
+        self.second_step(loss=l1)
+        return l0 if l0 is not None else l1

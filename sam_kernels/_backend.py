@@ -1,0 +1,158 @@
+"""The one place that picks a backend for a fused op.
+
+Every op in :mod:`sam_kernels.ops` has one signature for all backends. Backends register an
+implementation per op name with :func:`register`; :func:`resolve` chooses which one runs:
+
+1. the ``backend=`` argument of the call, if given;
+2. else the environment variable ``SAM_KERNELS_BACKEND`` (``eager``, ``triton``, ``cuda``);
+3. else by device: CUDA tensors use Triton when it is importable (then the compiled extension,
+   then eager), every other device uses eager.
+
+A backend that is asked for explicitly but cannot run raises a ``RuntimeError`` that says why;
+the automatic choice never fails (eager runs everywhere).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+BACKENDS = ("eager", "triton", "cuda")
+ENV_VAR = "SAM_KERNELS_BACKEND"
+
+# op name -> backend name -> implementation
+_REGISTRY: dict[str, dict[str, Callable]] = {}
+# backend name -> module that registers its implementations when imported (lazy, so that
+# `import sam_kernels` never fails or slows down when triton / the extension are missing)
+_LAZY_MODULES = {"triton": "sam_kernels.triton", "cuda": "sam_kernels.cuda_ext"}
+_LOAD_ERRORS: dict[str, str] = {}
+_LOADED: set[str] = {"eager"}
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as ``backend``'s implementation of ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def deco(fn: Callable) -> Callable:
+        _REGISTRY.setdefault(op, {})[backend] = fn
+        return fn
+
+    return deco
+
+
+def _load(backend: str) -> bool:
+    """Import a lazily registered backend once; remember why it failed."""
+    if backend in _LOADED:
+        return True
+    if backend in _LOAD_ERRORS:
+        return False
+    try:
+        importlib.import_module(_LAZY_MODULES[backend])
+    except Exception as exc:  # ImportError, missing compiled library, broken triton install
+        _LOAD_ERRORS[backend] = f"{type(exc).__name__}: {exc}"
+        return False
+    _LOADED.add(backend)
+    return True
+
+
+def _triton_can_run(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    # The Triton interpreter runs kernels on CPU tensors (used by the test-suite).
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(backend: str, device: torch.device | str = "cpu") -> bool:
+    """True if ``backend`` can run ops on tensors of ``device``."""
+    device = torch.device(device)
+    if backend == "eager":
+        return True
+    if backend == "triton":
+        return _triton_can_run(device) and _load("triton")
+    if backend == "cuda":
+        if not _load("cuda"):
+            return False
+        from sam_kernels import cuda_ext
+
+        return cuda_ext.supports(device)
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def why_unavailable(backend: str, device: torch.device | str) -> str:
+    device = torch.device(device)
+    if backend == "triton" and not _triton_can_run(device):
+        return f"Triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
+    if backend in _LOAD_ERRORS:
+        return f"importing the {backend} backend failed: {_LOAD_ERRORS[backend]}"
+    return f"the {backend} backend does not support device {device}"
+
+
+def default_backend(device: torch.device) -> str:
+    if device.type == "cuda":
+        for name in ("triton", "cuda"):
+            if available(name, device):
+                return name
+    return "eager"
+
+
+def requested_backend(backend: str | None) -> str | None:
+    """The explicitly requested backend (argument, else environment), validated."""
+    name = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    if name is not None:
+        name = name.strip().lower()
+        if name not in BACKENDS:
+            source = "backend" if backend is not None else ENV_VAR
+            raise ValueError(f"{source}={name!r} is not a backend; expected one of {BACKENDS}")
+    return name
+
+
+def common_device(tensors: Sequence[torch.Tensor], what: str = "tensors") -> torch.device | None:
+    """The single device of ``tensors``; a clear error if they are on several."""
+    device = None
+    for t in tensors:
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise ValueError(
+                f"{what} are on different devices ({device} and {t.device}); one fused call "
+                "takes tensors of one device"
+            )
+    return device
+
+
+def resolve(op: str, device: torch.device | None, backend: str | None = None) -> Callable:
+    """The implementation of ``op`` to run for tensors on ``device``."""
+    impls = _REGISTRY.get(op)
+    if impls is None:
+        raise KeyError(f"no fused op named {op!r}")
+    device = device or torch.device("cpu")
+    name = requested_backend(backend)
+    if name is None:
+        name = default_backend(device)
+        if name not in impls or not available(name, device):
+            name = "eager"
+    elif not available(name, device):
+        raise RuntimeError(
+            f"sam_kernels backend {name!r} was requested for op {op!r} but cannot run: "
+            + why_unavailable(name, device)
+        )
+    # Backends may implement only part of the op set while they are being built: an op a
+    # backend lacks runs on the reference implementation.
+    return impls.get(name, impls["eager"])
+
+
+def backend_name(device: torch.device | str, backend: str | None = None) -> str:
+    """Which backend :func:`resolve` picks for ``device`` (for logs and benchmarks)."""
+    device = torch.device(device)
+    name = requested_backend(backend)
+    if name is None:
+        return default_backend(device)
+    if not available(name, device):
+        raise RuntimeError(
+            f"sam_kernels backend {name!r} cannot run: " + why_unavailable(name, device)
+        )
+    return name

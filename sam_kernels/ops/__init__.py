@@ -1,0 +1,38 @@
+"""The fused-op interface: one function per hot spot, over lists of tensors.
+
+Each op validates its lists (lengths, dense, one device) and calls the implementation the
+backend chooser (:mod:`sam_kernels._backend`) picks. Every op has an eager reference built from
+``torch._foreach_*`` in the same file; other backends register under the same op name.
+"""
+
+from sam_kernels.ops.adamw_step import adamw_step_
+from sam_kernels.ops.aesam_stats import (
+    DECISION_ERM,
+    DECISION_NONFINITE,
+    DECISION_SAM,
+    aesam_stats_,
+)
+from sam_kernels.ops.frob_accumulate import frob_accumulate_
+from sam_kernels.ops.grad_norm import finite_flag, grad_norm
+from sam_kernels.ops.lincomb import LinComb, lincomb_
+from sam_kernels.ops.perturb import NOISE_KINDS, noise_perturb_, perturb_
+from sam_kernels.ops.restore import restore_
+from sam_kernels.ops.sgd_step import sgd_step_
+
+__all__ = [
+    "DECISION_ERM",
+    "DECISION_NONFINITE",
+    "DECISION_SAM",
+    "NOISE_KINDS",
+    "LinComb",
+    "adamw_step_",
+    "aesam_stats_",
+    "finite_flag",
+    "frob_accumulate_",
+    "grad_norm",
+    "lincomb_",
+    "noise_perturb_",
+    "perturb_",
+    "restore_",
+    "sgd_step_",
+]

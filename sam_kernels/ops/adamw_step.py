@@ -1,0 +1,127 @@
+"""Restore fused with the AdamW step, gated by a device-side finite flag.
+
+With ``w = backups`` (restore fused in) or ``w = params``, ``t = steps + 1`` (device tensors),
+the update is ``torch.optim.AdamW``'s (Loshchilov & Hutter 2019):
+```
+g   = -g if maximize else g
+w   = w * (1 - lr * weight_decay)
+m   = beta1 * m + (1 - beta1) * g                 (torch: m.lerp_(g, 1 - beta1))
+v   = beta2 * v + (1 - beta2) * g^2
+vm  = max(vm, v)  if amsgrad                      (max_exp_avg_sqs)
+p   = w - lr / (1 - beta1^t) * m / (sqrt(v or vm) / sqrt(1 - beta2^t) + eps)
+```
+When ``ok`` (0-d float, 1.0 or 0.0) is 0 nothing changes: ``p = w``; ``m``, ``v``, ``vm`` and
+``steps`` keep their values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sam_kernels._backend import register, resolve
+from sam_kernels.ops._common import TensorList, check_lists, sanitize, select_
+from sam_kernels.ops.lincomb import LinComb, materialize
+
+
+def adamw_step_(
+    params: TensorList,
+    grads: TensorList | LinComb,
+    exp_avgs: TensorList,
+    exp_avg_sqs: TensorList,
+    max_exp_avg_sqs: TensorList,
+    steps: TensorList,
+    *,
+    backups: TensorList | None = None,
+    lr: float | torch.Tensor,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    ok: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> None:
+    """AdamW step of ``torch.optim.AdamW`` from ``backups`` (or ``params``) into ``params``.
+
+    ``max_exp_avg_sqs`` may be empty unless ``amsgrad``. ``grads`` may be a :class:`LinComb`.
+    """
+    g_lists = grads.terms if isinstance(grads, LinComb) else (grads,)
+    lists = [params, *g_lists, exp_avgs, exp_avg_sqs, steps]
+    names = ["params"] + [f"grads[{k}]" for k in range(len(g_lists))]
+    names += ["exp_avgs", "exp_avg_sqs", "steps"]
+    if amsgrad:
+        lists.append(max_exp_avg_sqs)
+        names.append("max_exp_avg_sqs")
+    if backups is not None:
+        lists.append(backups)
+        names.append("backups")
+    device = check_lists(names, *lists)
+    resolve("adamw_step", device, backend)(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, lr, beta1,
+        beta2, eps, weight_decay, amsgrad, maximize, ok,
+    )  # fmt: skip
+
+
+@register("adamw_step", "eager")
+def adamw_step_eager(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, lr, beta1, beta2,
+    eps, weight_decay, amsgrad, maximize, ok,
+) -> None:  # fmt: skip
+    params = list(params)
+    if not params:
+        return
+    w = list(backups) if backups is not None else params
+    steps = list(steps)
+    g = materialize(grads) if isinstance(grads, LinComb) else list(grads)
+    if ok is not None:
+        g = sanitize(g, ok)
+    if maximize:
+        g = torch._foreach_neg(g)
+    # step count after this step; >= 1 even when skipped so the bias corrections stay finite
+    t = torch._foreach_add(steps, 1.0)
+    if ok is not None:
+        torch._foreach_add_(steps, ok)
+    else:
+        torch._foreach_add_(steps, 1.0)
+    if isinstance(lr, torch.Tensor):
+        decay = 1.0 - lr * weight_decay
+        new_w = torch._foreach_mul(w, decay)
+    else:
+        new_w = torch._foreach_mul(w, 1.0 - lr * weight_decay)
+    m = torch._foreach_lerp(list(exp_avgs), g, 1.0 - beta1)
+    v = torch._foreach_mul(list(exp_avg_sqs), beta2)
+    torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
+    bc1 = torch._foreach_pow(beta1, t)
+    bc2 = torch._foreach_pow(beta2, t)
+    torch._foreach_neg_(bc1)
+    torch._foreach_add_(bc1, 1.0)
+    torch._foreach_neg_(bc2)
+    torch._foreach_add_(bc2, 1.0)
+    torch._foreach_sqrt_(bc2)
+    if amsgrad:
+        vmax = torch._foreach_maximum(list(max_exp_avg_sqs), v)
+        denom = torch._foreach_sqrt(vmax)
+    else:
+        denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, bc2)
+    torch._foreach_add_(denom, eps)
+    # step_size = lr / bc1, applied as -lr * m / (bc1 * denom)
+    torch._foreach_mul_(denom, bc1)
+    upd = torch._foreach_div(m, denom)
+    torch._foreach_mul_(upd, -lr if not isinstance(lr, torch.Tensor) else -lr)
+    torch._foreach_add_(new_w, upd)
+    if ok is None:
+        torch._foreach_copy_(list(exp_avgs), m)
+        torch._foreach_copy_(list(exp_avg_sqs), v)
+        if amsgrad:
+            torch._foreach_copy_(list(max_exp_avg_sqs), vmax)
+        torch._foreach_copy_(params, new_w)
+        return
+    select_(exp_avgs, m, ok)
+    select_(exp_avg_sqs, v, ok)
+    if amsgrad:
+        select_(max_exp_avg_sqs, vmax, ok)
+    if backups is not None:
+        torch._foreach_copy_(params, w)
+    select_(params, new_w, ok)

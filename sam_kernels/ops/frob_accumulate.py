@@ -1,0 +1,35 @@
+"""Frob-SAM accumulation (Tahmasebi et al. 2024): ``cross += L * g;  gsum += g`` in one pass.
+
+``L`` is the loss of the current noisy sample, a 0-d device tensor (no host read). After the
+``n`` samples the gradient is ``g0 + lam/rho^2 (cross/(n-1) - (Lsum/n) gsum/(n-1))``, formed with
+:func:`sam_kernels.ops.lincomb.lincomb_` or inside the base step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sam_kernels._backend import register, resolve
+from sam_kernels.ops._common import TensorList, check_lists
+
+
+def frob_accumulate_(
+    cross: TensorList,
+    gsum: TensorList,
+    grads: TensorList,
+    loss: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> None:
+    """``cross[i] += loss * grads[i]``; ``gsum[i] += grads[i]`` (fp32 math in fused backends)."""
+    device = check_lists(("cross", "gsum", "grads"), cross, gsum, grads)
+    resolve("frob_accumulate", device, backend)(cross, gsum, grads, loss)
+
+
+@register("frob_accumulate", "eager")
+def frob_accumulate_eager(cross, gsum, grads, loss) -> None:
+    if not cross:
+        return
+    grads = list(grads)
+    torch._foreach_add_(list(cross), torch._foreach_mul(grads, loss))
+    torch._foreach_add_(list(gsum), grads)

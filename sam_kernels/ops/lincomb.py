@@ -1,0 +1,81 @@
+"""Linear combination of gradient lists: ``out_i = sum_k c[k, i] * terms[k][i]``.
+
+The gradient combinations of the SAM family are all of this form:
+- CR-SAM (Wu et al. 2024), reference form: ``g = g+ + a (g+ + g- - 2 g0) + b (g+ - g-)``,
+  i.e. coefficients ``(1 + a + b, a - b, -2a)`` on ``(g+, g-, g0)``; the paper form divides
+  ``a`` and ``b`` by loss differences computed on the device.
+- Frob-SAM (Tahmasebi et al. 2024): ``g = g0 + k_i (cross/(n-1) - (Lsum/n) gsum/(n-1))``.
+- Trace/Det-SAM: ``acc += c (g_i - g0)`` and ``g = g0 + lam phi'(x) acc``.
+Coefficients live on the device (shape ``[K]``, or ``[K, n]`` for per-tensor values such as
+per-group rho), so loss-dependent coefficients need no host read. ``out`` may alias any term.
+
+The step ops (:mod:`sgd_step`, :mod:`adamw_step`) accept a :class:`LinComb` as their gradient,
+which lets fused backends compute the combination inside the step's single pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sam_kernels._backend import register, resolve
+from sam_kernels.ops._common import TensorList, check_lists, per_tensor
+
+
+@dataclass(frozen=True)
+class LinComb:
+    """A gradient given as ``sum_k coefs[k] * terms[k]`` (not materialised)."""
+
+    terms: tuple[TensorList, ...]
+    coefs: torch.Tensor  # float32, [K] or [K, n], on the tensors' device
+
+    def __post_init__(self) -> None:
+        if self.coefs.dim() not in (1, 2) or self.coefs.shape[0] != len(self.terms):
+            raise ValueError(
+                f"coefs has shape {tuple(self.coefs.shape)}; expected [K] or [K, n] with "
+                f"K = {len(self.terms)} terms"
+            )
+
+    def __len__(self) -> int:
+        return len(self.terms[0])
+
+
+def lincomb_(
+    out: TensorList,
+    terms: tuple[TensorList, ...] | list[TensorList],
+    coefs: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> None:
+    """``out[i] = sum_k coefs[k(, i)] * terms[k][i]`` (fp32 math in fused backends)."""
+    comb = LinComb(tuple(terms), coefs)
+    names = ("out",) + tuple(f"terms[{k}]" for k in range(len(terms)))
+    device = check_lists(names, out, *terms)
+    resolve("lincomb", device, backend)(out, comb)
+
+
+def materialize(comb: LinComb | TensorList, out: TensorList | None = None) -> list[torch.Tensor]:
+    """Eager value of a gradient argument: the list itself, or its combination."""
+    if not isinstance(comb, LinComb):
+        return list(comb)
+    if out is None:
+        out = [torch.empty_like(t) for t in comb.terms[0]]
+    lincomb_eager(out, comb)
+    return list(out)
+
+
+@register("lincomb", "eager")
+def lincomb_eager(out: TensorList, comb: LinComb) -> None:
+    out = list(out)
+    n = len(out)
+    if n == 0:
+        return
+    acc = None
+    for k, term in enumerate(comb.terms):  # K is 2 or 3: the loop does not grow with tensors
+        c = per_tensor(comb.coefs[k], n)
+        if acc is None:
+            acc = torch._foreach_mul(list(term), c)
+        else:
+            torch._foreach_add_(acc, torch._foreach_mul(list(term), c))
+    torch._foreach_copy_(out, acc)

@@ -1,0 +1,108 @@
+"""Perturb with exact backup: ``b_i = p_i;  p_i += s_i * T(p_i)^2 * g_i`` in one pass.
+
+SAM (Foret et al. 2021): ``T = 1``, ``s = rho / (||g|| + 1e-12)``.
+ASAM (Kwon et al. 2021): ``T(p) = |p| + eta`` (davda54/sam: eta = 0, so ``T^2 = p^2``).
+The scale ``s`` is a device tensor (0-d, or one entry per tensor for per-group rho): the host
+never reads it. The backup holds the parameters bit for bit in their own dtype, so the restore
+that follows is exact.
+
+Also the noise perturbation of the universal class (Tahmasebi et al. 2024):
+``p_i = b_i + s_i * eps_i`` with Gaussian or uniform-in-cube ``eps``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sam_kernels._backend import register, resolve
+from sam_kernels.ops._common import TensorList, check_lists, per_tensor
+
+
+def perturb_(
+    params: TensorList,
+    grads: TensorList,
+    backups: TensorList,
+    scale: torch.Tensor,
+    *,
+    adaptive: bool = False,
+    eta: float = 0.0,
+    backend: str | None = None,
+) -> None:
+    """``backups[i] <- params[i]``; ``params[i] += scale[i] * T(params[i])^2 * grads[i]``.
+
+    ``scale``: 0-d or ``[len(params)]`` float32 tensor on the parameters' device.
+    ``T(p) = |p| + eta`` if ``adaptive`` else 1.
+    """
+    device = check_lists(("params", "grads", "backups"), params, grads, backups)
+    resolve("perturb", device, backend)(params, grads, backups, scale, adaptive, eta)
+
+
+@register("perturb", "eager")
+def perturb_eager(params, grads, backups, scale, adaptive, eta) -> None:
+    params = list(params)
+    if not params:
+        return
+    torch._foreach_copy_(list(backups), params)
+    if adaptive:
+        t = torch._foreach_abs(params)
+        if eta != 0.0:
+            torch._foreach_add_(t, eta)
+        torch._foreach_mul_(t, t)
+        torch._foreach_mul_(t, list(grads))
+    else:
+        t = torch._foreach_mul(list(grads), 1.0)
+    torch._foreach_mul_(t, per_tensor(scale, len(params)))
+    torch._foreach_add_(params, t)
+
+
+NOISE_KINDS = ("normal", "uniform")
+
+
+def noise_perturb_(
+    params: TensorList,
+    backups: TensorList,
+    scale: torch.Tensor,
+    *,
+    kind: str = "normal",
+    half_cube_len: float = 1.0,
+    save_backup: bool = True,
+    seed: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    noise: TensorList | None = None,
+    backend: str | None = None,
+) -> None:
+    """``backups[i] <- params[i]`` (if ``save_backup``); ``params[i] = backups[i] + s_i * eps_i``.
+
+    ``eps ~ N(0, I)`` (``kind="normal"``) or ``Uniform[-a, a]`` per element (``"uniform"``,
+    ``a = half_cube_len``). The eager backend draws ``eps`` per tensor, in order, from the
+    global generator (the reference code's stream); fused backends generate it from the
+    counter-based ``(seed, offset)`` pair (device tensors). ``noise`` (a test hook) gives the
+    values of ``eps`` directly.
+    """
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"kind={kind!r}; expected one of {NOISE_KINDS}")
+    device = check_lists(("params", "backups"), params, backups)
+    fn = resolve("noise_perturb", device, backend if noise is None else "eager")
+    fn(params, backups, scale, kind, half_cube_len, save_backup, seed, offset, noise)
+
+
+@register("noise_perturb", "eager")
+def noise_perturb_eager(
+    params, backups, scale, kind, half_cube_len, save_backup, seed, offset, noise
+) -> None:
+    params = list(params)
+    if not params:
+        return
+    if save_backup:
+        torch._foreach_copy_(list(backups), params)
+    if noise is None:
+        # The reference's random stream: one draw per tensor, in parameter order, from the
+        # global generator (the one documented exception to "ops do not grow with tensors").
+        if kind == "normal":
+            noise = [torch.normal(0.0, 1.0, size=p.shape, device=p.device) for p in params]
+        else:
+            a = half_cube_len
+            noise = [2 * a * torch.rand(p.shape, device=p.device) - a for p in params]
+    eps = torch._foreach_mul(list(noise), per_tensor(scale, len(params)))
+    torch._foreach_copy_(params, list(backups))
+    torch._foreach_add_(params, eps)

@@ -1,0 +1,114 @@
+"""Restore fused with the SGD(-momentum) step, gated by a device-side finite flag.
+
+With ``w = backups`` (restore fused in: the step reads the saved weights, not the perturbed
+ones) or ``w = params`` (plain step), the update is ``torch.optim.SGD``'s:
+```
+g   = -g if maximize else g;      g = g + weight_decay * w
+buf = g  (first step of this tensor)   else   momentum * buf + (1 - dampening) * g
+d   = g + momentum * buf  if nesterov  else  buf        (d = g when momentum == 0)
+p   = w - lr * d
+```
+``steps[i]`` (0-d float tensors) counts the steps applied to tensor i, so "first step" is a
+device fact (zero-initialised buffers, coefficient 1 on the first step). When ``ok`` (0-d float,
+1.0 or 0.0) is 0 the step changes nothing: ``p = w``, ``buf`` and ``steps`` keep their values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sam_kernels._backend import register, resolve
+from sam_kernels.ops._common import TensorList, check_lists, sanitize, select_
+from sam_kernels.ops.lincomb import LinComb, materialize
+
+
+def sgd_step_(
+    params: TensorList,
+    grads: TensorList | LinComb,
+    momentum_buffers: TensorList,
+    steps: TensorList,
+    *,
+    backups: TensorList | None = None,
+    lr: float | torch.Tensor,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    ok: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> None:
+    """SGD step of ``torch.optim.SGD`` from ``backups`` (or ``params``) into ``params``.
+
+    ``momentum_buffers`` may be empty when ``momentum == 0``. ``grads`` may be a
+    :class:`LinComb` (the gradient of CR-SAM / the universal class, combined in the pass).
+    """
+    g_lists = grads.terms if isinstance(grads, LinComb) else (grads,)
+    lists = [params, *g_lists, steps]
+    names = ["params"] + [f"grads[{k}]" for k in range(len(g_lists))] + ["steps"]
+    if momentum != 0.0:
+        lists.append(momentum_buffers)
+        names.append("momentum_buffers")
+    if backups is not None:
+        lists.append(backups)
+        names.append("backups")
+    device = check_lists(names, *lists)
+    resolve("sgd_step", device, backend)(
+        params, grads, momentum_buffers, steps, backups, lr, momentum, dampening, nesterov,
+        weight_decay, maximize, ok,
+    )  # fmt: skip
+
+
+@register("sgd_step", "eager")
+def sgd_step_eager(
+    params, grads, momentum_buffers, steps, backups, lr, momentum, dampening, nesterov,
+    weight_decay, maximize, ok,
+) -> None:  # fmt: skip
+    params = list(params)
+    if not params:
+        return
+    w = list(backups) if backups is not None else params
+    g = materialize(grads) if isinstance(grads, LinComb) else list(grads)
+    if ok is not None:
+        g = sanitize(g, ok)
+    elif isinstance(grads, LinComb):
+        pass  # already a fresh list
+    else:
+        g = torch._foreach_mul(g, 1.0)  # never modify the caller's gradients
+    if maximize:
+        torch._foreach_neg_(g)
+    if weight_decay != 0.0:
+        torch._foreach_add_(g, w, alpha=weight_decay)
+    if momentum != 0.0:
+        bufs = list(momentum_buffers)
+        # first = 1 where no step has been applied yet: coefficient 1 instead of 1 - dampening
+        first = torch._foreach_mul(list(steps), -1.0)
+        torch._foreach_add_(first, 1.0)
+        torch._foreach_clamp_min_(first, 0.0)
+        coef = torch._foreach_mul(first, dampening)
+        torch._foreach_add_(coef, 1.0 - dampening)
+        new_buf = torch._foreach_mul(bufs, momentum)
+        torch._foreach_add_(new_buf, torch._foreach_mul(g, coef))
+        if nesterov:
+            torch._foreach_add_(g, new_buf, alpha=momentum)
+            d = g
+        else:
+            d = new_buf
+        if ok is None:
+            torch._foreach_copy_(bufs, new_buf)
+        else:
+            select_(bufs, new_buf, ok)
+    else:
+        d = g
+    torch._foreach_add_(list(steps), ok if ok is not None else 1.0)
+    if isinstance(lr, torch.Tensor):
+        new_w = torch._foreach_mul(d, -lr)
+        torch._foreach_add_(new_w, w)
+    else:
+        new_w = torch._foreach_add(w, d, alpha=-lr)
+    if ok is None:
+        torch._foreach_copy_(params, new_w)
+    else:
+        if backups is not None:
+            torch._foreach_copy_(params, w)
+        select_(params, new_w, ok)
