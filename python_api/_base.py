@@ -74,6 +74,8 @@ class SAMFamily(Optimizer):
 
     #: whether a step may read values on the host (AE-SAM, LookSAM, SS-SAM: the decision)
     host_decisions = False
+    #: per-parameter state entries valid only inside a step (left out of ``state_dict``)
+    _transient_state: tuple[str, ...] = ("backup",)
 
     def __init__(
         self,
@@ -177,8 +179,29 @@ class SAMFamily(Optimizer):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         return closure
 
-    def _call_closure(self, closure: Closure, *, perturbed: bool, need_loss: bool, what: str):
-        """Run ``closure`` with grad enabled (BN stats preserved at perturbed points)."""
+    def _call_closure(
+        self,
+        closure: Closure,
+        *,
+        perturbed: bool,
+        need_loss: bool,
+        what: str,
+        restore: Sequence[torch.Tensor] | None = None,
+    ):
+        """Run ``closure`` with grad enabled (BN stats preserved at perturbed points).
+
+        ``restore``: the perturbed parameters; if the closure raises, or returns no loss where
+        one is needed, they are restored from their backups before the error propagates (a
+        refused step leaves the weights exactly as they were).
+        """
+        if restore:
+            try:
+                return self._call_closure(
+                    closure, perturbed=perturbed, need_loss=need_loss, what=what
+                )
+            except BaseException:
+                self._restore(restore)
+                raise
         with torch.enable_grad(), preserve_bn_stats(self._bn if perturbed else None):
             loss = closure()
         if loss is None:
@@ -207,9 +230,7 @@ class SAMFamily(Optimizer):
             for p in g["params"]:
                 if p.grad is not None:
                     if p.grad.is_sparse:
-                        raise ValueError(
-                            f"{type(self).__name__} does not support sparse gradients"
-                        )
+                        raise ValueError(f"{type(self).__name__} does not support sparse gradients")
                     out.append(p)
         return out
 
@@ -224,7 +245,9 @@ class SAMFamily(Optimizer):
             return (self._as_loss(loss) if loss is not None else None), False
         if have_grads:
             self.zero_grad(set_to_none=True)
-        l0 = self._call_closure(closure, perturbed=False, need_loss=need_loss, what="w")
+        # a repeated evaluation at w (the user's forward already updated the BN statistics)
+        # leaves BN buffers as they are, like the evaluations at perturbed points
+        l0 = self._call_closure(closure, perturbed=have_grads, need_loss=need_loss, what="w")
         return l0, True
 
     def _as_loss(self, loss: Any) -> torch.Tensor:
@@ -278,6 +301,21 @@ class SAMFamily(Optimizer):
                 out.append((g, ps))
         return out
 
+    def _buffers(self, params: Sequence[torch.Tensor], key: str) -> list[torch.Tensor]:
+        """Per-parameter scratch buffers ``state[p][key]`` shaped like ``p`` (allocated once).
+
+        Add ``key`` to :attr:`_transient_state` when the buffer is valid only inside a step.
+        """
+        out = []
+        for p in params:
+            st = self.state[p]
+            b = st.get(key)
+            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                b = torch.empty_like(p, memory_format=torch.preserve_format)
+                st[key] = b
+            out.append(b)
+        return out
+
     def _backups(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         out = []
         for p in params:
@@ -294,7 +332,10 @@ class SAMFamily(Optimizer):
         key = tuple((id(g), float(g["rho"]), len(ps)) for g, ps in groups)
         if self._rho_cache is None or self._rho_cache[0] != key:
             vals = [float(g["rho"]) for g, ps in groups for _ in ps]
-            self._rho_cache = (key, torch.tensor(vals, dtype=torch.float32, device=self._device))
+            # fp64 scales for fp64 parameters, so fp64 runs are exact to fp64 rounding
+            f64 = any(p.dtype == torch.float64 for _, ps in groups for p in ps)
+            dtype = torch.float64 if f64 else torch.float32
+            self._rho_cache = (key, torch.tensor(vals, dtype=dtype, device=self._device))
         return self._rho_cache[1]
 
     def _grad_norm(self, params: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
@@ -457,14 +498,16 @@ class SAMFamily(Optimizer):
         m, v, vm, steps = [], [], [], []
         for p in ps:
             s = st[p]
+            # step counters in fp32 (torch's capturable AdamW), fp64 for fp64 parameters
+            sdt = torch.float64 if p.dtype == torch.float64 else torch.float32
             if "exp_avg" not in s:
-                s["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                s["step"] = torch.zeros((), dtype=sdt, device=p.device)
                 s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if amsgrad:
                     s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if s["step"].device != p.device or s["step"].dtype != torch.float32:
-                s["step"] = s["step"].to(p.device, torch.float32)
+            if s["step"].device != p.device or s["step"].dtype != sdt:
+                s["step"] = s["step"].to(p.device, sdt)
             if amsgrad and "max_exp_avg_sq" not in s:
                 s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             m.append(s["exp_avg"])
@@ -502,9 +545,10 @@ class SAMFamily(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         own = super().state_dict()
-        # backups are transient (valid only inside a step): not checkpointed
+        # backups and scratch buffers are transient (valid only inside a step): not checkpointed
         own["state"] = {
-            k: {n: v for n, v in s.items() if n != "backup"} for k, s in own["state"].items()
+            k: {n: v for n, v in s.items() if n not in self._transient_state}
+            for k, s in own["state"].items()
         }
         own["state"] = {k: s for k, s in own["state"].items() if s}
         return {
@@ -548,4 +592,3 @@ def _flatten_params(params: Iterable) -> list[torch.Tensor]:
         else:
             out.append(item)
     return out
-

@@ -124,13 +124,25 @@ def common_device(tensors: Sequence[torch.Tensor], what: str = "tensors") -> tor
     return device
 
 
-def resolve(op: str, device: torch.device | None, backend: str | None = None) -> Callable:
-    """The implementation of ``op`` to run for tensors on ``device``."""
+#: dtypes the fused backends implement; tensors of other dtypes (float64) run on eager
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def resolve(
+    op: str, device: torch.device | None, backend: str | None = None, fusable: bool = True
+) -> Callable:
+    """The implementation of ``op`` to run for tensors on ``device``.
+
+    ``fusable=False`` (some tensor's dtype is not in :data:`FUSED_DTYPES`) always gives the
+    eager reference, which handles every floating dtype.
+    """
     impls = _REGISTRY.get(op)
     if impls is None:
         raise KeyError(f"no fused op named {op!r}")
     device = device or torch.device("cpu")
     name = requested_backend(backend)
+    if not fusable:
+        return impls["eager"]
     if name is None:
         name = default_backend(device)
         if name not in impls or not available(name, device):

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sam_kernels._backend import common_device
+from sam_kernels._backend import FUSED_DTYPES, common_device, resolve
 
 TensorList = Sequence[torch.Tensor]
 
@@ -29,6 +29,18 @@ def check_lists(names: Sequence[str], *lists: TensorList) -> torch.device | None
     return common_device([t for lst in lists for t in lst], what=", ".join(names))
 
 
+def pick(op: str, backend: str | None, names: Sequence[str], *lists: TensorList):
+    """Validate the lists (:func:`check_lists`) and return the implementation to run."""
+    device = check_lists(names, *lists)
+    fusable = all(t.dtype in FUSED_DTYPES for lst in lists for t in lst)
+    return resolve(op, device, backend, fusable)
+
+
+def acc_dtype(tensors: TensorList) -> torch.dtype:
+    """Accumulation dtype of a reduction: fp32, or fp64 when an input is fp64."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def per_tensor(scalar: torch.Tensor | float, n: int) -> list | float | torch.Tensor:
     """A coefficient as ``torch._foreach_*`` takes it: a float, one 0-d tensor, or n of them."""
     if isinstance(scalar, torch.Tensor) and scalar.dim() == 1:
@@ -36,6 +48,16 @@ def per_tensor(scalar: torch.Tensor | float, n: int) -> list | float | torch.Ten
             raise ValueError(f"a per-tensor coefficient has {scalar.numel()} entries, expected {n}")
         return list(scalar.unbind(0))
     return scalar
+
+
+def repeat(t: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """``[t] * n``: a 0-d device tensor in the ``TensorList`` overload of a foreach op.
+
+    Passed alone where an op has a ``Scalar`` overload (``_foreach_add``, ``_foreach_pow``,
+    ``_foreach_lerp``), a tensor is converted with ``.item()``: a host read. The list overload
+    keeps it on the device.
+    """
+    return [t] * n
 
 
 def sanitize(grads: TensorList, ok: torch.Tensor) -> list[torch.Tensor]:
@@ -48,7 +70,7 @@ def sanitize(grads: TensorList, ok: torch.Tensor) -> list[torch.Tensor]:
     """
     if not grads:
         return []
-    out = torch._foreach_pow(list(grads), ok)
+    out = torch._foreach_pow(list(grads), repeat(ok, len(grads)))
     torch._foreach_mul_(out, ok)
     return out
 
@@ -59,4 +81,4 @@ def select_(dst: TensorList, new: TensorList, ok: torch.Tensor) -> None:
     ``lerp(a, b, 1) = b - (b - a) * 0 = b`` and ``lerp(a, b, 0) = a + 0 * (b - a) = a``.
     """
     if dst:
-        torch._foreach_lerp_(list(dst), list(new), ok)
+        torch._foreach_lerp_(list(dst), list(new), repeat(ok, len(dst)))

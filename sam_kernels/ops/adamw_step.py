@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from sam_kernels._backend import register, resolve
-from sam_kernels.ops._common import TensorList, check_lists, sanitize, select_
+from sam_kernels._backend import register
+from sam_kernels.ops._common import TensorList, pick, repeat, sanitize, select_
 from sam_kernels.ops.lincomb import LinComb, materialize
 
 
@@ -56,8 +56,7 @@ def adamw_step_(
     if backups is not None:
         lists.append(backups)
         names.append("backups")
-    device = check_lists(names, *lists)
-    resolve("adamw_step", device, backend)(
+    pick("adamw_step", backend, names, *lists)(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, lr, beta1,
         beta2, eps, weight_decay, amsgrad, maximize, ok,
     )  # fmt: skip
@@ -81,7 +80,7 @@ def adamw_step_eager(
     # step count after this step; >= 1 even when skipped so the bias corrections stay finite
     t = torch._foreach_add(steps, 1.0)
     if ok is not None:
-        torch._foreach_add_(steps, ok)
+        torch._foreach_add_(steps, repeat(ok, len(steps)))
     else:
         torch._foreach_add_(steps, 1.0)
     if isinstance(lr, torch.Tensor):

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from sam_kernels._backend import register, resolve
-from sam_kernels.ops._common import TensorList, check_lists
+from sam_kernels._backend import register
+from sam_kernels.ops._common import TensorList, acc_dtype, check_lists, pick
 
 DECISION_SAM = 1
 DECISION_ERM = 0
@@ -37,15 +37,15 @@ def aesam_stats_(
     device = check_lists(("grads",), grads)
     if device is not None and stats.device != device:
         raise ValueError(f"stats is on {stats.device} but grads are on {device}")
-    return resolve("aesam_stats", device, backend)(grads, stats, delta, c)
+    return pick("aesam_stats", backend, ("grads",), grads)(grads, stats, delta, c)
 
 
 @register("aesam_stats", "eager")
 def aesam_stats_eager(grads, stats, delta, c) -> torch.Tensor:
     grads = list(grads)
     if grads:
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        s = torch.stack(norms).square().sum()
+        norms = torch._foreach_norm(grads, 2, dtype=acc_dtype(grads))
+        s = torch.stack(norms).square().sum().float()
     else:
         s = torch.zeros((), dtype=torch.float32, device=stats.device)
     finite = torch.isfinite(s)

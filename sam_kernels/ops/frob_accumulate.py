@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from sam_kernels._backend import register, resolve
-from sam_kernels.ops._common import TensorList, check_lists
+from sam_kernels._backend import register
+from sam_kernels.ops._common import TensorList, pick
 
 
 def frob_accumulate_(
@@ -22,8 +22,9 @@ def frob_accumulate_(
     backend: str | None = None,
 ) -> None:
     """``cross[i] += loss * grads[i]``; ``gsum[i] += grads[i]`` (fp32 math in fused backends)."""
-    device = check_lists(("cross", "gsum", "grads"), cross, gsum, grads)
-    resolve("frob_accumulate", device, backend)(cross, gsum, grads, loss)
+    pick("frob_accumulate", backend, ("cross", "gsum", "grads"), cross, gsum, grads)(
+        cross, gsum, grads, loss
+    )
 
 
 @register("frob_accumulate", "eager")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from sam_kernels._backend import register, resolve
-from sam_kernels.ops._common import TensorList, check_lists
+from sam_kernels._backend import register
+from sam_kernels.ops._common import TensorList, acc_dtype, pick
 
 
 def grad_norm(
@@ -27,10 +27,8 @@ def grad_norm(
     not finite, which is how callers detect a non-finite gradient without a host read).
     """
     if params is None:
-        device = check_lists(("grads",), grads)
-    else:
-        device = check_lists(("grads", "params"), grads, params)
-    return resolve("grad_norm", device, backend)(grads, params, eta)
+        return pick("grad_norm", backend, ("grads",), grads)(grads, None, eta)
+    return pick("grad_norm", backend, ("grads", "params"), grads, params)(grads, params, eta)
 
 
 def finite_flag(grads: TensorList, *, backend: str | None = None) -> torch.Tensor:
@@ -51,5 +49,5 @@ def grad_norm_eager(grads: TensorList, params: TensorList | None, eta: float) ->
         # tolerance of the fp32 product the fused backends form)
         torch._foreach_mul_(weights, grads)
         grads = weights
-    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+    norms = torch._foreach_norm(grads, 2, dtype=acc_dtype(grads))
     return torch.linalg.vector_norm(torch.stack(norms), 2)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sam_kernels._backend import register, resolve
-from sam_kernels.ops._common import TensorList, check_lists, per_tensor
+from sam_kernels._backend import register
+from sam_kernels.ops._common import TensorList, per_tensor, pick
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,7 @@ def lincomb_(
     """``out[i] = sum_k coefs[k(, i)] * terms[k][i]`` (fp32 math in fused backends)."""
     comb = LinComb(tuple(terms), coefs)
     names = ("out",) + tuple(f"terms[{k}]" for k in range(len(terms)))
-    device = check_lists(names, out, *terms)
-    resolve("lincomb", device, backend)(out, comb)
+    pick("lincomb", backend, names, out, *terms)(out, comb)
 
 
 def materialize(comb: LinComb | TensorList, out: TensorList | None = None) -> list[torch.Tensor]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from sam_kernels._backend import register, resolve
-from sam_kernels.ops._common import TensorList, check_lists, per_tensor
+from sam_kernels._backend import register
+from sam_kernels.ops._common import TensorList, per_tensor, pick
 
 
 def perturb_(
@@ -33,8 +33,9 @@ def perturb_(
     ``scale``: 0-d or ``[len(params)]`` float32 tensor on the parameters' device.
     ``T(p) = |p| + eta`` if ``adaptive`` else 1.
     """
-    device = check_lists(("params", "grads", "backups"), params, grads, backups)
-    resolve("perturb", device, backend)(params, grads, backups, scale, adaptive, eta)
+    pick("perturb", backend, ("params", "grads", "backups"), params, grads, backups)(
+        params, grads, backups, scale, adaptive, eta
+    )
 
 
 @register("perturb", "eager")
@@ -81,8 +82,13 @@ def noise_perturb_(
     """
     if kind not in NOISE_KINDS:
         raise ValueError(f"kind={kind!r}; expected one of {NOISE_KINDS}")
-    device = check_lists(("params", "backups"), params, backups)
-    fn = resolve("noise_perturb", device, backend if noise is None else "eager")
+    fn = pick(
+        "noise_perturb",
+        backend if noise is None else "eager",
+        ("params", "backups"),
+        params,
+        backups,
+    )
     fn(params, backups, scale, kind, half_cube_len, save_backup, seed, offset, noise)
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from sam_kernels._backend import register, resolve
-from sam_kernels.ops._common import TensorList, check_lists
+from sam_kernels._backend import register
+from sam_kernels.ops._common import TensorList, pick
 
 
 def restore_(params: TensorList, backups: TensorList, *, backend: str | None = None) -> None:
     """Copy ``backups[i]`` into ``params[i]`` bit for bit."""
-    device = check_lists(("params", "backups"), params, backups)
-    resolve("restore", device, backend)(params, backups)
+    pick("restore", backend, ("params", "backups"), params, backups)(params, backups)
 
 
 @register("restore", "eager")

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from sam_kernels._backend import register, resolve
-from sam_kernels.ops._common import TensorList, check_lists, sanitize, select_
+from sam_kernels._backend import register
+from sam_kernels.ops._common import TensorList, pick, repeat, sanitize, select_
 from sam_kernels.ops.lincomb import LinComb, materialize
 
 
@@ -52,8 +52,7 @@ def sgd_step_(
     if backups is not None:
         lists.append(backups)
         names.append("backups")
-    device = check_lists(names, *lists)
-    resolve("sgd_step", device, backend)(
+    pick("sgd_step", backend, names, *lists)(
         params, grads, momentum_buffers, steps, backups, lr, momentum, dampening, nesterov,
         weight_decay, maximize, ok,
     )  # fmt: skip
@@ -100,7 +99,7 @@ def sgd_step_eager(
             select_(bufs, new_buf, ok)
     else:
         d = g
-    torch._foreach_add_(list(steps), ok if ok is not None else 1.0)
+    torch._foreach_add_(list(steps), repeat(ok, len(steps)) if ok is not None else 1.0)
     if isinstance(lr, torch.Tensor):
         new_w = torch._foreach_mul(d, -lr)
         torch._foreach_add_(new_w, w)

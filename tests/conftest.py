@@ -1,0 +1,42 @@
+"""Test configuration shared by every test module.
+
+Triton reads TRITON_INTERPRET when ``@triton.jit`` decorates a kernel, so it is set here, before
+any kernel module is imported: without a GPU, Triton kernels run in the interpreter on CPU
+tensors. With a GPU the same tests run on it unchanged.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+# Fresh random inputs on every run, reproducible from the seed printed in the header:
+# SAM_TEST_SEED=<n> pytest ... reruns a failure with the same inputs.
+SESSION_SEED = int(os.environ.get("SAM_TEST_SEED", int.from_bytes(os.urandom(3), "little")))
+
+
+def pytest_report_header(config):
+    return f"sam-kernels test seed: SAM_TEST_SEED={SESSION_SEED}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Seed the global generators per test from the session seed and the test's name."""
+    import zlib
+
+    torch.manual_seed(SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+    yield

@@ -1,0 +1,303 @@
+"""The eager (foreach) fused-op backend against plain per-tensor float64 formulas.
+
+The eager backend is the reference every other backend is tested against, so here it is
+checked against independent per-tensor loops written from the spec's equations.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sam_kernels as sk
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SIZES = [[0], [1], [17], [4097], [3, 5, 0, 1, 33], [7] * 40]
+TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def make(sizes, dtype, noncontig=False):
+    out = []
+    for n in sizes:
+        if noncontig and n > 1:
+            t = torch.randn(n, 2).to(dtype)[:, 0]  # a strided view (stride 2)
+        else:
+            t = torch.randn(n).to(dtype)
+        out.append(t)
+    return out
+
+
+def close(a: torch.Tensor, b: torch.Tensor, dtype) -> None:
+    a64, b64 = a.double(), b.double()
+    assert torch.isfinite(a64).all(), "output has non-finite values (unwritten?)"
+    err = (a64 - b64).abs().max().item() if a.numel() else 0.0
+    scale = max(b64.abs().max().item() if b.numel() else 0.0, 1.0)
+    assert err <= TOL[dtype] * scale, f"max abs err {err} (scale {scale})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sizes", SIZES)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_grad_norm(sizes, dtype, adaptive):
+    gs, ps = make(sizes, dtype), make(sizes, dtype)
+    eta = 0.01 if adaptive else 0.0
+    got = sk.grad_norm(gs, ps if adaptive else None, eta=eta, backend="eager")
+    assert got.dtype == torch.float32 and got.dim() == 0
+    ref = sum(
+        (((p.double().abs() + eta) if adaptive else 1.0) * g.double()).pow(2).sum()
+        for g, p in zip(gs, ps)
+    )
+    ref = torch.as_tensor(ref, dtype=torch.float64).sqrt()
+    assert abs(got.double() - ref) <= TOL[dtype] * max(ref.item(), 1e-30) + 1e-30
+
+
+def test_grad_norm_nonfinite_and_empty():
+    assert sk.grad_norm([], backend="eager").item() == 0.0
+    gs = [torch.randn(5), torch.randn(3)]
+    gs[1][2] = float("nan")
+    assert not torch.isfinite(sk.grad_norm(gs))
+    assert sk.finite_flag(gs).item() == 0.0
+    gs[1][2] = float("inf")
+    assert sk.finite_flag(gs).item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sizes", SIZES)
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_perturb(sizes, dtype, adaptive, per_tensor):
+    ps, gs = make(sizes, dtype, noncontig=True), make(sizes, dtype)
+    ps0 = [p.clone() for p in ps]
+    backups = [torch.full_like(p, float("nan")) for p in ps]
+    scale = torch.rand(len(ps)) if per_tensor else torch.tensor(0.37)
+    eta = 0.1 if adaptive else 0.0
+    sk.perturb_(ps, gs, backups, scale, adaptive=adaptive, eta=eta, backend="eager")
+    for i, (p, p0, g, b) in enumerate(zip(ps, ps0, gs, backups)):
+        assert torch.equal(b, p0), "backup must be bit-exact"
+        s = scale[i] if per_tensor else scale
+        t2 = (p0.double().abs() + eta) ** 2 if adaptive else 1.0
+        close(p, p0.double() + s.double() * t2 * g.double(), dtype)
+    sk.restore_(ps, backups, backend="eager")
+    assert all(torch.equal(p, p0) for p, p0 in zip(ps, ps0))
+
+
+@pytest.mark.parametrize("kind", ["normal", "uniform"])
+def test_noise_perturb_reference_stream(kind):
+    ps = make([4, 0, 9], torch.float32)
+    ps0 = [p.clone() for p in ps]
+    backups = [torch.empty_like(p) for p in ps]
+    scale = torch.tensor([0.1, 0.2, 0.3])
+    torch.manual_seed(5)
+    sk.noise_perturb_(ps, backups, scale, kind=kind, half_cube_len=0.5, backend="eager")
+    torch.manual_seed(5)
+    for i, (p, p0) in enumerate(zip(ps, ps0)):
+        if kind == "normal":
+            eps = torch.normal(0, 1, size=p0.shape)
+        else:
+            eps = 2 * 0.5 * torch.rand(p0.shape) - 0.5
+        assert torch.allclose(p, p0 + scale[i] * eps, rtol=1e-6, atol=1e-7)
+        assert torch.equal(backups[i], p0)
+    # a second sample perturbs from the backup, not from the current weights
+    sk.noise_perturb_(ps, backups, scale, save_backup=False, noise=[torch.ones_like(p) for p in ps])
+    for i, p0 in enumerate(ps0):
+        assert torch.allclose(ps[i], p0 + scale[i], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_lincomb(dtype, per_tensor):
+    sizes = [0, 1, 17, 300]
+    terms = [make(sizes, dtype) for _ in range(3)]
+    coefs = torch.randn(3, len(sizes)) if per_tensor else torch.randn(3)
+    out = [torch.full_like(t, float("nan")) for t in terms[0]]
+    sk.lincomb_(out, terms, coefs, backend="eager")
+    for i, o in enumerate(out):
+        ref = sum(
+            (coefs[k, i] if per_tensor else coefs[k]).double() * terms[k][i].double()
+            for k in range(3)
+        )
+        close(o, ref, dtype)
+    # out may alias a term
+    sk.lincomb_(terms[0], terms, coefs, backend="eager")
+    for i in range(len(sizes)):
+        close(terms[0][i], out[i].double(), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_frob_accumulate(dtype):
+    sizes = [0, 1, 17, 4097]
+    cross, gsum, gs = make(sizes, dtype), make(sizes, dtype), make(sizes, dtype)
+    c0, s0 = [c.clone() for c in cross], [s.clone() for s in gsum]
+    loss = torch.tensor(1.7)
+    sk.frob_accumulate_(cross, gsum, gs, loss, backend="eager")
+    for c, s, a, b, g in zip(cross, gsum, c0, s0, gs):
+        close(c, a.double() + 1.7 * g.double(), dtype)
+        close(s, b.double() + g.double(), dtype)
+
+
+def test_aesam_stats_sequence():
+    stats = torch.zeros(2)
+    mu = var = 0.0
+    delta, c = 0.9, 0.5
+    for t in range(6):
+        gs = [torch.randn(7) * (t + 1), torch.randn(3)]
+        s = sum(float(g.double().pow(2).sum()) for g in gs)
+        mu = delta * mu + (1 - delta) * s
+        var = delta * var + (1 - delta) * (s - mu) ** 2
+        want = 1 if s >= mu + c * var**0.5 else 0
+        got = sk.aesam_stats_(gs, stats, delta=delta, c=c, backend="eager")
+        assert int(got) == want
+        assert stats[0].item() == pytest.approx(mu, rel=1e-5)
+        assert stats[1].item() == pytest.approx(var, rel=1e-4)
+    before = stats.clone()
+    bad = [torch.tensor([float("nan")])]
+    assert int(sk.aesam_stats_(bad, stats, delta=delta, c=c)) == sk.DECISION_NONFINITE
+    assert torch.equal(stats, before)
+
+
+SGD_CASES = [
+    dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=1e-3, maximize=False),
+    dict(momentum=0.9, dampening=0.3, nesterov=False, weight_decay=0.0, maximize=True),
+    dict(momentum=0.8, dampening=0.0, nesterov=True, weight_decay=5e-4, maximize=False),
+    dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.01, maximize=False),
+]
+
+
+def _run_sgd_pair(cfg, dtype, use_backup, lr):
+    sizes = [0, 1, 17, 301]
+    ps = make(sizes, dtype)
+    ref_ps = [p.clone().requires_grad_() for p in ps]
+    ref = torch.optim.SGD(ref_ps, lr=lr, **cfg)
+    bufs = [torch.zeros_like(p) for p in ps] if cfg["momentum"] else []
+    steps = [torch.zeros(()) for _ in ps]
+    for _ in range(5):
+        gs = make(sizes, dtype)
+        for p, g in zip(ref_ps, gs):
+            p.grad = g.clone()
+        ref.step()
+        backups = None
+        if use_backup:  # the step must read the backup, not the (perturbed) params
+            backups = [p.clone() for p in ps]
+            torch._foreach_add_(ps, 1.0)
+        sk.sgd_step_(ps, gs, bufs, steps, backups=backups, lr=lr, ok=torch.tensor(1.0), **cfg)
+    return ps, ref_ps
+
+
+@pytest.mark.parametrize("cfg", SGD_CASES)
+@pytest.mark.parametrize("use_backup", [False, True])
+def test_sgd_step_matches_torch(cfg, use_backup):
+    ps, ref_ps = _run_sgd_pair(cfg, torch.float32, use_backup, 0.05)
+    for p, r in zip(ps, ref_ps):
+        close(p, r.detach().double(), torch.float32)
+
+
+def test_sgd_step_tensor_lr_and_bf16():
+    cfg = SGD_CASES[0]
+    ps, ref_ps = _run_sgd_pair(cfg, torch.bfloat16, False, 0.05)
+    for p, r in zip(ps, ref_ps):
+        close(p, r.detach().double(), torch.bfloat16)
+
+
+ADAM_CASES = [
+    dict(weight_decay=0.01, amsgrad=False, maximize=False, beta1=0.9, beta2=0.999, eps=1e-8),
+    dict(weight_decay=0.1, amsgrad=True, maximize=True, beta1=0.8, beta2=0.99, eps=1e-6),
+]
+
+
+@pytest.mark.parametrize("cfg", ADAM_CASES)
+@pytest.mark.parametrize("use_backup", [False, True])
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_adamw_step_matches_torch(cfg, use_backup, tensor_lr):
+    sizes = [0, 1, 17, 301]
+    ps = make(sizes, torch.float32)
+    ref_ps = [p.clone().requires_grad_() for p in ps]
+    kw = {k: v for k, v in cfg.items() if k not in ("beta1", "beta2")}
+    ref = torch.optim.AdamW(ref_ps, lr=1e-2, betas=(cfg["beta1"], cfg["beta2"]), **kw)
+    m = [torch.zeros_like(p) for p in ps]
+    v = [torch.zeros_like(p) for p in ps]
+    vm = [torch.zeros_like(p) for p in ps]
+    steps = [torch.zeros(()) for _ in ps]
+    lr = torch.tensor(1e-2) if tensor_lr else 1e-2
+    for _ in range(5):
+        gs = make(sizes, torch.float32)
+        for p, g in zip(ref_ps, gs):
+            p.grad = g.clone()
+        ref.step()
+        backups = None
+        if use_backup:
+            backups = [p.clone() for p in ps]
+            torch._foreach_add_(ps, 1.0)
+        sk.adamw_step_(ps, gs, m, v, vm, steps, backups=backups, lr=lr, ok=torch.tensor(1.0), **cfg)
+    for p, r in zip(ps, ref_ps):
+        close(p, r.detach().double(), torch.float32)
+    assert [s.item() for s in steps] == [5.0] * len(ps)
+
+
+@pytest.mark.parametrize("which", ["sgd", "adamw"])
+def test_step_ok_zero_changes_nothing(which):
+    sizes = [0, 1, 17, 301]
+    ps = make(sizes, torch.float32)
+    gs = make(sizes, torch.float32)
+    gs[2][3] = float("nan")
+    gs[3][0] = float("inf")
+    state = [make(sizes, torch.float32) for _ in range(3)]
+    state[1] = [t.abs() for t in state[1]]  # second moments are >= 0
+    state[2] = [t.abs() for t in state[2]]
+    steps = [torch.full((), 3.0) for _ in ps]
+    backups = [p.clone() for p in ps]
+    torch._foreach_add_(ps, 0.5)  # "perturbed" params: the step must restore them
+    snap = [[t.clone() for t in lst] for lst in state] + [[s.clone() for s in steps]]
+    ok = sk.finite_flag(gs)
+    assert ok.item() == 0.0
+    if which == "sgd":
+        sk.sgd_step_(ps, gs, state[0], steps, backups=backups, lr=0.1, momentum=0.9, ok=ok)
+    else:
+        sk.adamw_step_(ps, gs, *state, steps, backups=backups, lr=0.1, amsgrad=True, ok=ok)
+    assert all(torch.equal(p, b) for p, b in zip(ps, backups))
+    for lst, old in zip(state + [steps], snap):
+        assert all(torch.equal(a, b) for a, b in zip(lst, old))
+
+
+def test_lincomb_gradient_in_step():
+    sizes = [5, 17]
+    ps = make(sizes, torch.float32)
+    ps2 = [p.clone() for p in ps]
+    terms = [make(sizes, torch.float32) for _ in range(3)]
+    coefs = torch.tensor([1.11, 0.09, -0.2])
+    comb = sk.LinComb(tuple(terms), coefs)
+    s1, s2 = [torch.zeros(()) for _ in ps], [torch.zeros(()) for _ in ps]
+    sk.sgd_step_(ps, comb, [], s1, lr=0.1)
+    g = [sum(coefs[k] * terms[k][i] for k in range(3)) for i in range(len(sizes))]
+    sk.sgd_step_(ps2, g, [], s2, lr=0.1)
+    for a, b in zip(ps, ps2):
+        close(a, b.double(), torch.float32)
+
+
+def test_bad_inputs():
+    a = [torch.randn(3)]
+    with pytest.raises(ValueError, match="grads"):
+        sk.grad_norm(a, [torch.randn(3), torch.randn(2)])
+    with pytest.raises(ValueError, match="sparse"):
+        sk.grad_norm([torch.randn(3).to_sparse()])
+    with pytest.raises(ValueError, match="backend"):
+        sk.grad_norm(a, backend="nope")
+    with pytest.raises(ValueError, match="kind"):
+        sk.noise_perturb_(a, [torch.empty(3)], torch.tensor(1.0), kind="cauchy")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="different devices"):
+            sk.grad_norm([torch.randn(3), torch.randn(3, device="cuda")])
+
+
+def test_backend_chooser(monkeypatch):
+    from sam_kernels import _backend
+
+    assert sk.backend_name("cpu") == "eager"
+    monkeypatch.setenv("SAM_KERNELS_BACKEND", "eager")
+    assert sk.backend_name("cpu") == "eager"
+    monkeypatch.setenv("SAM_KERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="SAM_KERNELS_BACKEND"):
+        sk.backend_name("cpu")
+    monkeypatch.delenv("SAM_KERNELS_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="triton"):
+        _backend.resolve("grad_norm", torch.device("cpu"), "triton")
