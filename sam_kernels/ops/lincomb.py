@@ -54,27 +54,27 @@ def lincomb_(
     pick("lincomb", backend, names, out, *terms)(out, comb)
 
 
-def materialize(comb: LinComb | TensorList, out: TensorList | None = None) -> list[torch.Tensor]:
-    """Eager value of a gradient argument: the list itself, or its combination."""
+def materialize(comb: LinComb | TensorList) -> list[torch.Tensor]:
+    """Eager value of a gradient argument: the list itself, or its combination (new tensors)."""
     if not isinstance(comb, LinComb):
         return list(comb)
-    if out is None:
-        out = [torch.empty_like(t) for t in comb.terms[0]]
-    lincomb_eager(out, comb)
-    return list(out)
+    return _combine(comb)
+
+
+def _combine(comb: LinComb) -> list[torch.Tensor]:
+    """``sum_k c_k * terms[k]`` as a new list, in a fixed number of foreach ops."""
+    n = len(comb)
+    acc: list[torch.Tensor] = []
+    for k, term in enumerate(comb.terms):  # K is 2 or 3: the loop does not grow with tensors
+        c = per_tensor(comb.coefs[k], n)
+        if k == 0:
+            acc = torch._foreach_mul(list(term), c)
+        else:
+            torch._foreach_add_(acc, torch._foreach_mul(list(term), c))
+    return acc
 
 
 @register("lincomb", "eager")
 def lincomb_eager(out: TensorList, comb: LinComb) -> None:
-    out = list(out)
-    n = len(out)
-    if n == 0:
-        return
-    acc = None
-    for k, term in enumerate(comb.terms):  # K is 2 or 3: the loop does not grow with tensors
-        c = per_tensor(comb.coefs[k], n)
-        if acc is None:
-            acc = torch._foreach_mul(list(term), c)
-        else:
-            torch._foreach_add_(acc, torch._foreach_mul(list(term), c))
-    torch._foreach_copy_(out, acc)
+    if len(out):
+        torch._foreach_copy_(list(out), _combine(comb))
