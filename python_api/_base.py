@@ -20,6 +20,7 @@ reads the flag after each evaluation and raises :class:`NonFiniteError` (weights
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -76,6 +77,25 @@ class SAMFamily(Optimizer):
     host_decisions = False
     #: per-parameter state entries valid only inside a step (left out of ``state_dict``)
     _transient_state: tuple[str, ...] = ("backup",)
+    #: per-replica DDP mode (m-sharpness, :mod:`python_api.distributed`) is defined for this
+    #: algorithm: its base-step gradient comes only from evaluations after the first one
+    per_replica_safe = False
+    #: torch's GradScaler protocol: ``scaler.step(opt)`` hands ``grad_scale`` / ``found_inf`` to
+    #: the step instead of unscaling and skipping itself; the step refuses that call with the
+    #: supported form (``opt.step(closure, scaler=scaler)``, :mod:`python_api.amp`), so a scaled
+    #: second pass is never applied unscaled by mistake
+    _step_supports_amp_scaling = True
+    #: per-step hooks set by :mod:`python_api.amp` and :mod:`python_api.distributed`
+    _amp: Any = None
+    _dist: Any = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "step" in cls.__dict__:
+            # every algorithm's step accepts ``scaler=`` (GradScaler), see python_api.amp
+            from python_api.amp import with_scaler_kwarg
+
+            cls.step = with_scaler_kwarg(cls.__dict__["step"])
 
     def __init__(
         self,
@@ -203,7 +223,10 @@ class SAMFamily(Optimizer):
                 self._restore(restore)
                 raise
         with torch.enable_grad(), preserve_bn_stats(self._bn if perturbed else None):
-            loss = closure()
+            with self._eval_context(what):
+                loss = closure()
+        if self._amp is not None:  # GradScaler: this evaluation's gradients, unscaled in place
+            self._amp.unscale_grads(self)
         if loss is None:
             if need_loss:
                 raise TypeError(
@@ -242,6 +265,8 @@ class SAMFamily(Optimizer):
         """
         have_grads = any(p.grad is not None for g in self.param_groups for p in g["params"])
         if have_grads and (loss is not None or not need_loss):
+            if self._amp is not None:  # the user's own (scaled) first backward
+                self._amp.unscale_grads(self)
             return (self._as_loss(loss) if loss is not None else None), False
         if have_grads:
             self.zero_grad(set_to_none=True)
@@ -280,7 +305,8 @@ class SAMFamily(Optimizer):
 
     def _check_raise(self, ok: torch.Tensor, what: str, backups_of: Sequence | None = None):
         """``on_nonfinite="raise"``: one host read; restore weights, then raise."""
-        if self.on_nonfinite != "raise":
+        if self.on_nonfinite != "raise" or self._amp is not None:
+            # under a GradScaler an overflow is routine: skip and let the scaler back off
             return
         if not bool(ok.item()):
             if backups_of:
@@ -289,6 +315,39 @@ class SAMFamily(Optimizer):
                 f"{type(self).__name__}: non-finite loss or gradient at {what}; weights and "
                 "optimizer state are unchanged"
             )
+
+    # ----------------------------------------------------------------- setup hooks
+    def _eval_context(self, what: str):
+        """Context of one closure evaluation (``what == "w"``: the first one, at ``w``).
+
+        Per-replica DDP (:mod:`python_api.distributed`) runs the evaluation at ``w`` under
+        ``model.no_sync()``; otherwise nothing.
+        """
+        return self._dist.eval_context(what) if self._dist is not None else nullcontext()
+
+    def _gate_ok(self, ok: torch.Tensor) -> torch.Tensor:
+        """The finite flag of the step as the base step uses it (device ops, no host read).
+
+        Under a GradScaler (:mod:`python_api.amp`): also 0 if any unscaled evaluation found a
+        non-finite gradient. Under the DDP helper: the minimum over the ranks (one scalar
+        all-reduce), so every replica skips or steps together.
+        """
+        if self._amp is not None:
+            ok = self._amp.gate(ok)
+        if self._dist is not None:
+            ok = self._dist.gate(ok)
+        return ok
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` for algorithms that run the backward themselves (ESAM).
+
+        Under a GradScaler the loss is scaled and the new gradients are unscaled in place.
+        """
+        if self._amp is not None:
+            self._amp.scaler.scale(loss).backward()
+            self._amp.unscale_grads(self)
+        else:
+            loss.backward()
 
     # ----------------------------------------------------------------- perturbation
     def _perturbed_groups(self) -> list[tuple[dict, list[torch.Tensor]]]:
@@ -314,6 +373,26 @@ class SAMFamily(Optimizer):
                 b = torch.empty_like(p, memory_format=torch.preserve_format)
                 st[key] = b
             out.append(b)
+        return out
+
+    def _collect_grads(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The gradients of ``params`` after an extra evaluation of the closure.
+
+        ``params`` are the parameters that had a gradient at ``w`` (this step's set). One that
+        got none at the new point gets zeros (the loss does not depend on it there); a parameter
+        outside the set that got one has it dropped (``p.grad = None``), so every later pass and
+        the base step see exactly the set.
+        """
+        keep = {id(p) for p in params}
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None and id(p) not in keep:
+                    p.grad = None
+        out = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
+            out.append(p.grad)
         return out
 
     def _backups(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -357,10 +436,13 @@ class SAMFamily(Optimizer):
             )
             sq.append((adaptive, float(g.get("eta", 0.0)), n))
         if not sq:
-            return torch.zeros((), dtype=torch.float32, device=self._device)
-        if len(sq) == 1:
-            return sq[0][2]
-        return torch.linalg.vector_norm(torch.stack([n.to(self._device) for *_, n in sq]))
+            n = torch.zeros((), dtype=torch.float32, device=self._device)
+        elif len(sq) == 1:
+            n = sq[0][2]
+        else:
+            n = torch.linalg.vector_norm(torch.stack([n.to(self._device) for *_, n in sq]))
+        # sharded parameters (python_api.sharded): sqrt of the all-reduced squared local norms
+        return self._dist.reduce_norm(n) if self._dist is not None else n
 
     def _perturb_along_grad(self, norm: torch.Tensor) -> list[torch.Tensor]:
         """SAM/ASAM ascent: ``p += rho/(norm + 1e-12) * T(p)^2 * g`` with exact backups.
@@ -402,7 +484,8 @@ class SAMFamily(Optimizer):
 
     def _restore(self, params: Sequence[torch.Tensor]) -> None:
         if params:
-            sk.restore_(list(params), [self.state[p]["backup"] for p in params])
+            with torch.no_grad():  # also called from error paths outside no_grad
+                sk.restore_(list(params), [self.state[p]["backup"] for p in params])
 
     # ----------------------------------------------------------------- base step
     def _base_step(
@@ -410,13 +493,21 @@ class SAMFamily(Optimizer):
         ok: torch.Tensor,
         perturbed: Sequence[torch.Tensor] = (),
         grad_of: Callable[[list[torch.Tensor]], Any] | None = None,
-    ) -> None:
+        *,
+        ok_known: bool = False,
+    ) -> torch.Tensor:
         """Restore ``perturbed`` and take one base step at the unperturbed weights, if ``ok``.
 
         ``grad_of(params)`` gives the gradient for a list of parameters (a list of tensors or a
         :class:`sam_kernels.LinComb`); by default ``p.grad``. Parameters without a gradient are
         not stepped (as in torch). Updates the device step/skip counters.
+        ``ok_known``: the caller has already read on the host that ``ok`` is 1 (the
+        host-decision classes fold the finite check into their decision), so a base optimizer
+        other than SGD/AdamW is stepped without another host read.
+        Returns the flag as gated by :meth:`_gate_ok` (what the step used), for callers that
+        gate their own state on it.
         """
+        ok = self._gate_ok(ok)
         self._counters.add_(torch.stack([ok, 1.0 - ok]))
         pert = {id(p) for p in perturbed}
         if self._fused is not None:
@@ -437,7 +528,7 @@ class SAMFamily(Optimizer):
                     self._fused_adamw(group, ps, grads, backups, ok)
             # perturbed parameters whose gradient vanished in a later pass
             self._restore([p for p in perturbed if id(p) not in stepped])
-            return
+            return ok
         # generic base optimizer: restore, put the gradient in p.grad, one host read
         self._restore(list(perturbed))
         if grad_of is not None:
@@ -452,8 +543,9 @@ class SAMFamily(Optimizer):
                     for p, gi in zip(ps, g):
                         if gi is not p.grad:
                             p.grad.copy_(gi)
-        if bool(ok.item()):
+        if ok_known or bool(ok.item()):
             self.base_optimizer.step()
+        return ok
 
     def _fused_sgd(self, group, ps, grads, backups, ok) -> None:
         st = self.base_optimizer.state

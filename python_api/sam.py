@@ -47,6 +47,10 @@ class SAM(SAMFamily):
         backend: force ``"eager"``, ``"triton"`` or ``"cuda"`` for the fused ops.
     """
 
+    #: the base step uses only the second pass's gradient: per-replica DDP (m-sharpness) is
+    #: defined (python_api.distributed)
+    per_replica_safe = True
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict] | None,
@@ -119,6 +123,8 @@ class SAM(SAMFamily):
         if l0 is not None:
             self._ok = self._ok * l0_ok
             self._check_raise(self._ok, "the loss at w", self._perturbed)
-        l1 = self._call_closure(closure, perturbed=True, need_loss=False, what="w + e")
+        l1 = self._call_closure(
+            closure, perturbed=True, need_loss=False, what="w + e", restore=self._perturbed
+        )
         self.second_step(loss=l1)
         return l0 if l0 is not None else l1

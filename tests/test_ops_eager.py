@@ -27,12 +27,18 @@ def make(sizes, dtype, noncontig=False):
     return out
 
 
-def close(a: torch.Tensor, b: torch.Tensor, dtype) -> None:
+def close(a: torch.Tensor, b: torch.Tensor, dtype, roundings: int = 1) -> None:
+    """``a`` within the dtype's tolerance of the float64 value ``b``.
+
+    ``roundings``: how many low-precision roundings the eager path chains (it computes in the
+    tensors' dtype, as torch.optim does); the bound grows with it.
+    """
     a64, b64 = a.double(), b.double()
     assert torch.isfinite(a64).all(), "output has non-finite values (unwritten?)"
     err = (a64 - b64).abs().max().item() if a.numel() else 0.0
     scale = max(b64.abs().max().item() if b.numel() else 0.0, 1.0)
-    assert err <= TOL[dtype] * scale, f"max abs err {err} (scale {scale})"
+    tol = TOL[dtype] * (1 if dtype == torch.float32 else max(1, roundings / 2))
+    assert err <= tol * scale, f"max abs err {err} (scale {scale})"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -76,7 +82,8 @@ def test_perturb(sizes, dtype, adaptive, per_tensor):
         assert torch.equal(b, p0), "backup must be bit-exact"
         s = scale[i] if per_tensor else scale
         t2 = (p0.double().abs() + eta) ** 2 if adaptive else 1.0
-        close(p, p0.double() + s.double() * t2 * g.double(), dtype)
+        # ASAM chains |p|, +eta, square, *g, *s, +p: six roundings in bf16/fp16
+        close(p, p0.double() + s.double() * t2 * g.double(), dtype, roundings=6 if adaptive else 2)
     sk.restore_(ps, backups, backend="eager")
     assert all(torch.equal(p, p0) for p, p0 in zip(ps, ps0))
 

@@ -12,9 +12,11 @@ from sam_kernels.ops.aesam_stats import (
     DECISION_SAM,
     aesam_stats_,
 )
+from sam_kernels.ops.counter_rng import counter_uniform, uniform_threshold
 from sam_kernels.ops.frob_accumulate import frob_accumulate_
 from sam_kernels.ops.grad_norm import finite_flag, grad_norm
 from sam_kernels.ops.lincomb import LinComb, lincomb_
+from sam_kernels.ops.looksam import looksam_project_, looksam_reuse
 from sam_kernels.ops.perturb import NOISE_KINDS, noise_perturb_, perturb_
 from sam_kernels.ops.restore import restore_
 from sam_kernels.ops.sgd_step import sgd_step_
@@ -27,12 +29,16 @@ __all__ = [
     "LinComb",
     "adamw_step_",
     "aesam_stats_",
+    "counter_uniform",
     "finite_flag",
     "frob_accumulate_",
     "grad_norm",
     "lincomb_",
+    "looksam_project_",
+    "looksam_reuse",
     "noise_perturb_",
     "perturb_",
     "restore_",
     "sgd_step_",
+    "uniform_threshold",
 ]

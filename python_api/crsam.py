@@ -1,0 +1,227 @@
+"""CR-SAM: curvature-regularized SAM (Wu, Luo, Wunsch, AAAI 2024).
+
+Reference code: TrustAIoT/CR-SAM ``utils/crsam.py`` (class ``CRSAM``, driven by
+``crsam_train.py``), whose ``gamma`` is our ``alpha``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+import sam_kernels as sk
+from python_api._base import _EPS, Closure, SAMFamily, check_nonneg
+
+#: a log term of the paper form is used only while its argument exceeds this
+LOG_ARG_MIN = 1e-12
+
+
+class CRSAM(SAMFamily):
+    r"""CR-SAM: SAM with a normalized-Hessian-trace (curvature) regularizer.
+
+    .. code-block:: text
+
+        v  = g0 / (||g0|| + 1e-12);   e = rho * v       (global norm; per-group rho)
+        g+ = grad L(w + e),  L+ = L(w + e)
+        g- = grad L(w - e),  L- = L(w - e)              (w - e formed from the saved w)
+        reference form (default; what TrustAIoT/CR-SAM applies):
+            g = g+ + alpha (g+ + g- - 2 g0) + beta (g+ - g-)
+        paper form (log_form=True; eq. 5-7, the gradient of
+            L(w+e) + alpha log(L+ + L- - 2 L0) + beta log(L+ - L-) with e held constant):
+            g = g+ + alpha (g+ + g- - 2 g0) / (L+ + L- - 2 L0) + beta (g+ - g-) / (L+ - L-)
+            a log term is used only while its argument is > 1e-12 (else its coefficient is 0)
+        base.step() at w (restored bit for bit) with g
+
+    Wu, Luo, Wunsch, "CR-SAM: Curvature Regularized Sharpness-Aware Minimization", AAAI 2024.
+    Three forward/backward passes per step. ``g0`` and ``g+`` are kept in per-parameter buffers
+    while ``g-`` is computed; the combination is handed to the base step as a
+    :class:`sam_kernels.LinComb`, so fused backends form it inside the step's single pass. The
+    paper form's coefficients are computed on the device from the three losses (averaged over
+    the ranks under torch.distributed): neither form reads a value on the host.
+
+    Args:
+        params: parameters or parameter groups. A group may set its own ``rho``; ``rho=0`` (or
+            ``sam=False``) keeps a group unperturbed, and its gradient is the same combination
+            of the gradients at ``w + e``, ``w - e`` and ``w`` (as SAM uses the gradient at
+            ``w + e`` for such a group).
+        base_optimizer: an optimizer class (built with ``**base_kwargs``) or instance.
+        rho: neighbourhood radius (>= 0). Default 0.1 (the reference script).
+        alpha: weight of the curvature term (the reference's ``gamma``; >= 0). Default 0.1.
+        beta: weight of the gradient-norm term (>= 0). Default 0.01. ``alpha`` and ``beta``
+            are attributes of the optimizer, not param-group keys: group keys are shared with
+            the base optimizer, where ``alpha`` means something else (RMSprop's smoothing).
+        log_form: use the paper's log form (needs ``L0``: give ``step(closure, loss=L0)`` when
+            the gradients at ``w`` are already present, else the closure is evaluated at ``w``).
+        model: if given, evaluations other than the first at ``w`` leave BN running statistics
+            as they were.
+        on_nonfinite: ``"skip"`` (default; the step changes nothing, decided on the device) or
+            ``"raise"`` (a host read per evaluation, then :class:`NonFiniteError`).
+        backend: force ``"eager"``, ``"triton"`` or ``"cuda"`` for the fused ops.
+        process_group: the group over which the paper form's losses are averaged.
+
+    ``step(closure, loss=None)`` returns ``L0`` when it evaluated it or was given it, else
+    ``L+``. After a step ``p.grad`` holds an unspecified gradient of the step (call
+    ``zero_grad`` before the next one, as usual).
+    """
+
+    _transient_state = ("backup", "crsam_g0", "crsam_gplus")
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict] | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.1,
+        alpha: float = 0.1,
+        beta: float = 0.01,
+        log_form: bool = False,
+        *,
+        model: nn.Module | None = None,
+        on_nonfinite: str = "skip",
+        backend: str | None = None,
+        process_group: Any = None,
+        **base_kwargs: Any,
+    ) -> None:
+        check_nonneg("rho", rho)
+        check_nonneg("alpha", alpha)
+        check_nonneg("beta", beta)
+        if not isinstance(log_form, bool):
+            raise TypeError(f"log_form must be a bool, got {log_form!r}")
+        super().__init__(
+            params,
+            base_optimizer,
+            dict(rho=rho),
+            model=model,
+            on_nonfinite=on_nonfinite,
+            backend=backend,
+            process_group=process_group,
+            **base_kwargs,
+        )
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.log_form = log_form
+        self._const_coefs: dict[tuple, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------- coefficients
+    def _coefs(
+        self,
+        alpha: float,
+        beta: float,
+        dtype: torch.dtype,
+        inv: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """Coefficients on ``(g+, g-, g0)``: ``(1 + a + b, a - b, -2 a)``.
+
+        Reference form: ``a = alpha, b = beta`` (a cached constant). Paper form:
+        ``a = alpha * inv[0], b = beta * inv[1]`` with the device scalars
+        ``inv = (1/(L+ + L- - 2 L0) or 0, 1/(L+ - L-) or 0)``.
+        """
+        if inv is None:
+            key = (alpha, beta, dtype)
+            c = self._const_coefs.get(key)
+            if c is None:
+                vals = [1.0 + alpha + beta, alpha - beta, -2.0 * alpha]
+                c = torch.tensor(vals, dtype=dtype, device=self._device)
+                self._const_coefs[key] = c
+            return c
+        a = alpha * inv[0]
+        b = beta * inv[1]
+        return torch.stack([1.0 + a + b, a - b, -2.0 * a]).to(dtype)
+
+    def _log_inverses(
+        self, l0: torch.Tensor, lp: torch.Tensor, lm: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``1/(L+ + L- - 2 L0)`` and ``1/(L+ - L-)`` where the argument is > 1e-12, else 0."""
+        dt = torch.promote_types(torch.promote_types(l0.dtype, lp.dtype), lm.dtype)
+        dt = torch.promote_types(dt, dtype)
+        l0, lp, lm = (self._reduce_loss(v).reshape(()).to(self._device, dt) for v in (l0, lp, lm))
+        s1 = lp + lm - 2.0 * l0
+        s2 = lp - lm
+        zero = torch.zeros((), dtype=dt, device=self._device)
+        inv1 = torch.where(s1 > LOG_ARG_MIN, 1.0 / s1, zero)
+        inv2 = torch.where(s2 > LOG_ARG_MIN, 1.0 / s2, zero)
+        return inv1, inv2
+
+    # ----------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self, closure: Closure | None = None, loss: torch.Tensor | float | None = None
+    ) -> torch.Tensor | None:
+        """One CR-SAM step: gradients at ``w``, ``w + e`` and ``w - e``, one base step at ``w``.
+
+        Gradients already present are ``g0``; otherwise the closure is first run at ``w``.
+        With ``log_form`` the loss ``L0`` comes from ``loss=`` or from that evaluation (the
+        closure is run at ``w`` once more if gradients are present and ``loss`` is not given).
+        """
+        closure = self._require_closure(closure)
+        check_nonneg("alpha", self.alpha)  # attributes: a user may have changed them
+        check_nonneg("beta", self.beta)
+        l0, _ = self._initial_eval(closure, loss, need_loss=self.log_form)
+        ps = self._params_with_grad()
+        ok = self._ok_from(l0)
+        if not ps:
+            self._check_raise(ok, "the loss at w")
+            self._base_step(ok)
+            return l0
+
+        # g0 kept in a buffer; e = rho * g0 / (||g0|| + 1e-12) (a zero scale if not finite)
+        g0 = self._buffers(ps, "crsam_g0")
+        torch._foreach_copy_(g0, [p.grad for p in ps])
+        norm = self._grad_norm()
+        ok = ok * torch.isfinite(norm).to(torch.float32)
+        self._check_raise(ok, "the evaluation at w (loss L0, gradient g0)")
+        groups = self._perturbed_groups()
+        pert = [p for _, gps in groups for p in gps]
+        g0_of = {id(p): b for p, b in zip(ps, g0)}
+        g0_pert = [g0_of[id(p)] for p in pert]
+        backups = self._backups(pert)
+        scale = None
+        if pert:
+            inv = torch.where(torch.isfinite(norm), 1.0 / (norm + _EPS), torch.zeros_like(norm))
+            scale = self._rho_vector(groups) * inv
+            sk.perturb_(pert, g0_pert, backups, scale, backend=self.backend)
+
+        # w + e: g+ kept in a buffer
+        self.zero_grad(set_to_none=True)
+        lp = self._call_closure(
+            closure, perturbed=True, need_loss=self.log_form, what="w + e", restore=pert
+        )
+        gp = self._collect_grads(ps)
+        ok = ok * sk.finite_flag(gp, backend=self.backend) * self._ok_from(lp)
+        self._check_raise(ok, "the evaluation at w + e (loss L+, gradient g+)", pert)
+        gplus = self._buffers(ps, "crsam_gplus")
+        torch._foreach_copy_(gplus, gp)
+
+        # w - e, formed from the saved w (never from w + e): restore, then step by -e
+        if pert:
+            sk.restore_(pert, backups, backend=self.backend)
+            sk.perturb_(pert, g0_pert, backups, -scale, backend=self.backend)
+        self.zero_grad(set_to_none=True)
+        lm = self._call_closure(
+            closure, perturbed=True, need_loss=self.log_form, what="w - e", restore=pert
+        )
+        gm = self._collect_grads(ps)
+        ok = ok * sk.finite_flag(gm, backend=self.backend) * self._ok_from(lm)
+        self._check_raise(ok, "the evaluation at w - e (loss L-, gradient g-)", pert)
+
+        # g = c0 g+ + c1 g- + c2 g0, combined inside the base step
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in ps) else torch.float32
+        inv_l = self._log_inverses(l0, lp, lm, dtype) if self.log_form else None
+        coefs = self._coefs(self.alpha, self.beta, dtype, inv_l)
+        if inv_l is not None:  # (finite by the 1e-12 guard unless alpha/beta are huge)
+            ok = ok * torch.isfinite(coefs).all().to(torch.float32)
+        state = self.state
+
+        def grad_of(gps: list[torch.Tensor]) -> sk.LinComb:
+            terms = (
+                [state[p]["crsam_gplus"] for p in gps],
+                [p.grad for p in gps],
+                [state[p]["crsam_g0"] for p in gps],
+            )
+            return sk.LinComb(terms, coefs)
+
+        self._base_step(ok, pert, grad_of)
+        return l0 if l0 is not None else lp

@@ -1,0 +1,559 @@
+"""CR-SAM (both forms) against an independent float64 implementation of the spec's equations."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from python_api._base import NonFiniteError
+from python_api.crsam import CRSAM
+
+
+class Net(nn.Module):
+    """Small model with every awkward parameter kind the spec lists (and batch norm)."""
+
+    def __init__(self, bn: bool = True) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(8, 5) * 0.5)
+        self.b1 = nn.Parameter(torch.randn(8) * 0.1)
+        self.w2t = nn.Parameter((torch.randn(8, 3) * 0.5).t())  # non-contiguous
+        assert not self.w2t.is_contiguous()
+        self.b2 = nn.Parameter(torch.zeros(3))
+        self.empty = nn.Parameter(torch.randn(0, 4))  # zero-size
+        self.unused = nn.Parameter(torch.randn(4))  # never gets a gradient
+        self.bn = nn.BatchNorm1d(8) if bn else None
+
+    def forward(self, x):
+        h = x @ self.w1.t() + self.b1
+        if self.bn is not None:
+            h = self.bn(h)
+        h = torch.tanh(h)
+        return h @ self.w2t.t() + self.b2 + self.empty.sum()
+
+    def group_params(self):
+        norm = [self.bn.weight, self.bn.bias] if self.bn is not None else []
+        return [[self.w1, self.b1, self.unused], [self.w2t, self.empty], [self.b2, *norm]]
+
+    def groups(self, rhos=(0.05, 0.2, 0.0), **extra):
+        return [{"params": ps, "rho": r, **extra} for ps, r in zip(self.group_params(), rhos)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only contend (10x slower on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def data(n=16, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64).to(dtype)
+    return x, torch.randint(0, 3, (n,), generator=g)
+
+
+def loss_fn(model, x, y):
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def bn_buffers(model):
+    return [model.bn.running_mean, model.bn.running_var, model.bn.num_batches_tracked]
+
+
+BASES = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
+    "adamw": (torch.optim.AdamW, dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)),
+}
+
+
+# ---------------------------------------------------------------- the independent reference
+class RefCRSAM:
+    """Per-parameter float64 CR-SAM over hand-written SGD-momentum / AdamW (no sam_kernels)."""
+
+    def __init__(self, model, rhos, alpha, beta, log_form, base, hp):
+        """``alpha``, ``beta``: a number or one per group; ``base``: "sgd", "adamw" or a
+        torch optimizer class (given the combined gradient in ``p.grad``)."""
+        n = len(rhos)
+        self.alphas = list(alpha) if isinstance(alpha, (list, tuple)) else [alpha] * n
+        self.betas = list(beta) if isinstance(beta, (list, tuple)) else [beta] * n
+        self.model, self.log_form, self.base, self.hp = model, log_form, base, hp
+        self.groups = list(zip(rhos, model.group_params()))
+        self.state = {}
+        if not isinstance(base, str):
+            self.torch_opt = base([p for _, g in self.groups for p in g], **hp)
+
+    def _eval(self, x, y, keep_bn):
+        saved = [b.clone() for b in bn_buffers(self.model)] if keep_bn else None
+        self.model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = loss_fn(self.model, x, y)
+            loss.backward()
+        if saved is not None:
+            for b, s in zip(bn_buffers(self.model), saved):
+                b.copy_(s)
+        return loss.detach(), {
+            p: p.grad.clone() for _, g in self.groups for p in g if p.grad is not None
+        }
+
+    @torch.no_grad()
+    def step(self, x, y):
+        l0, g0 = self._eval(x, y, keep_bn=False)
+        ps = [p for _, g in self.groups for p in g if p in g0]
+        norm = torch.sqrt(sum((g0[p] ** 2).sum() for p in ps))
+        w = {p: p.clone() for p in ps}
+        e = {}
+        for rho, g in self.groups:
+            for p in g:
+                if p in g0:
+                    e[p] = rho / (norm + 1e-12) * g0[p]
+        for p in ps:
+            p.copy_(w[p] + e[p])
+        lp, gp = self._eval(x, y, keep_bn=True)
+        for p in ps:
+            p.copy_(w[p] - e[p])
+        lm, gm = self._eval(x, y, keep_bn=True)
+        for p in ps:
+            p.copy_(w[p])
+        s1, s2 = (lp + lm - 2 * l0).item(), (lp - lm).item()
+        final = {}
+        for (_, group), alpha, beta in zip(self.groups, self.alphas, self.betas):
+            a, b = alpha, beta
+            if self.log_form:
+                a = alpha / s1 if s1 > 1e-12 else 0.0
+                b = beta / s2 if s2 > 1e-12 else 0.0
+            for p in group:
+                if p in g0:
+                    final[p] = gp[p] + a * (gp[p] + gm[p] - 2 * g0[p]) + b * (gp[p] - gm[p])
+        if not isinstance(self.base, str):
+            self.model.zero_grad(set_to_none=True)
+            for p, g in final.items():
+                p.grad = g
+            self.torch_opt.step()
+        else:
+            for p, g in final.items():
+                self._base(p, g)
+        return l0
+
+    def _base(self, p, g):
+        hp, st = self.hp, self.state.setdefault(p, {})
+        if self.base == "sgd":
+            d = g + hp["weight_decay"] * p
+            st["buf"] = d.clone() if "buf" not in st else hp["momentum"] * st["buf"] + d
+            p.sub_(hp["lr"] * st["buf"])
+        else:
+            b1, b2 = hp["betas"]
+            st["t"] = st.get("t", 0) + 1
+            st["m"] = b1 * st.get("m", torch.zeros_like(p)) + (1 - b1) * g
+            st["v"] = b2 * st.get("v", torch.zeros_like(p)) + (1 - b2) * g * g
+            p.mul_(1 - hp["lr"] * hp["weight_decay"])
+            mhat = st["m"] / (1 - b1 ** st["t"])
+            vhat = st["v"] / (1 - b2 ** st["t"])
+            p.sub_(hp["lr"] * mhat / (vhat.sqrt() + hp["eps"]))
+
+
+def rel_err(a, b):
+    if b.numel() == 0:
+        return 0.0
+    return ((a - b).double().norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def opt_step(opt, model, x, y, form):
+    """One step in one of the closure forms; returns what the step reports as L0 (or None)."""
+
+    def closure():
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        return loss
+
+    opt.zero_grad()
+    if form == "closure":  # no gradients present: the optimizer evaluates at w itself
+        return opt.step(closure)
+    l0 = closure()  # the user ran the first backward (davda54/sam's loop)
+    if form == "grads_loss":
+        got = opt.step(closure, loss=l0)
+        assert got.item() == l0.item()
+        return got
+    opt.step(closure)  # gradients present, no loss: L0 is re-evaluated where it is needed
+    return None
+
+
+# ---------------------------------------------------------------- exactness vs the reference
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("log_form", [False, True])
+@pytest.mark.parametrize("form", ["closure", "grads_loss", "grads_only"])
+def test_crsam_matches_reference(base, log_form, form):
+    torch.manual_seed(0)
+    model = Net().double()
+    ref_model = copy.deepcopy(model)
+    rhos, alpha, beta = (0.05, 0.2, 0.0), 0.3, 0.05
+    cls, hp = BASES[base]
+    opt = CRSAM(
+        model.groups(rhos), cls, alpha=alpha, beta=beta, log_form=log_form, model=model, **hp
+    )
+    ref = RefCRSAM(ref_model, rhos, alpha, beta, log_form, base, hp)
+    for step in range(5):
+        x, y = data(seed=step)
+        got = opt_step(opt, model, x, y, form)
+        want = ref.step(x, y)
+        if got is not None:
+            assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert rel_err(p.detach(), q.detach()) < 1e-6, name
+    for a, b in zip(bn_buffers(model), bn_buffers(ref_model)):
+        assert rel_err(a.double(), b.double()) < 1e-6
+    assert model.unused.grad is None and model.unused not in opt.base_optimizer.state
+    assert opt.steps_taken == 5 and opt.skipped_steps == 0
+    # the curvature terms matter: plain SAM (alpha = beta = 0) ends elsewhere
+    torch.manual_seed(0)
+    plain = Net().double()
+    sam_ref = RefCRSAM(plain, rhos, 0.0, 0.0, False, base, hp)
+    for step in range(5):
+        sam_ref.step(*data(seed=step))
+    assert rel_err(plain.w1.detach(), ref_model.w1.detach()) > 1e-4
+
+
+def test_crsam_fp32_close_to_reference():
+    torch.manual_seed(1)
+    model = Net()
+    ref_model = copy.deepcopy(model).double()
+    cls, hp = BASES["sgd"]
+    opt = CRSAM(model.groups(), cls, model=model, **hp)
+    ref = RefCRSAM(ref_model, (0.05, 0.2, 0.0), 0.1, 0.01, False, "sgd", hp)
+    for step in range(5):
+        x, y = data(seed=step)
+        opt_step(opt, model, x.float(), y, "closure")
+        ref.step(x, y)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert rel_err(p.detach(), q.detach()) < 1e-5
+
+
+def test_log_form_guards():
+    """A log term is used only while its argument is > 1e-12 (device scalars, else 0)."""
+    opt = CRSAM([nn.Parameter(torch.zeros(2, dtype=torch.float64))], torch.optim.SGD, lr=0.1)
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    cases = [  # (L0, L+, L-) -> (1/(L+ + L- - 2 L0) or 0, 1/(L+ - L-) or 0)
+        ((1.0, 1.2, 0.9), (1 / 0.1, 1 / 0.3)),
+        ((1.0, 1.0, 1.0), (0.0, 0.0)),
+        ((1.0, 0.9, 0.95), (0.0, 0.0)),
+        ((1.0, 1.0 + 1e-13, 1.0), (0.0, 0.0)),
+        ((1.0, 1.0 + 1e-9, 1.0), (1e9, 1e9)),
+    ]
+    for (l0, lp, lm), want in cases:
+        got = opt._log_inverses(t(l0), t(lp), t(lm), torch.float64)
+        for g, w in zip(got, want):
+            assert g.dim() == 0 and g.item() == pytest.approx(w, rel=1e-6)
+
+
+def test_minus_point_is_formed_from_the_saved_weights():
+    """w - e is ``backup - e``, not ``(w + e) - 2e``: the two differ in fp32 here.
+
+    w = 3, g0 = 1, rho = 2**24: w + e rounds to 2**24 + 4, so (w + e) - 2e = -(2**24 - 4),
+    while w - e = -(2**24 - 3) exactly.
+    """
+    p = nn.Parameter(torch.tensor([3.0]))
+    opt = CRSAM([p], torch.optim.SGD, rho=float(2**24), lr=0.0)
+    seen = []
+
+    def closure():
+        seen.append(p.detach().clone())
+        loss = p.sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert [s.item() for s in seen] == [3.0, 2.0**24 + 4, -(2.0**24) + 3]
+    assert p.item() == 3.0
+
+
+# ---------------------------------------------------------------- batch norm
+@pytest.mark.parametrize("log_form", [False, True])
+@pytest.mark.parametrize("form", ["closure", "grads_only"])
+def test_bn_stats_only_updated_at_w(log_form, form):
+    torch.manual_seed(3)
+    model = Net().double()
+    ref = copy.deepcopy(model)
+    free = copy.deepcopy(model)
+    x, y = data()
+    opt = CRSAM(model.parameters(), torch.optim.SGD, lr=0.1, log_form=log_form, model=model)
+    opt_step(opt, model, x, y, form)
+    loss_fn(ref, x, y)  # one forward at w: what the statistics must show
+    assert all(torch.equal(a, b) for a, b in zip(bn_buffers(model), bn_buffers(ref)))
+    assert model.bn.momentum == 0.1 and not hasattr(model.bn, "backup_momentum")
+    # without model= the perturbed evaluations do move them (the test can fail)
+    opt = CRSAM(free.parameters(), torch.optim.SGD, lr=0.1, log_form=log_form)
+    opt_step(opt, free, x, y, form)
+    assert not torch.equal(free.bn.running_mean, ref.bn.running_mean)
+
+
+# ---------------------------------------------------------------- exactness and safety
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("log_form", [False, True])
+def test_exact_restore(base, log_form):
+    model = Net()
+    cls, hp = BASES[base]
+    hp = dict(hp, lr=0.0, weight_decay=0.0)
+    opt = CRSAM(model.groups((0.5, 2.0, 0.0)), cls, log_form=log_form, **hp)
+    before = [p.detach().clone() for p in model.parameters()]
+    for s in range(4):
+        opt_step(opt, model, *data(seed=s, dtype=torch.float32), "closure")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _snapshot(model, opt):
+    sd = copy.deepcopy(opt.state_dict())
+    sd["extra"].pop("counters")
+    return [p.detach().clone() for p in model.parameters()], sd
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
+    return a == b
+
+
+def _poisoned_closure(model, x, y, call, kind):
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = loss_fn(model, x, y)
+        if len(calls) == call:
+            if kind == "loss":  # the loss is NaN, its gradients are finite
+                loss.backward()
+                return loss.detach() + float("nan")
+            loss = loss * float("inf")  # non-finite gradients (and loss)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("log_form", [False, True])
+@pytest.mark.parametrize(
+    "call,kind,base",
+    [(1, "grad", "sgd"), (2, "loss", "adamw"), (2, "grad", "sgd"), (3, "loss", "adamw")],
+)
+def test_nonfinite_step_leaves_no_trace(base, log_form, call, kind):
+    torch.manual_seed(4)
+    model = Net()
+    clean = copy.deepcopy(model)
+    cls, hp = BASES[base]
+    opt = CRSAM(model.groups(), cls, log_form=log_form, model=model, **hp)
+    opt_clean = CRSAM(clean.groups(), cls, log_form=log_form, model=clean, **hp)
+    batches = [data(seed=s, dtype=torch.float32) for s in range(6)]
+    for s in range(2):
+        opt_step(opt, model, *batches[s], "closure")
+        opt_step(opt_clean, clean, *batches[s], "closure")
+    snap = _snapshot(model, opt)
+    opt.zero_grad()
+    opt.step(_poisoned_closure(model, *batches[2], call, kind))
+    assert _same(snap, _snapshot(model, opt)), "a skipped step must change nothing"
+    assert opt.skipped_steps == 1 and opt.steps_taken == 2
+    for s in range(3, 6):
+        opt_step(opt, model, *batches[s], "closure")
+        opt_step(opt_clean, clean, *batches[s], "closure")
+    for p, q in zip(model.parameters(), clean.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("call,what", [(1, "w \\("), (2, "w \\+ e"), (3, "w - e")])
+def test_on_nonfinite_raise(call, what):
+    model = Net()
+    opt = CRSAM(model.groups(), torch.optim.SGD, lr=0.1, momentum=0.9, on_nonfinite="raise")
+    x, y = data(dtype=torch.float32)
+    opt_step(opt, model, x, y, "closure")
+    snap = _snapshot(model, opt)
+    opt.zero_grad()
+    with pytest.raises(NonFiniteError, match=what):
+        opt.step(_poisoned_closure(model, x, y, call, "grad"))
+    assert _same(snap, _snapshot(model, opt))
+
+
+def test_no_host_reads_in_step():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Spy(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    model = Net()
+    x, y = data(dtype=torch.float32)
+    for log_form in (False, True):
+        for cls, hp in BASES.values():
+            opt = CRSAM(model.groups(), cls, log_form=log_form, model=model, **hp)
+            for form in ("closure", "grads_loss"):
+                opt.zero_grad()
+                if form == "grads_loss":
+                    l0 = _bw(loss_fn(model, x, y))
+                with Spy() as spy:
+                    if form == "closure":
+                        opt.step(lambda: _bw(loss_fn(model, x, y)))
+                    else:
+                        opt.step(lambda: _bw(loss_fn(model, x, y)), loss=l0)
+                bad = {"aten._local_scalar_dense", "aten.nonzero", "aten.item"} & set(spy.ops)
+                assert not bad, bad
+                assert spy.ops.count("aten._foreach_copy_") >= 2  # the spy saw the step
+                assert "aten.mm" in spy.ops  # ... and the closure's own ops
+
+
+def _bw(loss):
+    loss.backward()
+    return loss
+
+
+def test_bad_inputs():
+    model = Net()
+    params = model.parameters
+    for kw, name in [
+        (dict(rho=-0.1), "rho"),
+        (dict(alpha=-1.0), "alpha"),
+        (dict(beta=-0.5), "beta"),
+        (dict(rho=float("nan")), "rho"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            CRSAM(params(), torch.optim.SGD, lr=0.1, **kw)
+    with pytest.raises(ValueError, match="rho"):
+        CRSAM([{"params": [model.w1], "rho": -1.0}], torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="log_form"):
+        CRSAM(params(), torch.optim.SGD, lr=0.1, log_form="yes")
+    with pytest.raises(TypeError, match="base_optimizer"):
+        CRSAM(params(), "sgd", lr=0.1)
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        CRSAM(params(), torch.optim.SGD, lr=0.1, on_nonfinite="ignore")
+
+    x, y = data(dtype=torch.float32)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = CRSAM(params(), torch.optim.SGD, lr=0.1, log_form=True)
+    with pytest.raises(TypeError, match="closure"):
+        opt.step()
+    # the paper form needs the losses: a closure returning None is refused, weights unchanged
+    with pytest.raises(TypeError, match="loss value at w"):
+        opt.step(lambda: loss_fn(model, x, y).backward())
+    opt.zero_grad()
+    l0 = _bw(loss_fn(model, x, y))
+    with pytest.raises(TypeError, match="loss value at w \\+ e"):
+        opt.step(lambda: loss_fn(model, x, y).backward(), loss=l0)
+    with pytest.raises(ValueError, match="loss must be a scalar"):
+        opt.step(lambda: _bw(loss_fn(model, x, y)), loss=torch.ones(2))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.steps_taken == 0 and not opt.base_optimizer.state
+    # the reference form needs no loss value: a closure returning None is fine
+    opt = CRSAM(params(), torch.optim.SGD, lr=0.1)
+    opt.zero_grad()
+    assert opt.step(lambda: loss_fn(model, x, y).backward()) is None
+    assert opt.steps_taken == 1
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = CRSAM(emb.parameters(), torch.optim.SGD, lr=0.1)
+    w = emb.weight.detach().clone()
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step(lambda: _bw(emb(torch.tensor([1, 2])).sum()))
+    assert torch.equal(w, emb.weight)
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("log_form", [False, True])
+def test_resume_bit_identical(base, log_form):
+    torch.manual_seed(5)
+    cls, hp = BASES[base]
+    model = Net()
+    opt = CRSAM(model.groups(), cls, log_form=log_form, model=model, **hp)
+    batches = [data(seed=s, dtype=torch.float32) for s in range(6)]
+    for s in range(3):
+        opt_step(opt, model, *batches[s], "closure")
+    sd = opt.state_dict()
+    kept = {n for st in sd["sam"]["state"].values() for n in st}
+    assert not kept & {"backup", "crsam_g0", "crsam_gplus"}, kept  # scratch is not saved
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": sd}, buf)
+    for s in range(3, 6):
+        opt_step(opt, model, *batches[s], "closure")
+
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    fresh = Net()
+    fresh.load_state_dict(ckpt["model"])
+    opt2 = CRSAM(fresh.groups(), cls, log_form=log_form, model=fresh, **hp)
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.steps_taken == 3
+    for s in range(3, 6):
+        opt_step(opt2, fresh, *batches[s], "closure")
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
+    for a, b in zip(bn_buffers(model), bn_buffers(fresh)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("log_form", [False, True])
+def test_generic_base(log_form):
+    """A base the wrapper cannot fuse (RMSprop: its own step, after one host read).
+
+    alpha and beta are not param-group keys: RMSprop's own ``alpha`` (smoothing) keeps its value.
+    """
+    torch.manual_seed(6)
+    model = Net().double()
+    ref_model = copy.deepcopy(model)
+    start = copy.deepcopy(model)
+    rhos = (0.05, 0.2, 0.0)
+    opt = CRSAM(
+        model.groups(rhos), torch.optim.RMSprop, alpha=0.5, beta=0.3, log_form=log_form,
+        model=model, lr=0.01,
+    )  # fmt: skip
+    assert all(g["alpha"] == 0.99 for g in opt.param_groups)  # RMSprop's default
+    ref = RefCRSAM(ref_model, rhos, 0.5, 0.3, log_form, torch.optim.RMSprop, dict(lr=0.01))
+    for s in range(5):
+        x, y = data(seed=s)
+        opt_step(opt, model, x, y, "closure")
+        ref.step(x, y)
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert rel_err(p.detach(), q.detach()) < 1e-6, name
+    assert opt.base_optimizer.state  # RMSprop's own state was used
+    assert rel_err(model.w1.detach(), start.w1.detach()) > 1e-4
+
+
+def test_losses_averaged_over_ranks(monkeypatch):
+    """Under torch.distributed the paper form's three losses are all-reduced (one scalar per
+    evaluation, on the device); the reference form reduces none. One rank: the plain result."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    results = {}
+    real = dist.all_reduce
+    for distributed in (False, True):
+        if distributed:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            calls = []
+            monkeypatch.setattr(
+                dist, "all_reduce", lambda t, **kw: (calls.append(t), real(t, **kw))[1]
+            )
+            for log_form in (False, True):
+                torch.manual_seed(9)
+                model = Net()
+                opt = CRSAM(model.groups(), torch.optim.SGD, log_form=log_form, lr=0.1)
+                calls.clear()
+                for s in range(2):
+                    opt_step(opt, model, *data(seed=s, dtype=torch.float32), "closure")
+                want = 2 * 3 if (distributed and log_form) else 0
+                assert len(calls) == want and all(t.dim() == 0 for t in calls)
+                results[distributed, log_form] = [p.detach().clone() for p in model.parameters()]
+        finally:
+            if distributed:
+                dist.destroy_process_group()
+    for log_form in (False, True):
+        for a, b in zip(results[False, log_form], results[True, log_form]):
+            assert torch.equal(a, b)

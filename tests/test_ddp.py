@@ -1,0 +1,475 @@
+"""Data parallel and sharded training with 2 gloo processes on the CPU (127.0.0.1 only).
+
+One launch of two worker processes (this file run as a script) runs every scenario and saves
+its results; the tests compare them with single-process computations:
+- DDP global mode equals single-process SAM on the whole batch (10 steps, within 1e-6);
+- DDP per-replica mode equals a hand computation of the m-sharpness update;
+- a non-finite first pass on one replica only makes every replica skip (per-replica mode);
+- the sharded global norm equals the norm of the concatenated gradients;
+- SAM over an FSDP2 ``fully_shard`` model equals single-process SAM on the whole batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+STEPS_GLOBAL = 10
+STEPS_PER_REPLICA = 3
+HP = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+RHOS = (0.05, 0.1)
+
+
+# ----------------------------------------------------------------- shared by workers and tests
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def groups(model: nn.Module, rhos=RHOS) -> list[dict]:
+    return [
+        {"params": list(model[0].parameters()), "rho": rhos[0]},
+        {"params": list(model[2].parameters()), "rho": rhos[1]},
+    ]
+
+
+def batch(step: int, n: int = 16):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def shard(x, y, rank: int):
+    k = x.shape[0] // WORLD
+    return x[rank * k : (rank + 1) * k], y[rank * k : (rank + 1) * k]
+
+
+def loss_fn(model, x, y):
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def snapshot(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# ----------------------------------------------------------------- worker scenarios
+def _scenario_global(rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from python_api import SAM
+    from python_api.distributed import SAMDDPStep
+
+    model = DDP(make_model())
+    opt = SAM(groups(model.module), torch.optim.SGD, **HP)
+    step = SAMDDPStep(model, opt, mode="global")
+    for s in range(STEPS_GLOBAL):
+        x, y = shard(*batch(s), rank)
+        step(lambda: _bw(loss_fn(model, x, y)))
+    return {"params": snapshot(model.module)}
+
+
+def _scenario_per_replica(rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from python_api import SAM
+    from python_api.distributed import sam_ddp_step
+
+    model = DDP(make_model())
+    opt = SAM(groups(model.module), torch.optim.SGD, **HP)
+    out = []
+    with sam_ddp_step(model, opt, mode="per_replica") as step:
+        for s in range(STEPS_PER_REPLICA):
+            x, y = shard(*batch(s), rank)
+            step(lambda: _bw(loss_fn(model, x, y)))
+            out.append(snapshot(model.module))
+    return {"params": out}
+
+
+def _scenario_skip(rank: int) -> dict:
+    """Rank 1's first pass of step 1 is non-finite: both replicas must skip that step."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from python_api import SAM
+    from python_api.distributed import SAMDDPStep
+
+    model = DDP(make_model())
+    opt = SAM(groups(model.module), torch.optim.SGD, **HP)
+    step = SAMDDPStep(model, opt, mode="per_replica")
+    snaps = []
+    for s in range(3):
+        x, y = shard(*batch(s), rank)
+        calls = []
+
+        def closure():
+            calls.append(1)
+            loss = loss_fn(model, x, y)
+            if s == 1 and rank == 1 and len(calls) == 1:
+                loss = loss * float("inf")
+            loss.backward()
+            return loss
+
+        snaps.append(snapshot(model.module))
+        step(closure)
+    snaps.append(snapshot(model.module))
+    return {"snaps": snaps, "skipped": opt.skipped_steps, "taken": opt.steps_taken}
+
+
+def _scenario_amp_per_replica(rank: int) -> dict:
+    """GradScaler + per-replica mode; rank 1's first pass overflows at step 1 only."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from python_api import SAM
+    from python_api.distributed import SAMDDPStep
+
+    model = DDP(make_model())
+    opt = SAM(groups(model.module), torch.optim.SGD, **HP)
+    step = SAMDDPStep(model, opt, mode="per_replica")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    snaps, scales = [], []
+    for s in range(3):
+        x, y = shard(*batch(s), rank)
+        calls = []
+
+        def closure():
+            calls.append(1)
+            loss = loss_fn(model, x, y)
+            scaled = scaler.scale(loss)
+            if s == 1 and rank == 1 and len(calls) == 1:
+                scaled = scaled * float("inf")
+            scaled.backward()
+            return loss
+
+        snaps.append(snapshot(model.module))
+        step(closure, scaler=scaler)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    snaps.append(snapshot(model.module))
+    return {"snaps": snaps, "scales": scales, "skipped": opt.skipped_steps}
+
+
+def _scenario_sharded_norm(rank: int) -> dict:
+    from python_api.sharded import sharded_grad_norm
+
+    g = torch.Generator().manual_seed(7 + rank)
+    grads = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    if rank == 1:
+        grads.append(torch.randn(2, 2, generator=g))
+    params = [torch.randn(t.shape, generator=g) for t in grads]
+    return {
+        "grads": grads,
+        "params": params,
+        "norm": sharded_grad_norm(grads),
+        "anorm": sharded_grad_norm(grads, params, eta=0.01),
+        "empty": sharded_grad_norm([] if rank == 0 else grads),
+    }
+
+
+def _scenario_fsdp2(rank: int) -> dict:
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as err:  # pragma: no cover - old torch
+        return {"skip": f"torch.distributed.fsdp.fully_shard unavailable: {err}"}
+    from python_api import SAM
+    from python_api.sharded import FSDP2SAMStep, LocalShards
+
+    model = make_model()
+    fully_shard(model[0])
+    fully_shard(model[2])
+    fully_shard(model)
+    shards = LocalShards(model)
+    opt = SAM(shards.param_groups(groups(model)), torch.optim.SGD, **HP)
+    step = FSDP2SAMStep(model, opt, shards)
+    for s in range(STEPS_GLOBAL):
+        x, y = shard(*batch(s), rank)
+        step(lambda: _bw(loss_fn(model, x, y)))
+    return {"params": [p.full_tensor().detach().clone() for p in model.parameters()]}
+
+
+SCENARIOS = {
+    "global": _scenario_global,
+    "per_replica": _scenario_per_replica,
+    "skip": _scenario_skip,
+    "amp_per_replica": _scenario_amp_per_replica,
+    "sharded_norm": _scenario_sharded_norm,
+    "fsdp2": _scenario_fsdp2,
+}
+
+
+def _bw(loss):
+    loss.backward()
+    return loss
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    results = {}
+    for name, fn in SCENARIOS.items():
+        try:
+            results[name] = fn(rank)
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+        dist.barrier()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------- launching
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    out = tmp_path_factory.mktemp("ddp")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    env["OMP_NUM_THREADS"] = "1"
+    last = None
+    for _ in range(2):  # a port taken between probe and bind: retry once with another
+        port = _free_port()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--worker", str(r), str(port), str(out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for r in range(WORLD)
+        ]
+        logs = []
+        for p in procs:
+            try:
+                logs.append(p.communicate(timeout=240)[0])
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                pytest.fail("the 2-process gloo run timed out")
+        files = [out / f"rank{r}.pt" for r in range(WORLD)]
+        if all(f.exists() for f in files):
+            return [torch.load(f, weights_only=False) for f in files]
+        last = "\n".join(logs)
+    pytest.fail(f"the 2-process gloo run failed:\n{last[-4000:]}")
+
+
+def _get(results, name):
+    out = []
+    for r in results:
+        res = r[name]
+        if "error" in res:
+            pytest.fail(f"scenario {name} failed on a rank:\n{res['error']}")
+        out.append(res)
+    return out
+
+
+def _max_diff(a, b) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------- tests
+def test_global_mode_equals_single_process(dist_results):
+    from python_api import SAM
+
+    r0, r1 = _get(dist_results, "global")
+    model = make_model()
+    opt = SAM(groups(model), torch.optim.SGD, **HP)
+    for s in range(STEPS_GLOBAL):
+        x, y = batch(s)
+        opt.zero_grad()
+        opt.step(lambda: _bw(loss_fn(model, x, y)))
+    assert _max_diff(r0["params"], r1["params"]) == 0.0  # replicas identical
+    assert _max_diff(r0["params"], snapshot(model)) < 1e-6
+
+
+def _hand_m_sharpness(steps: int) -> list[list[torch.Tensor]]:
+    """m-sharpness by hand: e_r from each replica's own gradient, g = mean_r grad L_r(w + e_r)."""
+    model = make_model()
+    params = list(model.parameters())
+    rho_of = [RHOS[0]] * 2 + [RHOS[1]] * 2
+    bufs = [None] * len(params)
+    out = []
+    for s in range(steps):
+        x, y = batch(s)
+        w = [p.detach().clone() for p in params]
+        g_sum = [torch.zeros_like(p) for p in params]
+        for r in range(WORLD):
+            xr, yr = shard(x, y, r)
+            g0 = torch.autograd.grad(loss_fn(model, xr, yr), params)
+            norm = torch.sqrt(sum((g * g).sum() for g in g0))
+            with torch.no_grad():
+                for p, wi, gi, rho in zip(params, w, g0, rho_of):
+                    p.copy_(wi + rho / (norm + 1e-12) * gi)
+            g1 = torch.autograd.grad(loss_fn(model, xr, yr), params)
+            with torch.no_grad():
+                for p, wi in zip(params, w):
+                    p.copy_(wi)
+            g_sum = [a + b for a, b in zip(g_sum, g1)]
+        with torch.no_grad():
+            for i, (p, gs) in enumerate(zip(params, g_sum)):
+                d = gs / WORLD + HP["weight_decay"] * p
+                bufs[i] = d.clone() if bufs[i] is None else HP["momentum"] * bufs[i] + d
+                p.sub_(HP["lr"] * bufs[i])
+        out.append(snapshot(model))
+    return out
+
+
+def test_per_replica_mode_equals_hand_m_sharpness(dist_results):
+    r0, r1 = _get(dist_results, "per_replica")
+    hand = _hand_m_sharpness(STEPS_PER_REPLICA)
+    for s in range(STEPS_PER_REPLICA):
+        assert _max_diff(r0["params"][s], r1["params"][s]) == 0.0
+        assert _max_diff(r0["params"][s], hand[s]) < 1e-6, s
+    # and it is not the global step (the modes differ)
+    from python_api import SAM
+
+    model = make_model()
+    opt = SAM(groups(model), torch.optim.SGD, **HP)
+    x, y = batch(0)
+    opt.step(lambda: _bw(loss_fn(model, x, y)))
+    assert _max_diff(r0["params"][0], snapshot(model)) > 1e-6
+
+
+def test_per_replica_nonfinite_on_one_replica_skips_everywhere(dist_results):
+    r0, r1 = _get(dist_results, "skip")
+    for r in (r0, r1):
+        assert r["skipped"] == 1 and r["taken"] == 2
+        snaps = r["snaps"]
+        assert _max_diff(snaps[1], snaps[2]) == 0.0  # step 1 changed nothing (bit for bit)
+        assert _max_diff(snaps[0], snaps[1]) > 0 and _max_diff(snaps[2], snaps[3]) > 0
+    for a, b in zip(r0["snaps"], r1["snaps"]):
+        assert _max_diff(a, b) == 0.0  # the replicas never diverge
+
+
+def test_per_replica_with_grad_scaler_backs_off_on_every_rank(dist_results):
+    r0, r1 = _get(dist_results, "amp_per_replica")
+    for r in (r0, r1):
+        assert r["skipped"] == 1
+        assert r["scales"] == [2.0**10, 2.0**9, 2.0**9]  # every rank's scaler backed off
+        assert _max_diff(r["snaps"][1], r["snaps"][2]) == 0.0
+    for a, b in zip(r0["snaps"], r1["snaps"]):
+        assert _max_diff(a, b) == 0.0
+    # the unskipped steps are the plain per-replica steps (power-of-two scales: exact)
+    hand = _hand_m_sharpness(1)
+    assert _max_diff(r0["snaps"][1], hand[0]) < 1e-6
+
+
+def test_sharded_norm(dist_results):
+    r0, r1 = _get(dist_results, "sharded_norm")
+    allg = r0["grads"] + r1["grads"]
+    allp = r0["params"] + r1["params"]
+    want = torch.linalg.vector_norm(torch.cat([g.flatten() for g in allg]))
+    awant = torch.linalg.vector_norm(
+        torch.cat([((p.abs() + 0.01) * g).flatten() for p, g in zip(allp, allg)])
+    )
+    ewant = torch.linalg.vector_norm(torch.cat([g.flatten() for g in r1["grads"]]))
+    for r in (r0, r1):
+        torch.testing.assert_close(r["norm"], want, rtol=1e-6, atol=0)
+        torch.testing.assert_close(r["anorm"], awant, rtol=1e-6, atol=0)
+        torch.testing.assert_close(r["empty"], ewant, rtol=1e-6, atol=0)
+
+
+def test_fsdp2_equals_single_process(dist_results):
+    from python_api import SAM
+
+    r0, r1 = _get(dist_results, "fsdp2")
+    if "skip" in r0:
+        pytest.skip(r0["skip"])
+    model = make_model()
+    opt = SAM(groups(model), torch.optim.SGD, **HP)
+    for s in range(STEPS_GLOBAL):
+        x, y = batch(s)
+        opt.zero_grad()
+        opt.step(lambda: _bw(loss_fn(model, x, y)))
+    assert _max_diff(r0["params"], r1["params"]) == 0.0
+    assert _max_diff(r0["params"], snapshot(model)) < 1e-6
+
+
+# ----------------------------------------------------------------- in-process checks
+def test_helper_refuses_wrong_setups():
+    from python_api import SAM
+    from python_api.distributed import SAMDDPStep
+
+    model = make_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="mode"):
+        SAMDDPStep(model, opt, mode="local")
+    with pytest.raises(TypeError, match="no_sync"):
+        SAMDDPStep(model, opt, mode="per_replica")
+
+    class FakeDDP(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+        def no_sync(self):  # pragma: no cover - never entered here
+            raise AssertionError
+
+    class NotSafe(SAM):
+        per_replica_safe = False
+
+    with pytest.raises(ValueError, match="per-replica"):
+        SAMDDPStep(
+            FakeDDP(model), NotSafe(model.parameters(), torch.optim.SGD, lr=0.1), "per_replica"
+        )
+    raising = SAM(model.parameters(), torch.optim.SGD, lr=0.1, on_nonfinite="raise")
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        SAMDDPStep(FakeDDP(model), raising, mode="per_replica")
+    with pytest.raises(ValueError, match="not the model's"):
+        SAMDDPStep(make_model(1), opt, mode="global")
+    # global mode without torch.distributed initialized is a plain SAM step
+    ref = copy.deepcopy(model)
+    ropt = SAM(ref.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = batch(0)
+    SAMDDPStep(model, opt)(lambda: _bw(loss_fn(model, x, y)))
+    ropt.step(lambda: _bw(loss_fn(ref, x, y)))
+    assert _max_diff(snapshot(model), snapshot(ref)) == 0.0
+
+
+def test_local_shards_of_plain_model_is_plain_sam():
+    from python_api import SAM
+    from python_api.sharded import FSDP2SAMStep, LocalShards, sharded_grad_norm
+
+    model, ref = make_model(), make_model()
+    shards = LocalShards(model)
+    opt = SAM(shards.param_groups(groups(model)), torch.optim.SGD, **HP)
+    ropt = SAM(groups(ref), torch.optim.SGD, **HP)
+    step = FSDP2SAMStep(model, opt, shards)
+    for s in range(2):
+        x, y = batch(s)
+        step(lambda: _bw(loss_fn(model, x, y)))
+        ropt.zero_grad()
+        ropt.step(lambda: _bw(loss_fn(ref, x, y)))
+    assert _max_diff(snapshot(model), snapshot(ref)) == 0.0
+    gs = [torch.randn(4, 3), torch.randn(2)]
+    torch.testing.assert_close(
+        sharded_grad_norm(gs), torch.linalg.vector_norm(torch.cat([g.flatten() for g in gs]))
+    )
+    with pytest.raises(ValueError, match="local"):
+        FSDP2SAMStep(model, SAM(make_model().parameters(), torch.optim.SGD, lr=0.1), shards)
+
+
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":
+    _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
