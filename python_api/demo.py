@@ -654,6 +654,7 @@ class RunResult:
     sam_fraction: float | None  # in [0, 1]
     wall_s: float
     noisy_fraction: float
+    model: nn.Module | None = field(default=None, repr=False)  # the trained model
 
 
 def base_optimizer(cfg: RunConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
@@ -844,7 +845,7 @@ def train_one(method: Method, seed: int, data: Data, cfg: RunConfig) -> RunResul
             frac = min(max(calls / max(step, 1) - 1.0, 0.0), 1.0)
     else:
         frac = 1.0
-    return RunResult(test_acc, train_loss, step, calls, frac, wall, noisy_fraction)
+    return RunResult(test_acc, train_loss, step, calls, frac, wall, noisy_fraction, model)
 
 
 def fused_vs_eager(
@@ -1186,6 +1187,17 @@ def build_parser() -> _Parser:
         "more and lose much when cores are shared; torch's default on user data)",
     )
     p.add_argument(
+        "--sharpness",
+        type=int,
+        nargs="?",
+        const=50,
+        default=0,
+        metavar="PROBES",
+        help="after training, print and save CR-SAM Table-3 model geometry (||grad L||, Tr(H), "
+        "C(w)) of each optimizer's seed-0 model on the training set, with PROBES Hutchinson "
+        "probes (default 50 when given without a number)",
+    )
+    p.add_argument(
         "--no-fused-timing",
         action="store_true",
         help="skip the fused (triton) vs eager timing on CUDA",
@@ -1202,6 +1214,8 @@ def build_parser() -> _Parser:
 def _check_args(args: argparse.Namespace) -> None:
     if not (0.0 <= args.noise < 1.0):
         raise DemoError(f"--noise must be in [0, 1), got {args.noise:g}")
+    if args.sharpness < 0:
+        raise DemoError(f"--sharpness needs a number of probes >= 1, got {args.sharpness}")
     if args.seeds < 1:
         raise DemoError(f"--seeds must be >= 1, got {args.seeds}")
     for name in ("epochs", "batch_size", "max_steps", "image_size", "threads"):
@@ -1302,6 +1316,7 @@ def run(args: argparse.Namespace) -> int:
         float((noisy_labels(data, cfg.noise, s) != data.y_train).float().mean()) for s in seeds
     ]
     failed: dict[str, str] = {}
+    trained: dict[str, nn.Module] = {}  # seed 0's model per optimizer, for --sharpness
     for k in keys:
         method = reg[k]
         label = base_label if k == "base" else method.label
@@ -1335,6 +1350,8 @@ def run(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
         row = summarise(method, label, results, rho, fused)
+        if args.sharpness:
+            trained[label] = results[0].model
         rows.append(row)
         print(
             f"  {label:<11} test acc {row['test_acc_mean']:6.2f} ± {row['test_acc_std']:4.2f}%"
@@ -1409,8 +1426,40 @@ def run(args: argparse.Namespace) -> int:
     }
     (out_dir / "results.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     save_plot(rows, out_dir / "curves.png", header)
+    if args.sharpness and trained:
+        sharpness_table(trained, data, cfg, seeds[0], args.sharpness, out_dir)
     print(f"\nResults written to {out_dir.resolve()}  (results.md, results.json, curves.png)")
     return 1 if failed else 0
+
+
+def sharpness_table(
+    models: dict[str, nn.Module],
+    data: Data,
+    cfg: RunConfig,
+    seed: int,
+    n_probes: int,
+    out_dir: Path,
+) -> None:
+    """CR-SAM Table 3 for the trained models: ||grad L||, Tr(H), C(w) on the training set.
+
+    The loss is the training objective the models were fitted to (seed ``seed``'s noisy
+    labels, no augmentation); every model gets the same Hutchinson probes.
+    """
+    from python_api.metrics import sharpness_report
+
+    x = data.prepare(data.x_train, train=False)
+    y = noisy_labels(data, cfg.noise, seed).to(x.device)
+    print()
+    print(f"Model geometry on the training set (seed {seed}, {n_probes} Hutchinson probes):")
+    sharpness_report(
+        models,
+        F.cross_entropy,
+        (x, y),
+        n_probes=n_probes,
+        seed=0,
+        progress=cfg.progress,
+        path=out_dir / "sharpness",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

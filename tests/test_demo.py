@@ -287,3 +287,19 @@ def test_model_needing_torchvision(tmp_path, capsys):
     rc = demo.main(["--model", "resnet18", "--out", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "needs torchvision" in err[0]
+
+
+def test_sharpness_table(tmp_path, capsys):
+    """--sharpness writes the CR-SAM Table-3 style report of the trained models."""
+    rc = demo.main(
+        "--optimizers sgd,sam --seeds 1 --epochs 1 --max-steps 10 --no-progress --device cpu "
+        f"--sharpness 4 --out {tmp_path / 'o'}".split()
+    )
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "| optimizer | ‖∇L‖ | Tr(H) | C(w) |" in out
+    rows = json.loads((tmp_path / "o" / "sharpness.json").read_text())
+    text = json.dumps(rows)
+    assert "SGD" in text and "SAM" in text
+    assert (tmp_path / "o" / "sharpness.md").exists()
+    assert demo.main(["--sharpness", "-1", "--out", str(tmp_path / "p")]) == 2
