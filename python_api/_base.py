@@ -485,7 +485,11 @@ class SAMFamily(Optimizer):
     def _restore(self, params: Sequence[torch.Tensor]) -> None:
         if params:
             with torch.no_grad():  # also called from error paths outside no_grad
-                sk.restore_(list(params), [self.state[p]["backup"] for p in params])
+                sk.restore_(
+                    list(params),
+                    [self.state[p]["backup"] for p in params],
+                    backend=self.backend,
+                )
 
     # ----------------------------------------------------------------- base step
     def _base_step(
