@@ -178,6 +178,30 @@ class SAMFamily(Optimizer):
                 return p.device
         return torch.device("cpu")
 
+    def _follow_device(self) -> None:
+        """Move the optimizer's own device tensors if the parameters moved since construction.
+
+        Frameworks such as HF accelerate build the optimizer on CPU parameters and move the model
+        afterwards. Counters, statistics, seeds and caches held as tensor attributes (or in
+        tuples/lists of them) follow the parameters; one attribute compare per call otherwise.
+        """
+        new = self._find_device()
+        old = self._device
+        if new == old:
+            return
+
+        def move(v):
+            if isinstance(v, torch.Tensor) and v.device == old:
+                return v.to(new)
+            if isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in v):
+                return type(v)(move(x) for x in v)
+            return v
+
+        for k, v in list(vars(self).items()):
+            if k not in ("state", "param_groups", "defaults", "base_optimizer", "model"):
+                setattr(self, k, move(v))
+        self._device = new
+
     @property
     def skipped_steps(self) -> int:
         """Number of steps skipped because a loss or gradient was not finite (host read)."""
@@ -263,6 +287,7 @@ class SAMFamily(Optimizer):
         Returns ``(L0 or None, evaluated)``. With ``need_loss`` and gradients present but no
         ``loss=`` given, the closure is evaluated once more at ``w``.
         """
+        self._follow_device()
         have_grads = any(p.grad is not None for g in self.param_groups for p in g["params"])
         if have_grads and (loss is not None or not need_loss):
             if self._amp is not None:  # the user's own (scaled) first backward
@@ -511,6 +536,7 @@ class SAMFamily(Optimizer):
         Returns the flag as gated by :meth:`_gate_ok` (what the step used), for callers that
         gate their own state on it.
         """
+        self._follow_device()
         ok = self._gate_ok(ok)
         self._counters.add_(torch.stack([ok, 1.0 - ok]))
         pert = {id(p) for p in perturbed}

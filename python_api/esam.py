@@ -169,6 +169,7 @@ class ESAM(SAMFamily):
             )
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        self._follow_device()
         self.zero_grad(set_to_none=True)
         l0 = self._eval_losses(closure, "w")
         mean0 = l0.mean()

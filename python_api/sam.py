@@ -85,6 +85,7 @@ class SAM(SAMFamily):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Save ``w`` and move to ``w + e(w)`` along the current gradients (``g0``)."""
+        self._follow_device()
         norm = self._grad_norm()
         self._ok = torch.isfinite(norm).to(torch.float32)
         self._check_raise(self._ok, "the first evaluation (gradient at w)")

@@ -179,13 +179,17 @@ def _scenario_fsdp2(rank: int) -> dict:
         from torch.distributed.fsdp import fully_shard
     except ImportError as err:  # pragma: no cover - old torch
         return {"skip": f"torch.distributed.fsdp.fully_shard unavailable: {err}"}
+    from torch.distributed.device_mesh import init_device_mesh
+
     from python_api import SAM
     from python_api.sharded import FSDP2SAMStep, LocalShards
 
+    # a CPU mesh: without one, fully_shard moves the shards to CUDA where a GPU is present
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
     model = make_model()
-    fully_shard(model[0])
-    fully_shard(model[2])
-    fully_shard(model)
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model[2], mesh=mesh)
+    fully_shard(model, mesh=mesh)
     shards = LocalShards(model)
     opt = SAM(shards.param_groups(groups(model)), torch.optim.SGD, **HP)
     step = FSDP2SAMStep(model, opt, shards)

@@ -323,3 +323,14 @@ def test_triton_matches_eager(name, base):
     for (n, p), q in zip(m_e.named_parameters(), m_t.parameters()):
         err = (p - q).abs().max().item() if p.numel() else 0.0
         assert err < 1e-4, (n, err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to move to")
+def test_model_moved_after_construction(name):
+    """accelerate-style: the optimizer is built on CPU parameters, then the model moves."""
+    model = Net()
+    opt = build(name, "sgd", model)
+    model.cuda()
+    data = [(x.cuda(), y.cuda()) for x, y in batches(3)]
+    run_steps(name, model, opt, data)
+    assert opt.steps_taken == 3 and all(torch.isfinite(p).all() for p in model.parameters())

@@ -1,0 +1,517 @@
+// CPU implementations of the fused ops: plain C++ loops over fixed-size chunks of every tensor,
+// the chunks spread over threads with at::parallel_for (OpenMP), fp32 math (the formulas of
+// ops_math.h, shared with the CUDA kernels), bf16/fp16 converted with the c10 types.
+//
+// Reductions are deterministic whatever the thread count: each chunk's sum is accumulated in
+// fp64 in a fixed order and the chunk sums are added in chunk order.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "glue.h"
+#include "ops_math.h"
+
+namespace sam_kernels {
+namespace {
+
+constexpr int64_t kCpuChunk = 32768;
+
+struct Chunk {
+  int64_t t;
+  int64_t start;
+  int64_t len;
+};
+
+std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& ref) {
+  std::vector<Chunk> out;
+  for (int64_t t = 0; t < static_cast<int64_t>(ref.size()); ++t) {
+    const int64_t n = ref[t].numel();
+    for (int64_t s = 0; s < n; s += kCpuChunk) out.push_back({t, s, std::min(kCpuChunk, n - s)});
+  }
+  return out;
+}
+
+template <typename F>
+void parallel_chunks(const std::vector<Chunk>& chunks, const F& f) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) f(chunks[i]);
+  });
+}
+
+// f(T{}) with T the C++ element type of dtype
+template <typename F>
+void dispatch(at::ScalarType dt, const F& f) {
+  switch (dt) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(c10::Half{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, "sam_kernels: unsupported dtype ", dt);
+  }
+}
+
+template <typename T>
+T* ptr(const at::Tensor& t, int64_t start) {
+  return static_cast<T*>(t.data_ptr()) + start;
+}
+
+inline float f32(float x) { return x; }
+inline float f32(c10::Half x) { return static_cast<float>(x); }
+inline float f32(c10::BFloat16 x) { return static_cast<float>(x); }
+
+const at::Device kCpu(at::kCPU);
+
+// ------------------------------------------------------------------ reductions
+double sumsq(const Prepared& p, float eta) {
+  const auto chunks = make_chunks(p.lists[0]);
+  std::vector<double> partial(chunks.size(), 0.0);
+  const bool weighted_norm = p.has(1);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t ci = b; ci < e; ++ci) {
+      const Chunk& c = chunks[ci];
+      dispatch(p.lists[0][c.t].scalar_type(), [&](auto tag) {
+        using T = decltype(tag);
+        const T* g = ptr<T>(p.lists[0][c.t], c.start);
+        double acc = 0.0;
+        if (weighted_norm) {
+          const T* w = ptr<T>(p.lists[1][c.t], c.start);
+          for (int64_t i = 0; i < c.len; ++i) {
+            const double v = weighted(f32(w[i]), f32(g[i]), eta);
+            acc += v * v;
+          }
+        } else {
+          for (int64_t i = 0; i < c.len; ++i) {
+            const double v = f32(g[i]);
+            acc += v * v;
+          }
+        }
+        partial[ci] = acc;
+      });
+    }
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  return total;
+}
+
+at::Tensor grad_norm_cpu(at::TensorList grads, at::TensorList params, double eta) {
+  Prepared p = prepare_lists("grad_norm",
+                             {{"grads", grads, Access::kRead, true},
+                              {"params", params, Access::kRead, false}},
+                             kCpu);
+  const double s = sumsq(p, static_cast<float>(eta));
+  return at::full({}, static_cast<float>(std::sqrt(s)), at::TensorOptions().dtype(at::kFloat));
+}
+
+at::Tensor aesam_stats_cpu(at::TensorList grads, const at::Tensor& stats, double delta,
+                           double c) {
+  TORCH_CHECK(stats.numel() == 2 && stats.scalar_type() == at::kFloat && stats.is_contiguous() &&
+                  stats.device().is_cpu(),
+              "sam_kernels.aesam_stats: stats must be a contiguous float32 [2] tensor on the "
+              "grads' device");
+  Prepared p = prepare_lists("aesam_stats", {{"grads", grads, Access::kRead, true}}, kCpu);
+  const float s = static_cast<float>(sumsq(p, 0.0f));
+  const int d = aesam_update(s, stats.data_ptr<float>(), static_cast<float>(delta),
+                             static_cast<float>(c));
+  return at::full({}, d, at::TensorOptions().dtype(at::kInt));
+}
+
+// ------------------------------------------------------------------ element-wise
+void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                 const at::Tensor& scale, bool adaptive, double eta) {
+  const char* op = "perturb";
+  Prepared p = prepare_lists(op,
+                             {{"params", params, Access::kReadWrite, true},
+                              {"grads", grads, Access::kRead, true},
+                              {"backups", backups, Access::kWrite, true}},
+                             kCpu);
+  if (p.n == 0) return;
+  const int stride = scalar_or_vector(op, "scale", scale, p.n, kCpu);
+  const float* sc = scale.data_ptr<float>();
+  const float e = static_cast<float>(eta);
+  parallel_chunks(make_chunks(p.lists[0]), [&](const Chunk& c) {
+    dispatch(p.lists[0][c.t].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      T* w = ptr<T>(p.lists[0][c.t], c.start);
+      const T* g = ptr<T>(p.lists[1][c.t], c.start);
+      T* b = ptr<T>(p.lists[2][c.t], c.start);
+      const float s = sc[c.t * stride];
+      for (int64_t i = 0; i < c.len; ++i) {
+        const T raw = w[i];
+        b[i] = raw;
+        w[i] = static_cast<T>(perturb_value(f32(raw), f32(g[i]), s, adaptive, e));
+      }
+    });
+  });
+  p.finish();
+}
+
+void noise_perturb_cpu(at::TensorList params, at::TensorList backups, const at::Tensor& scale,
+                       int64_t kind, double half_cube_len, bool save_backup,
+                       const at::Tensor& seed, const at::Tensor& offset) {
+  const char* op = "noise_perturb";
+  Prepared p = prepare_lists(
+      op,
+      {{"params", params, save_backup ? Access::kReadWrite : Access::kWrite, true},
+       {"backups", backups, save_backup ? Access::kWrite : Access::kRead, true}},
+      kCpu);
+  if (p.n == 0) return;
+  TORCH_CHECK(kind == 0 || kind == 1, "sam_kernels.noise_perturb: kind must be 0 or 1");
+  const int stride = scalar_or_vector(op, "scale", scale, p.n, kCpu);
+  check_scalar(op, "seed", seed, at::kLong, kCpu);
+  check_scalar(op, "offset", offset, at::kLong, kCpu);
+  const float* sc = scale.data_ptr<float>();
+  const uint64_t sd = static_cast<uint64_t>(seed.data_ptr<int64_t>()[0]);
+  const uint64_t off = static_cast<uint64_t>(offset.data_ptr<int64_t>()[0]);
+  const float a = static_cast<float>(half_cube_len);
+  const int k = static_cast<int>(kind);
+  parallel_chunks(make_chunks(p.lists[0]), [&](const Chunk& c) {
+    dispatch(p.lists[0][c.t].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      T* w = ptr<T>(p.lists[0][c.t], c.start);
+      T* b = ptr<T>(p.lists[1][c.t], c.start);
+      const float s = sc[c.t * stride];
+      // chunk starts are multiples of 4: element start + i uses lane (i % 4) of quad (start+i)/4
+      for (int64_t i = 0; i < c.len; i += 4) {
+        float eps[4];
+        noise4(sd, off, static_cast<uint32_t>(c.t), static_cast<uint64_t>(c.start + i) >> 2, k,
+               a, eps);
+        const int64_t m = std::min<int64_t>(4, c.len - i);
+        for (int64_t j = 0; j < m; ++j) {
+          T raw;
+          if (save_backup) {
+            raw = w[i + j];
+            b[i + j] = raw;
+          } else {
+            raw = b[i + j];
+          }
+          w[i + j] = static_cast<T>(f32(raw) + eps[j] * s);
+        }
+      }
+    });
+  });
+  p.finish();
+}
+static_assert(kCpuChunk % 4 == 0, "noise quads must not straddle chunks");
+
+void restore_cpu(at::TensorList params, at::TensorList backups) {
+  Prepared p = prepare_lists("restore",
+                             {{"params", params, Access::kWrite, true},
+                              {"backups", backups, Access::kRead, true}},
+                             kCpu);
+  if (p.n == 0) return;
+  parallel_chunks(make_chunks(p.lists[0]), [&](const Chunk& c) {
+    const int64_t es = p.lists[0][c.t].element_size();
+    std::memcpy(static_cast<char*>(p.lists[0][c.t].data_ptr()) + c.start * es,
+                static_cast<const char*>(p.lists[1][c.t].data_ptr()) + c.start * es, c.len * es);
+  });
+  p.finish();
+}
+
+void lincomb_cpu(at::TensorList out, at::TensorList terms, const at::Tensor& coefs) {
+  const char* op = "lincomb";
+  const int64_t n = static_cast<int64_t>(out.size());
+  if (n == 0) return;
+  const CoefInfo ci = coef_info(op, coefs, static_cast<int64_t>(terms.size()), n, kCpu);
+  TORCH_CHECK(ci.k <= 8, "sam_kernels.lincomb: at most 8 terms");
+  std::vector<ListSpec> specs = {{"out", out, Access::kWrite, true}};
+  static const char* names[8] = {"terms[0]", "terms[1]", "terms[2]", "terms[3]",
+                                 "terms[4]", "terms[5]", "terms[6]", "terms[7]"};
+  for (int k = 0; k < ci.k; ++k) specs.push_back({names[k], term(terms, k, n), Access::kRead, true});
+  Prepared p = prepare_lists(op, specs, kCpu);
+  const float* cf = coefs.data_ptr<float>();
+  parallel_chunks(make_chunks(p.lists[0]), [&](const Chunk& c) {
+    dispatch(p.lists[0][c.t].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      T* o = ptr<T>(p.lists[0][c.t], c.start);
+      const T* tp[8];
+      float co[8];
+      for (int k = 0; k < ci.k; ++k) {
+        tp[k] = ptr<T>(p.lists[1 + k][c.t], c.start);
+        co[k] = cf[k * ci.k_stride + c.t * ci.n_stride];
+      }
+      for (int64_t i = 0; i < c.len; ++i) {
+        float tv[8] = {};
+        for (int k = 0; k < ci.k; ++k) tv[k] = f32(tp[k][i]);
+        o[i] = static_cast<T>(lincomb_value(co, tv, ci.k));
+      }
+    });
+  });
+  p.finish();
+}
+
+void frob_accumulate_cpu(at::TensorList cross, at::TensorList gsum, at::TensorList grads,
+                         const at::Tensor& loss) {
+  const char* op = "frob_accumulate";
+  Prepared p = prepare_lists(op,
+                             {{"cross", cross, Access::kReadWrite, true},
+                              {"gsum", gsum, Access::kReadWrite, true},
+                              {"grads", grads, Access::kRead, true}},
+                             kCpu);
+  if (p.n == 0) return;
+  check_scalar(op, "loss", loss, at::kFloat, kCpu);
+  const float L = loss.data_ptr<float>()[0];
+  parallel_chunks(make_chunks(p.lists[0]), [&](const Chunk& c) {
+    dispatch(p.lists[0][c.t].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      T* cr = ptr<T>(p.lists[0][c.t], c.start);
+      T* gs = ptr<T>(p.lists[1][c.t], c.start);
+      const T* g = ptr<T>(p.lists[2][c.t], c.start);
+      for (int64_t i = 0; i < c.len; ++i) {
+        const float gv = f32(g[i]);
+        cr[i] = static_cast<T>(f32(cr[i]) + gv * L);
+        gs[i] = static_cast<T>(f32(gs[i]) + gv);
+      }
+    });
+  });
+  p.finish();
+}
+
+// ------------------------------------------------------------------ optimizer steps
+struct StepInputs {
+  Prepared p;
+  CoefInfo ci;
+  const float* coefs = nullptr;  // nullptr: plain gradient (one term)
+  float ok = 1.0f;
+  float lr = 0.0f;
+  bool lr_is_tensor = false;
+  std::vector<float> steps;  // each tensor's counter before this step
+  size_t steps_list = 0;
+};
+
+// Common checks of the step ops. lists: params, grad terms (k of them), then `rest`.
+StepInputs prepare_step(const char* op, at::TensorList params, at::TensorList grads,
+                        const std::optional<at::Tensor>& coefs, at::TensorList backups,
+                        std::vector<ListSpec> rest, at::TensorList steps,
+                        const std::optional<at::Tensor>& lr_tensor, double lr,
+                        const std::optional<at::Tensor>& ok) {
+  StepInputs s;
+  const int64_t n = static_cast<int64_t>(params.size());
+  if (coefs.has_value()) {
+    s.ci = coef_info(op, *coefs, static_cast<int64_t>(grads.size()), n, kCpu);
+    TORCH_CHECK(s.ci.k <= 3, "sam_kernels.", op, ": a gradient combines at most 3 terms");
+    s.coefs = coefs->data_ptr<float>();
+  } else {
+    TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, "sam_kernels.", op, ": grads has ",
+                grads.size(), " tensors, expected ", n);
+    s.ci = CoefInfo{};
+  }
+  static const char* gnames[3] = {"grads[0]", "grads[1]", "grads[2]"};
+  std::vector<ListSpec> specs;
+  // params are only written when stepping from backups
+  specs.push_back({"params", params, backups.empty() ? Access::kReadWrite : Access::kWrite, true});
+  for (int k = 0; k < 3; ++k) {
+    specs.push_back({gnames[k], k < s.ci.k ? term(grads, k, n) : at::TensorList(), Access::kRead,
+                     false});
+    if (k < s.ci.k) TORCH_CHECK(static_cast<int64_t>(specs.back().tensors.size()) == n,
+                                "sam_kernels.", op, ": grads has the wrong length");
+  }
+  specs.push_back({"backups", backups, Access::kRead, false});
+  for (auto& r : rest) specs.push_back(r);
+  s.p = prepare_lists(op, specs, kCpu);
+  TORCH_CHECK(static_cast<int64_t>(steps.size()) == n, "sam_kernels.", op, ": steps has ",
+              steps.size(), " tensors, expected ", n);
+  s.steps.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    check_scalar(op, "steps[i]", steps[i], at::kFloat, kCpu);
+    s.steps[i] = steps[i].data_ptr<float>()[0];
+  }
+  if (ok.has_value()) {
+    check_scalar(op, "ok", *ok, at::kFloat, kCpu);
+    s.ok = ok->data_ptr<float>()[0];
+  }
+  if (lr_tensor.has_value()) {
+    check_scalar(op, "lr", *lr_tensor, at::kFloat, kCpu);
+    s.lr = lr_tensor->data_ptr<float>()[0];
+    s.lr_is_tensor = true;
+  } else {
+    s.lr = static_cast<float>(lr);
+  }
+  return s;
+}
+
+template <typename T>
+inline float grad_at(const StepInputs& s, const T* const* gp, float const* co, int64_t i) {
+  if (s.coefs == nullptr) return f32(gp[0][i]);
+  float tv[3] = {};
+  for (int k = 0; k < s.ci.k; ++k) tv[k] = f32(gp[k][i]);
+  return lincomb_value(co, tv, s.ci.k);
+}
+
+void bump_steps(at::TensorList steps, float ok) {
+  for (const auto& t : steps) {
+    float* v = t.data_ptr<float>();
+    v[0] = v[0] + ok;
+  }
+}
+
+// ok == 0: params = backups (if stepping from them); nothing else changes
+void skip_step(StepInputs& s, size_t backups_list) {
+  if (s.p.has(backups_list)) {
+    parallel_chunks(make_chunks(s.p.lists[0]), [&](const Chunk& c) {
+      const int64_t es = s.p.lists[0][c.t].element_size();
+      std::memcpy(static_cast<char*>(s.p.lists[0][c.t].data_ptr()) + c.start * es,
+                  static_cast<const char*>(s.p.lists[backups_list][c.t].data_ptr()) + c.start * es,
+                  c.len * es);
+    });
+  }
+  s.p.finish();
+}
+
+void sgd_step_cpu(at::TensorList params, at::TensorList grads,
+                  const std::optional<at::Tensor>& coefs, at::TensorList momentum_buffers,
+                  at::TensorList steps, at::TensorList backups,
+                  const std::optional<at::Tensor>& lr_tensor, double lr, double momentum,
+                  double dampening, bool nesterov, double weight_decay, bool maximize,
+                  const std::optional<at::Tensor>& ok) {
+  const char* op = "sgd_step";
+  if (params.empty()) return;
+  const bool use_buf = momentum != 0.0;
+  StepInputs s = prepare_step(
+      op, params, grads, coefs, backups,
+      {{"momentum_buffers", use_buf ? momentum_buffers : at::TensorList(), Access::kReadWrite,
+        use_buf}},
+      steps, lr_tensor, lr, ok);
+  constexpr size_t kB = 4, kBuf = 5;
+  if (s.ok == 0.0f) {
+    skip_step(s, kB);
+    return;
+  }
+  SgdParams o;
+  o.lr = s.lr;
+  o.momentum = static_cast<float>(momentum);
+  o.dampening = static_cast<float>(dampening);
+  o.weight_decay = static_cast<float>(weight_decay);
+  o.nesterov = nesterov;
+  o.maximize = maximize;
+  auto& L = s.p.lists;
+  parallel_chunks(make_chunks(L[0]), [&](const Chunk& c) {
+    dispatch(L[0][c.t].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      T* p = ptr<T>(L[0][c.t], c.start);
+      const T* w = s.p.has(kB) ? ptr<T>(L[kB][c.t], c.start) : p;
+      T* buf = use_buf ? ptr<T>(L[kBuf][c.t], c.start) : nullptr;
+      const T* gp[3] = {nullptr, nullptr, nullptr};
+      float co[3] = {1.0f, 0.0f, 0.0f};
+      for (int k = 0; k < s.ci.k; ++k) {
+        gp[k] = ptr<T>(L[1 + k][c.t], c.start);
+        if (s.coefs != nullptr) co[k] = s.coefs[k * s.ci.k_stride + c.t * s.ci.n_stride];
+      }
+      const float coef = use_buf ? sgd_coef(s.steps[c.t], o.dampening) : 1.0f;
+      for (int64_t i = 0; i < c.len; ++i) {
+        const float g = grad_at<T>(s, gp, co, i);
+        float b = use_buf ? f32(buf[i]) : 0.0f;
+        const float nw = sgd_value(f32(w[i]), g, &b, coef, o);
+        p[i] = static_cast<T>(nw);
+        if (use_buf) buf[i] = static_cast<T>(b);
+      }
+    });
+  });
+  bump_steps(steps, s.ok);
+  s.p.finish();
+}
+
+void adamw_step_cpu(at::TensorList params, at::TensorList grads,
+                    const std::optional<at::Tensor>& coefs, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                    at::TensorList steps, at::TensorList backups,
+                    const std::optional<at::Tensor>& lr_tensor, double lr, double beta1,
+                    double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
+                    const std::optional<at::Tensor>& ok) {
+  const char* op = "adamw_step";
+  if (params.empty()) return;
+  StepInputs s = prepare_step(
+      op, params, grads, coefs, backups,
+      {{"exp_avgs", exp_avgs, Access::kReadWrite, true},
+       {"exp_avg_sqs", exp_avg_sqs, Access::kReadWrite, true},
+       {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList(), Access::kReadWrite,
+        amsgrad}},
+      steps, lr_tensor, lr, ok);
+  constexpr size_t kB = 4, kM = 5, kV = 6, kX = 7;
+  if (s.ok == 0.0f) {
+    skip_step(s, kB);
+    return;
+  }
+  AdamWParams o;
+  o.lr = s.lr;
+  o.decay = s.lr_is_tensor ? 1.0f - s.lr * static_cast<float>(weight_decay)
+                           : static_cast<float>(1.0 - lr * weight_decay);
+  o.beta1 = static_cast<float>(beta1);
+  o.beta2 = static_cast<float>(beta2);
+  o.eps = static_cast<float>(eps);
+  o.lerp_weight = static_cast<float>(1.0 - beta1);
+  o.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  o.amsgrad = amsgrad;
+  o.maximize = maximize;
+  auto& L = s.p.lists;
+  parallel_chunks(make_chunks(L[0]), [&](const Chunk& c) {
+    dispatch(L[0][c.t].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      T* p = ptr<T>(L[0][c.t], c.start);
+      const T* w = s.p.has(kB) ? ptr<T>(L[kB][c.t], c.start) : p;
+      T* m = ptr<T>(L[kM][c.t], c.start);
+      T* v = ptr<T>(L[kV][c.t], c.start);
+      T* x = amsgrad ? ptr<T>(L[kX][c.t], c.start) : nullptr;
+      const T* gp[3] = {nullptr, nullptr, nullptr};
+      float co[3] = {1.0f, 0.0f, 0.0f};
+      for (int k = 0; k < s.ci.k; ++k) {
+        gp[k] = ptr<T>(L[1 + k][c.t], c.start);
+        if (s.coefs != nullptr) co[k] = s.coefs[k * s.ci.k_stride + c.t * s.ci.n_stride];
+      }
+      const AdamWBias bias = adamw_bias(o.beta1, o.beta2, s.steps[c.t] + 1.0f);
+      for (int64_t i = 0; i < c.len; ++i) {
+        const float g = grad_at<T>(s, gp, co, i);
+        float mv = f32(m[i]), vv = f32(v[i]), xv = amsgrad ? f32(x[i]) : 0.0f;
+        const float nw = adamw_value(f32(w[i]), g, &mv, &vv, &xv, bias, o);
+        p[i] = static_cast<T>(nw);
+        m[i] = static_cast<T>(mv);
+        v[i] = static_cast<T>(vv);
+        if (amsgrad) x[i] = static_cast<T>(xv);
+      }
+    });
+  });
+  bump_steps(steps, s.ok);
+  s.p.finish();
+}
+
+// Test hook: Philox4x32-10 of one counter/key, written into a CPU int64 tensor of 4 entries.
+void philox_cpu(const at::Tensor& out, c10::IntArrayRef counter, c10::IntArrayRef key) {
+  TORCH_CHECK(counter.size() == 4 && key.size() == 2, "philox: 4 counter words and 2 key words");
+  TORCH_CHECK(out.numel() == 4 && out.scalar_type() == at::kLong && out.is_contiguous(),
+              "philox: out must be a contiguous int64 tensor of 4 entries");
+  U32x4 c;
+  for (int j = 0; j < 4; ++j) c.x[j] = static_cast<uint32_t>(counter[j]);
+  const U32x4 r =
+      philox4x32_10(c, static_cast<uint32_t>(key[0]), static_cast<uint32_t>(key[1]));
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int j = 0; j < 4; ++j) o[j] = static_cast<int64_t>(r.x[j]);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sam_kernels_C, CPU, m) {
+  m.impl("grad_norm", &grad_norm_cpu);
+  m.impl("aesam_stats_", &aesam_stats_cpu);
+  m.impl("perturb_", &perturb_cpu);
+  m.impl("noise_perturb_", &noise_perturb_cpu);
+  m.impl("restore_", &restore_cpu);
+  m.impl("lincomb_", &lincomb_cpu);
+  m.impl("frob_accumulate_", &frob_accumulate_cpu);
+  m.impl("sgd_step_", &sgd_step_cpu);
+  m.impl("adamw_step_", &adamw_step_cpu);
+  m.impl("_philox4x32_10", &philox_cpu);
+}
+
+}  // namespace sam_kernels

@@ -1,0 +1,318 @@
+"""The compiled-extension backend (``backend="cuda"``): the fused ops as torch custom ops.
+
+``setup.py`` builds ``sam_kernels/_C*.so`` from ``csrc/``: the ops ``torch.ops.sam_kernels_C.*``
+with a CPU implementation (C++/OpenMP, always built when a compiler is present) and a CUDA
+implementation (multi-tensor kernels, built when a CUDA toolchain and a CUDA build of torch are
+present). Importing this module loads that library and registers the ops with the backend
+chooser; it raises ``ImportError`` when the library is not built (the chooser then falls back to
+Triton / eager, and says why when this backend was asked for).
+
+:func:`supports` tells the chooser where the ops run: CPU tensors always (the C++ ops), CUDA
+tensors when the library was built with CUDA. Ops the extension cannot take (a noise tensor given
+directly, more gradient terms than its kernels combine) run on the eager reference.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from sam_kernels._backend import register
+from sam_kernels.ops.lincomb import LinComb, lincomb_eager
+from sam_kernels.ops.perturb import noise_perturb_eager
+from sam_kernels.ops.sgd_step import sgd_step_eager
+
+NAMESPACE = "sam_kernels_C"
+_HERE = Path(__file__).resolve().parent
+# the kernels' limits: more terms than this run on eager
+MAX_LINCOMB_TERMS = {"cpu": 8, "cuda": 4}
+MAX_STEP_GRAD_TERMS = 3
+
+_BUILD_HINT = (
+    "build it with `pip install -e . --no-build-isolation` (torch installed first; a CUDA "
+    "toolkit and a CUDA build of torch for the CUDA kernels), or pick another backend"
+)
+
+
+def _unavailable(reason: str) -> ImportError:
+    msg = (
+        f"sam_kernels: the compiled extension (backend 'cuda') is not available: {reason}. "
+        f"Ops run on the Triton / eager backends instead; {_BUILD_HINT}."
+    )
+    # shown once per process (the chooser imports this module once; the default warnings
+    # filter shows a given message from one place once)
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return ImportError(msg)
+
+
+def library_path() -> Path | None:
+    """The built extension library inside the package, if any."""
+    env = os.environ.get("SAM_KERNELS_EXT_PATH")
+    if env:
+        return Path(env)
+    found = sorted(_HERE.glob("_C*.so")) + sorted(_HERE.glob("_C*.pyd"))
+    return found[0] if found else None
+
+
+def _load_library() -> Path:
+    if os.environ.get("SAM_KERNELS_NO_EXT", "").strip() in ("1", "true", "yes"):
+        raise _unavailable("disabled by SAM_KERNELS_NO_EXT")
+    if hasattr(torch.ops, NAMESPACE) and hasattr(getattr(torch.ops, NAMESPACE), "restore_"):
+        return library_path() or Path("<already loaded>")
+    path = library_path()
+    if path is None:
+        raise _unavailable(f"no sam_kernels/_C*.so next to {__file__} (not built)")
+    try:
+        torch.ops.load_library(str(path))
+    except Exception as exc:  # OSError: wrong torch ABI, missing CUDA libraries, ...
+        raise _unavailable(f"loading {path} failed ({type(exc).__name__}: {exc})") from exc
+    return path
+
+
+LIBRARY = _load_library()
+_ops = getattr(torch.ops, NAMESPACE)
+
+
+def has_cuda_kernels() -> bool:
+    """True if the library was built with its CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::restore_", "CUDA")
+
+
+def supports(device: torch.device | str) -> bool:
+    """True if the extension's ops run on tensors of ``device``."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return has_cuda_kernels() and torch.cuda.is_available()
+    return False
+
+
+# ----------------------------------------------------------------------------- fake (meta) impls
+# torch.compile traces the ops with fake tensors: shapes and dtypes only.
+@torch.library.register_fake(f"{NAMESPACE}::grad_norm")
+def _grad_norm_fake(grads, params, eta):
+    return torch.empty((), dtype=torch.float32, device=grads[0].device)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::aesam_stats_")
+def _aesam_stats_fake(grads, stats, delta, c):
+    return torch.empty((), dtype=torch.int32, device=stats.device)
+
+
+def _no_output(*args, **kwargs) -> None:
+    return None
+
+
+for _name in (
+    "perturb_",
+    "noise_perturb_",
+    "restore_",
+    "lincomb_",
+    "frob_accumulate_",
+    "sgd_step_",
+    "adamw_step_",
+    "_philox4x32_10",
+):
+    torch.library.register_fake(f"{NAMESPACE}::{_name}", _no_output)
+
+
+# ----------------------------------------------------------------------------- argument helpers
+def _f32(x: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """A float32 contiguous tensor on ``device`` (no host read; a copy only when needed)."""
+    if not isinstance(x, torch.Tensor):
+        return torch.tensor(float(x), dtype=torch.float32, device=device)
+    if x.device != device or x.dtype != torch.float32:
+        x = x.to(device=device, dtype=torch.float32)
+    return x.contiguous()
+
+
+def _i64(x: torch.Tensor | int, device: torch.device) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        return torch.tensor(int(x), dtype=torch.int64, device=device)
+    if x.device != device or x.dtype != torch.int64:
+        x = x.to(device=device, dtype=torch.int64)
+    return x.reshape(()).contiguous()
+
+
+def _grad_args(grads, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """A gradient argument as (flattened term lists, coefs or None)."""
+    if isinstance(grads, LinComb):
+        return [t for term in grads.terms for t in term], _f32(grads.coefs, device)
+    return list(grads), None
+
+
+def _lr_args(lr, device: torch.device) -> tuple[torch.Tensor | None, float]:
+    if isinstance(lr, torch.Tensor):
+        return _f32(lr, device).reshape(()), 0.0
+    return None, float(lr)
+
+
+# ----------------------------------------------------------------------------- registered ops
+@register("grad_norm", "cuda")
+def grad_norm_ext(grads, params, eta: float) -> torch.Tensor:
+    grads = list(grads)
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    return _ops.grad_norm(grads, list(params) if params is not None else [], float(eta))
+
+
+@register("perturb", "cuda")
+def perturb_ext(params, grads, backups, scale, adaptive: bool, eta: float) -> None:
+    params = list(params)
+    if not params:
+        return
+    device = params[0].device
+    _ops.perturb_(
+        params, list(grads), list(backups), _f32(scale, device), bool(adaptive), float(eta)
+    )
+
+
+_NOISE_KIND = {"normal": 0, "uniform": 1}
+
+
+@register("noise_perturb", "cuda")
+def noise_perturb_ext(
+    params, backups, scale, kind, half_cube_len, save_backup, seed, offset, noise
+) -> None:
+    if noise is not None:  # the test hook: the caller gives eps itself
+        noise_perturb_eager(
+            params, backups, scale, kind, half_cube_len, save_backup, seed, offset, noise
+        )
+        return
+    params = list(params)
+    if not params:
+        return
+    device = params[0].device
+    if seed is None:  # a fresh stream from the global CPU generator (no device read)
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    if offset is None:
+        offset = 0
+    _ops.noise_perturb_(
+        params,
+        list(backups),
+        _f32(scale, device),
+        _NOISE_KIND[kind],
+        float(half_cube_len),
+        bool(save_backup),
+        _i64(seed, device),
+        _i64(offset, device),
+    )
+
+
+@register("restore", "cuda")
+def restore_ext(params, backups) -> None:
+    params = list(params)
+    if params:
+        _ops.restore_(params, list(backups))
+
+
+@register("lincomb", "cuda")
+def lincomb_ext(out, comb: LinComb) -> None:
+    out = list(out)
+    if not out:
+        return
+    device = out[0].device
+    if len(comb.terms) > MAX_LINCOMB_TERMS.get(device.type, 4):
+        lincomb_eager(out, comb)
+        return
+    terms, coefs = _grad_args(comb, device)
+    _ops.lincomb_(out, terms, coefs)
+
+
+@register("frob_accumulate", "cuda")
+def frob_accumulate_ext(cross, gsum, grads, loss) -> None:
+    cross = list(cross)
+    if not cross:
+        return
+    _ops.frob_accumulate_(cross, list(gsum), list(grads), _f32(loss, cross[0].device).reshape(()))
+
+
+@register("sgd_step", "cuda")
+def sgd_step_ext(
+    params, grads, momentum_buffers, steps, backups, lr, momentum, dampening, nesterov,
+    weight_decay, maximize, ok,
+) -> None:  # fmt: skip
+    params = list(params)
+    if not params:
+        return
+    if isinstance(grads, LinComb) and len(grads.terms) > MAX_STEP_GRAD_TERMS:
+        sgd_step_eager(
+            params, grads, momentum_buffers, steps, backups, lr, momentum, dampening, nesterov,
+            weight_decay, maximize, ok,
+        )  # fmt: skip
+        return
+    device = params[0].device
+    flat, coefs = _grad_args(grads, device)
+    lr_t, lr_f = _lr_args(lr, device)
+    _ops.sgd_step_(
+        params,
+        flat,
+        coefs,
+        list(momentum_buffers) if momentum != 0.0 else [],
+        list(steps),
+        list(backups) if backups is not None else [],
+        lr_t,
+        lr_f,
+        float(momentum),
+        float(dampening),
+        bool(nesterov),
+        float(weight_decay),
+        bool(maximize),
+        _f32(ok, device).reshape(()) if ok is not None else None,
+    )
+
+
+@register("adamw_step", "cuda")
+def adamw_step_ext(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, lr, beta1, beta2,
+    eps, weight_decay, amsgrad, maximize, ok,
+) -> None:  # fmt: skip
+    params = list(params)
+    if not params:
+        return
+    if isinstance(grads, LinComb) and len(grads.terms) > MAX_STEP_GRAD_TERMS:
+        from sam_kernels.ops.adamw_step import adamw_step_eager
+
+        adamw_step_eager(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, lr, beta1,
+            beta2, eps, weight_decay, amsgrad, maximize, ok,
+        )  # fmt: skip
+        return
+    device = params[0].device
+    flat, coefs = _grad_args(grads, device)
+    lr_t, lr_f = _lr_args(lr, device)
+    _ops.adamw_step_(
+        params,
+        flat,
+        coefs,
+        list(exp_avgs),
+        list(exp_avg_sqs),
+        list(max_exp_avg_sqs) if amsgrad else [],
+        list(steps),
+        list(backups) if backups is not None else [],
+        lr_t,
+        lr_f,
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        bool(amsgrad),
+        bool(maximize),
+        _f32(ok, device).reshape(()) if ok is not None else None,
+    )
+
+
+@register("aesam_stats", "cuda")
+def aesam_stats_ext(grads, stats, delta: float, c: float) -> torch.Tensor:
+    return _ops.aesam_stats_(list(grads), stats, float(delta), float(c))
+
+
+def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> list[int]:
+    """One Philox4x32-10 block as the kernels compute it (a test hook; CPU)."""
+    out = torch.empty(4, dtype=torch.int64)
+    _ops._philox4x32_10(out, [int(c) for c in counter], [int(k) for k in key])
+    return [int(v) for v in out.tolist()]
