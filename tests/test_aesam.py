@@ -31,7 +31,7 @@ from _switching_ref import (
 from python_api import NonFiniteError
 from python_api.aesam import AESAM, AELookSAM
 
-BATCHES = [data(seed=s) for s in range(10)]
+BATCHES = [data(seed=s) for s in range(20)]  # the spec: 1e-6 over 20 steps
 CLASSES = {"aesam": AESAM, "aelooksam": AELookSAM}
 
 

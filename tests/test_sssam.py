@@ -29,7 +29,7 @@ from python_api import NonFiniteError
 from python_api.sssam import SSSAM, SSSAM_STREAM
 from sam_kernels.ops.counter_rng import counter_uniform, uniform_threshold
 
-BATCHES = [data(seed=s) for s in range(10)]
+BATCHES = [data(seed=s) for s in range(20)]  # the spec: 1e-6 over 20 steps
 SEED = 20240601
 
 

@@ -19,6 +19,9 @@ import python_api.universal as universal
 from python_api._base import NonFiniteError
 from python_api.universal import DetSAM, FrobSAM, TraceSAM
 
+#: steps of the float64 comparison with the reference (the spec: 1e-6 over 20 steps)
+STEPS = 20
+
 
 class Net(nn.Module):
     """Small model with every awkward parameter kind the spec lists (and batch norm)."""
@@ -249,7 +252,7 @@ def test_matches_reference(name, base, form):
     ref_model = copy.deepcopy(model)
     opt = make_opt(name, model, base)
     ref = make_ref(name, ref_model, base, BASES[base][1])
-    for step in range(5):
+    for step in range(STEPS):
         x, y = data(seed=step)
         got = opt_step(opt, model, x, y, form, seed=100 + step)
         torch.manual_seed(100 + step)
@@ -261,14 +264,14 @@ def test_matches_reference(name, base, form):
     for a, b in zip(bn_buffers(model), bn_buffers(ref_model)):
         assert rel_err(a.double(), b.double()) < 1e-6
     assert model.unused.grad is None and model.unused not in opt.base_optimizer.state
-    assert opt.steps_taken == 5 and opt.skipped_steps == 0
+    assert opt.steps_taken == STEPS and opt.skipped_steps == 0
     assert "noise_seed" not in opt.state_dict()["extra"]  # eager: the user's generator only
     if form == "closure" and base == "sgd":
         # the sharpness term matters: lam = 0 (plain SGD on g0) ends elsewhere
         torch.manual_seed(0)
         plain = Net().double()
         plain_ref = make_ref(name, plain, base, BASES[base][1], lam=0.0)
-        for step in range(5):
+        for step in range(STEPS):
             torch.manual_seed(100 + step)
             plain_ref.step(*data(seed=step))
         assert rel_err(plain.w1.detach(), ref_model.w1.detach()) > 1e-4
