@@ -83,7 +83,9 @@ def test_looksam_matches_reference(base, form, k):
         if q in ref.gv:
             assert rel_err(opt.state[p]["gv"], ref.gv[q]) < 1e-10
     assert "gv" not in opt.state[model.unused]  # never had a gradient
-    assert opt.sam_steps == sum(ref.decisions) and opt.reuse_steps == len(BATCHES) - sum(ref.decisions)
+    assert opt.sam_steps == sum(ref.decisions) and opt.reuse_steps == len(BATCHES) - sum(
+        ref.decisions
+    )
     assert opt.sam_fraction == pytest.approx(sum(ref.decisions) / len(BATCHES))
 
 
