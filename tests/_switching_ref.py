@@ -14,8 +14,8 @@ import io
 import math
 from collections.abc import Callable
 
-import pytest
 import torch
+from _models import AwkwardNet
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -28,26 +28,11 @@ BASES = {
 POISONS = ("loss_w", "grad_w", "loss_w_e", "grad_w_e")
 
 
-class Net(nn.Module):
-    """Small model: a non-contiguous, a zero-size and an unused parameter, optional BN."""
+class Net(AwkwardNet):
+    """The shared awkward model, groups for the switching algorithms."""
 
     def __init__(self, bn: bool = False) -> None:
-        super().__init__()
-        self.w1 = nn.Parameter(torch.randn(8, 5) * 0.5)
-        self.b1 = nn.Parameter(torch.randn(8) * 0.1)
-        self.w2t = nn.Parameter((torch.randn(8, 3) * 0.5).t())  # non-contiguous
-        assert not self.w2t.is_contiguous()
-        self.b2 = nn.Parameter(torch.zeros(3))
-        self.empty = nn.Parameter(torch.randn(0, 4))  # zero-size
-        self.unused = nn.Parameter(torch.randn(4))  # never gets a gradient
-        self.bn = nn.BatchNorm1d(8) if bn else None
-
-    def forward(self, x):
-        h = x @ self.w1.t() + self.b1
-        if self.bn is not None:
-            h = self.bn(h)
-        h = torch.tanh(h)
-        return h @ self.w2t.t() + self.b2 + self.empty.sum()
+        super().__init__(bn)
 
     def groups(self, rhos=RHOS):
         return [
@@ -397,13 +382,3 @@ def check_resume(factory, batches, stop: int, step=run_step) -> None:
         step(fresh_model, fresh_opt, x, y)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh_model.parameters()))
     assert same(opt.state_dict(), fresh_opt.state_dict())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests step tiny models: one intra-op thread is ~10x faster than several on a
-    loaded 2-core machine (thread hand-offs dominate). Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from _models import AwkwardNet
 from torch import nn
 
 from python_api._base import NonFiniteError
@@ -16,26 +17,11 @@ from python_api.crsam import CRSAM
 STEPS = 20
 
 
-class Net(nn.Module):
-    """Small model with every awkward parameter kind the spec lists (and batch norm)."""
+class Net(AwkwardNet):
+    """The shared awkward model with batch norm, groups for CR-SAM."""
 
     def __init__(self, bn: bool = True) -> None:
-        super().__init__()
-        self.w1 = nn.Parameter(torch.randn(8, 5) * 0.5)
-        self.b1 = nn.Parameter(torch.randn(8) * 0.1)
-        self.w2t = nn.Parameter((torch.randn(8, 3) * 0.5).t())  # non-contiguous
-        assert not self.w2t.is_contiguous()
-        self.b2 = nn.Parameter(torch.zeros(3))
-        self.empty = nn.Parameter(torch.randn(0, 4))  # zero-size
-        self.unused = nn.Parameter(torch.randn(4))  # never gets a gradient
-        self.bn = nn.BatchNorm1d(8) if bn else None
-
-    def forward(self, x):
-        h = x @ self.w1.t() + self.b1
-        if self.bn is not None:
-            h = self.bn(h)
-        h = torch.tanh(h)
-        return h @ self.w2t.t() + self.b2 + self.empty.sum()
+        super().__init__(bn)
 
     def group_params(self):
         norm = [self.bn.weight, self.bn.bias] if self.bn is not None else []
@@ -43,15 +29,6 @@ class Net(nn.Module):
 
     def groups(self, rhos=(0.05, 0.2, 0.0), **extra):
         return [{"params": ps, "rho": r, **extra} for ps, r in zip(self.group_params(), rhos)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only contend (10x slower on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def data(n=16, seed=0, dtype=torch.float64):

@@ -10,7 +10,6 @@ from _switching_ref import (
     BASES,
     RHOS,
     RefBase,
-    _one_thread,  # noqa: F401  (autouse fixture)
     check_bn_untouched,
     check_exact_restore,
     check_host_reads,

@@ -31,15 +31,6 @@ from python_api.metrics import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (a lot on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mse_half(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``||Xw - y||^2 / (2n)`` for a linear model: Hessian ``X^T X / n``."""
     return 0.5 * ((out.squeeze(-1) - y) ** 2).mean()

@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from _models import AwkwardNet
 from torch import nn
 
 from python_api import SAM, NonFiniteError, disable_running_stats, enable_running_stats
@@ -14,26 +15,11 @@ from python_api import SAM, NonFiniteError, disable_running_stats, enable_runnin
 torch.set_default_dtype(torch.float32)
 
 
-class Net(nn.Module):
-    """Small model with every awkward parameter kind the spec lists."""
+class Net(AwkwardNet):
+    """The shared awkward model, groups for SAM."""
 
     def __init__(self, bn: bool = False) -> None:
-        super().__init__()
-        self.w1 = nn.Parameter(torch.randn(8, 5) * 0.5)
-        self.b1 = nn.Parameter(torch.randn(8) * 0.1)
-        self.w2t = nn.Parameter((torch.randn(8, 3) * 0.5).t())  # non-contiguous
-        assert not self.w2t.is_contiguous()
-        self.b2 = nn.Parameter(torch.zeros(3))
-        self.empty = nn.Parameter(torch.randn(0, 4))  # zero-size
-        self.unused = nn.Parameter(torch.randn(4))  # never gets a gradient
-        self.bn = nn.BatchNorm1d(8) if bn else None
-
-    def forward(self, x):
-        h = x @ self.w1.t() + self.b1
-        if self.bn is not None:
-            h = self.bn(h)
-        h = torch.tanh(h)
-        return h @ self.w2t.t() + self.b2 + self.empty.sum()
+        super().__init__(bn)
 
     def groups(self, rhos=(0.05, 0.2, 0.0)):
         return [
