@@ -1,6 +1,8 @@
-"""The small model the optimizer tests share: every awkward parameter kind the spec lists."""
+"""What the optimizer tests share: the awkward model, data, bases and the comparison helpers."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -27,3 +29,71 @@ class AwkwardNet(nn.Module):
             h = self.bn(h)
         h = torch.tanh(h)
         return h @ self.w2t.t() + self.b2 + self.empty.sum()
+
+
+#: steps of the float64 comparison with the reference (the spec: 1e-6 over 20 steps)
+STEPS = 20
+
+
+def data(n=16, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64).to(dtype)
+    return x, torch.randint(0, 3, (n,), generator=g)
+
+
+def loss_fn(model, x, y):
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def bn_buffers(model):
+    return [model.bn.running_mean, model.bn.running_var, model.bn.num_batches_tracked]
+
+
+BASES = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
+    "adamw": (torch.optim.AdamW, dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)),
+}
+
+
+def rel_err(a, b):
+    if b.numel() == 0:
+        return 0.0
+    return ((a - b).double().norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def snapshot(model, opt):
+    sd = copy.deepcopy(opt.state_dict())
+    sd["extra"].pop("counters")
+    return [p.detach().clone() for p in model.parameters()], sd
+
+
+def same(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
+    return a == b
+
+
+def poisoned_closure(model, x, y, call, kind):
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = loss_fn(model, x, y)
+        if len(calls) == call:
+            if kind == "loss":  # the loss is NaN, its gradients are finite
+                loss.backward()
+                return loss.detach() + float("nan")
+            loss = loss * float("inf")  # non-finite gradients (and loss)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def bw(loss):
+    loss.backward()
+    return loss

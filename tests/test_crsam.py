@@ -7,14 +7,23 @@ import io
 
 import pytest
 import torch
-from _models import AwkwardNet
+from _models import (
+    BASES,
+    STEPS,
+    AwkwardNet,
+    bn_buffers,
+    bw,
+    data,
+    loss_fn,
+    poisoned_closure,
+    rel_err,
+    same,
+    snapshot,
+)
 from torch import nn
 
 from python_api._base import NonFiniteError
 from python_api.crsam import CRSAM
-
-#: steps of the float64 comparison with the reference (the spec: 1e-6 over 20 steps)
-STEPS = 20
 
 
 class Net(AwkwardNet):
@@ -29,26 +38,6 @@ class Net(AwkwardNet):
 
     def groups(self, rhos=(0.05, 0.2, 0.0), **extra):
         return [{"params": ps, "rho": r, **extra} for ps, r in zip(self.group_params(), rhos)]
-
-
-def data(n=16, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 5, generator=g, dtype=torch.float64).to(dtype)
-    return x, torch.randint(0, 3, (n,), generator=g)
-
-
-def loss_fn(model, x, y):
-    return nn.functional.cross_entropy(model(x), y)
-
-
-def bn_buffers(model):
-    return [model.bn.running_mean, model.bn.running_var, model.bn.num_batches_tracked]
-
-
-BASES = {
-    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
-    "adamw": (torch.optim.AdamW, dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)),
-}
 
 
 # ---------------------------------------------------------------- the independent reference
@@ -134,12 +123,6 @@ class RefCRSAM:
             mhat = st["m"] / (1 - b1 ** st["t"])
             vhat = st["v"] / (1 - b2 ** st["t"])
             p.sub_(hp["lr"] * mhat / (vhat.sqrt() + hp["eps"]))
-
-
-def rel_err(a, b):
-    if b.numel() == 0:
-        return 0.0
-    return ((a - b).double().norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def opt_step(opt, model, x, y, form):
@@ -284,39 +267,6 @@ def test_exact_restore(base, log_form):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def _snapshot(model, opt):
-    sd = copy.deepcopy(opt.state_dict())
-    sd["extra"].pop("counters")
-    return [p.detach().clone() for p in model.parameters()], sd
-
-
-def _same(a, b):
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
-    return a == b
-
-
-def _poisoned_closure(model, x, y, call, kind):
-    calls = []
-
-    def closure():
-        calls.append(1)
-        loss = loss_fn(model, x, y)
-        if len(calls) == call:
-            if kind == "loss":  # the loss is NaN, its gradients are finite
-                loss.backward()
-                return loss.detach() + float("nan")
-            loss = loss * float("inf")  # non-finite gradients (and loss)
-        loss.backward()
-        return loss
-
-    return closure
-
-
 @pytest.mark.parametrize("log_form", [False, True])
 @pytest.mark.parametrize(
     "call,kind,base",
@@ -333,10 +283,10 @@ def test_nonfinite_step_leaves_no_trace(base, log_form, call, kind):
     for s in range(2):
         opt_step(opt, model, *batches[s], "closure")
         opt_step(opt_clean, clean, *batches[s], "closure")
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     opt.zero_grad()
-    opt.step(_poisoned_closure(model, *batches[2], call, kind))
-    assert _same(snap, _snapshot(model, opt)), "a skipped step must change nothing"
+    opt.step(poisoned_closure(model, *batches[2], call, kind))
+    assert same(snap, snapshot(model, opt)), "a skipped step must change nothing"
     assert opt.skipped_steps == 1 and opt.steps_taken == 2
     for s in range(3, 6):
         opt_step(opt, model, *batches[s], "closure")
@@ -351,11 +301,11 @@ def test_on_nonfinite_raise(call, what):
     opt = CRSAM(model.groups(), torch.optim.SGD, lr=0.1, momentum=0.9, on_nonfinite="raise")
     x, y = data(dtype=torch.float32)
     opt_step(opt, model, x, y, "closure")
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     opt.zero_grad()
     with pytest.raises(NonFiniteError, match=what):
-        opt.step(_poisoned_closure(model, x, y, call, "grad"))
-    assert _same(snap, _snapshot(model, opt))
+        opt.step(poisoned_closure(model, x, y, call, "grad"))
+    assert same(snap, snapshot(model, opt))
 
 
 def test_no_host_reads_in_step():
@@ -378,21 +328,16 @@ def test_no_host_reads_in_step():
             for form in ("closure", "grads_loss"):
                 opt.zero_grad()
                 if form == "grads_loss":
-                    l0 = _bw(loss_fn(model, x, y))
+                    l0 = bw(loss_fn(model, x, y))
                 with Spy() as spy:
                     if form == "closure":
-                        opt.step(lambda: _bw(loss_fn(model, x, y)))
+                        opt.step(lambda: bw(loss_fn(model, x, y)))
                     else:
-                        opt.step(lambda: _bw(loss_fn(model, x, y)), loss=l0)
+                        opt.step(lambda: bw(loss_fn(model, x, y)), loss=l0)
                 bad = {"aten._local_scalar_dense", "aten.nonzero", "aten.item"} & set(spy.ops)
                 assert not bad, bad
                 assert spy.ops.count("aten._foreach_copy_") >= 2  # the spy saw the step
                 assert "aten.mm" in spy.ops  # ... and the closure's own ops
-
-
-def _bw(loss):
-    loss.backward()
-    return loss
 
 
 def test_bad_inputs():
@@ -424,11 +369,11 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="loss value at w"):
         opt.step(lambda: loss_fn(model, x, y).backward())
     opt.zero_grad()
-    l0 = _bw(loss_fn(model, x, y))
+    l0 = bw(loss_fn(model, x, y))
     with pytest.raises(TypeError, match="loss value at w \\+ e"):
         opt.step(lambda: loss_fn(model, x, y).backward(), loss=l0)
     with pytest.raises(ValueError, match="loss must be a scalar"):
-        opt.step(lambda: _bw(loss_fn(model, x, y)), loss=torch.ones(2))
+        opt.step(lambda: bw(loss_fn(model, x, y)), loss=torch.ones(2))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert opt.steps_taken == 0 and not opt.base_optimizer.state
     # the reference form needs no loss value: a closure returning None is fine
@@ -440,7 +385,7 @@ def test_bad_inputs():
     opt = CRSAM(emb.parameters(), torch.optim.SGD, lr=0.1)
     w = emb.weight.detach().clone()
     with pytest.raises(ValueError, match="sparse"):
-        opt.step(lambda: _bw(emb(torch.tensor([1, 2])).sum()))
+        opt.step(lambda: bw(emb(torch.tensor([1, 2])).sum()))
     assert torch.equal(w, emb.weight)
 
 
