@@ -31,6 +31,20 @@ class AwkwardNet(nn.Module):
         return h @ self.w2t.t() + self.b2 + self.empty.sum()
 
 
+class GroupedBNNet(AwkwardNet):
+    """The awkward model with batch norm (by default) and three parameter groups."""
+
+    def __init__(self, bn: bool = True) -> None:
+        super().__init__(bn)
+
+    def group_params(self):
+        norm = [self.bn.weight, self.bn.bias] if self.bn is not None else []
+        return [[self.w1, self.b1, self.unused], [self.w2t, self.empty], [self.b2, *norm]]
+
+    def groups(self, rhos=(0.05, 0.2, 0.0), **extra):
+        return [{"params": ps, "rho": r, **extra} for ps, r in zip(self.group_params(), rhos)]
+
+
 #: steps of the float64 comparison with the reference (the spec: 1e-6 over 20 steps)
 STEPS = 20
 

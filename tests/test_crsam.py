@@ -10,7 +10,7 @@ import torch
 from _models import (
     BASES,
     STEPS,
-    AwkwardNet,
+    GroupedBNNet,
     bn_buffers,
     bw,
     data,
@@ -25,19 +25,7 @@ from torch import nn
 from python_api._base import NonFiniteError
 from python_api.crsam import CRSAM
 
-
-class Net(AwkwardNet):
-    """The shared awkward model with batch norm, groups for CR-SAM."""
-
-    def __init__(self, bn: bool = True) -> None:
-        super().__init__(bn)
-
-    def group_params(self):
-        norm = [self.bn.weight, self.bn.bias] if self.bn is not None else []
-        return [[self.w1, self.b1, self.unused], [self.w2t, self.empty], [self.b2, *norm]]
-
-    def groups(self, rhos=(0.05, 0.2, 0.0), **extra):
-        return [{"params": ps, "rho": r, **extra} for ps, r in zip(self.group_params(), rhos)]
+Net = GroupedBNNet
 
 
 # ---------------------------------------------------------------- the independent reference

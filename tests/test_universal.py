@@ -16,7 +16,7 @@ import torch
 from _models import (
     BASES,
     STEPS,
-    AwkwardNet,
+    GroupedBNNet,
     bn_buffers,
     bw,
     data,
@@ -32,19 +32,7 @@ import python_api.universal as universal
 from python_api._base import NonFiniteError
 from python_api.universal import DetSAM, FrobSAM, TraceSAM
 
-
-class Net(AwkwardNet):
-    """The shared awkward model with batch norm, groups for the universal class."""
-
-    def __init__(self, bn: bool = True) -> None:
-        super().__init__(bn)
-
-    def group_params(self):
-        norm = [self.bn.weight, self.bn.bias] if self.bn is not None else []
-        return [[self.w1, self.b1, self.unused], [self.w2t, self.empty], [self.b2, *norm]]
-
-    def groups(self, rhos, **extra):
-        return [{"params": ps, "rho": r, **extra} for ps, r in zip(self.group_params(), rhos)]
+Net = GroupedBNNet
 
 
 # per class: constructor, rho per group (one rho = 0 group), own hyper-parameters for the test
