@@ -19,6 +19,8 @@ reads the flag after each evaluation and raises :class:`NonFiniteError` (weights
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -31,6 +33,8 @@ import sam_kernels as sk
 from python_api.batchnorm import BNStatsKeeper, preserve_bn_stats
 
 Closure = Callable[[], Any]
+# base optimizer -> the wrapper that owns its param_groups (one wrapper per base instance)
+_WRAPPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ON_NONFINITE = ("skip", "raise")
 _EPS = 1e-12
 
@@ -95,7 +99,7 @@ class SAMFamily(Optimizer):
             # every algorithm's step accepts ``scaler=`` (GradScaler), see python_api.amp
             from python_api.amp import with_scaler_kwarg
 
-            cls.step = with_scaler_kwarg(cls.__dict__["step"])
+            cls.step = with_scaler_kwarg(_guard_step(cls.__dict__["step"]))
 
     def __init__(
         self,
@@ -122,6 +126,14 @@ class SAMFamily(Optimizer):
                     "would be ignored (give them to the base optimizer instead)"
                 )
             base = base_optimizer
+            other = _WRAPPERS.get(base)
+            if other is not None and other() is not None:
+                raise ValueError(
+                    f"this {type(base).__name__} instance is already wrapped by a "
+                    f"{type(other()).__name__}; two wrappers would share its param_groups (the "
+                    "second one's rho and other settings would be silently ignored). Build a "
+                    "separate base optimizer for each wrapper"
+                )
             if params is not None:
                 given = {id(p) for p in _flatten_params(params)}
                 have = {id(p) for g in base.param_groups for p in g["params"]}
@@ -142,6 +154,7 @@ class SAMFamily(Optimizer):
                 f"{base_optimizer!r}"
             )
         self.base_optimizer = base
+        _WRAPPERS[base] = weakref.ref(self)
         self.param_groups = base.param_groups
         self.defaults.update(base.defaults)
         for group in self.param_groups:
@@ -156,6 +169,12 @@ class SAMFamily(Optimizer):
         # device counters: steps taken (not skipped) and steps skipped; no host read to update
         self._counters = torch.zeros(2, dtype=torch.float32, device=self._device)
         self._rho_cache: tuple[tuple, torch.Tensor] | None = None
+        # the gradient tensors the last step left behind, with their version counters
+        self._grad_marks: dict[torch.Tensor, tuple[weakref.ref, int]] = {}
+        # parameters perturbed in the current step (their backups hold w): restored if the step
+        # raises anywhere before its base step has been launched
+        self._live: list[torch.Tensor] = []
+        self._param_sig: list[tuple[torch.dtype, torch.device]] = []
 
     # ----------------------------------------------------------------- configuration
     def _check_group(self, group: dict) -> None:
@@ -185,6 +204,7 @@ class SAMFamily(Optimizer):
         afterwards. Counters, statistics, seeds and caches held as tensor attributes (or in
         tuples/lists of them) follow the parameters; one attribute compare per call otherwise.
         """
+        self._follow_params()
         new = self._find_device()
         old = self._device
         if new == old:
@@ -201,6 +221,29 @@ class SAMFamily(Optimizer):
             if k not in ("state", "param_groups", "defaults", "base_optimizer", "model"):
                 setattr(self, k, move(v))
         self._device = new
+
+    def _follow_params(self) -> None:
+        """Cast and move per-parameter state if parameters were re-typed or moved.
+
+        ``model.to(torch.bfloat16)`` or ``.cuda()`` after construction changes the parameters in
+        place; state follows them as torch's ``load_state_dict`` casts it: every floating-point
+        tensor shaped like its parameter (momentum, Adam moments, LookSAM's ``gv``, ...) takes the
+        parameter's dtype and device; step counters keep their dtype and move. One
+        (dtype, device) compare per parameter per step otherwise.
+        """
+        sig = [(p.dtype, p.device) for g in self.param_groups for p in g["params"]]
+        if sig == self._param_sig:
+            return
+        self._param_sig = sig
+        self._rho_cache = None
+        for g in self.param_groups:
+            for p in g["params"]:
+                for states in (self.state, self.base_optimizer.state):
+                    st = states.get(p)
+                    if st:
+                        for k, v in st.items():
+                            if isinstance(v, torch.Tensor):
+                                st[k] = _follow(v, p, k)
 
     @property
     def skipped_steps(self) -> int:
@@ -282,23 +325,69 @@ class SAMFamily(Optimizer):
         return out
 
     def _initial_eval(self, closure: Closure, loss: torch.Tensor | None, need_loss: bool):
-        """The closure contract: gradients present are g0; else evaluate at w.
+        """The closure contract: fresh gradients present are g0; else evaluate at w.
+
+        Stale gradients (left by the previous step, or zeroed in place since) are dropped first
+        (:meth:`_fresh_grads`), so they never become g0.
 
         Returns ``(L0 or None, evaluated)``. With ``need_loss`` and gradients present but no
         ``loss=`` given, the closure is evaluated once more at ``w``.
         """
         self._follow_device()
-        have_grads = any(p.grad is not None for g in self.param_groups for p in g["params"])
-        if have_grads and (loss is not None or not need_loss):
+        given = self._as_loss(loss) if loss is not None else None  # checked in every case
+        have_grads = self._fresh_grads()
+        if have_grads and (given is not None or not need_loss):
             if self._amp is not None:  # the user's own (scaled) first backward
                 self._amp.unscale_grads(self)
-            return (self._as_loss(loss) if loss is not None else None), False
+            return given, False
         if have_grads:
             self.zero_grad(set_to_none=True)
         # a repeated evaluation at w (the user's forward already updated the BN statistics)
         # leaves BN buffers as they are, like the evaluations at perturbed points
         l0 = self._call_closure(closure, perturbed=have_grads, need_loss=need_loss, what="w")
         return l0, True
+
+    # Stale gradients (the spec's closure contract): the gradients present count as g0 only if a
+    # backward pass produced them after the previous step ended. At the end of every step the
+    # gradient tensors it leaves are remembered with their version counters; a gradient that is
+    # still the same tensor at most one in-place write later (``zero_grad(set_to_none=False)``'s
+    # ``zero_()``) was produced by no backward since: dropped. A backward writes either a new
+    # tensor (after ``set_to_none``) or accumulates in place after such a zeroing (two writes).
+    # No host read; one attribute read per parameter per step. Kept out of dynamo's graphs
+    # (a traced ``_version`` would be a constant of the trace).
+    def _abort_step(self) -> None:
+        """Undo a step that raised: restore the weights it perturbed (idempotent)."""
+        live, self._live = self._live, []
+        if live:
+            self._restore(live)
+
+    @torch._dynamo.disable
+    def _mark_grads(self) -> None:
+        """Remember the gradients this step leaves behind (they are stale for the next step)."""
+        marks: dict[torch.Tensor, tuple[weakref.ref, int]] = {}
+        for g in self.param_groups:
+            for p in g["params"]:
+                gr = p.grad
+                if gr is not None:
+                    marks[p] = (weakref.ref(gr), gr._version)
+        self._grad_marks = marks
+
+    @torch._dynamo.disable
+    def _fresh_grads(self) -> bool:
+        """Drop stale gradients (``p.grad = None``); True if any fresh gradient remains."""
+        marks = self._grad_marks
+        fresh = False
+        for g in self.param_groups:
+            for p in g["params"]:
+                gr = p.grad
+                if gr is None:
+                    continue
+                m = marks.get(p)
+                if m is not None and m[0]() is gr and gr._version - m[1] <= 1:
+                    p.grad = None
+                else:
+                    fresh = True
+        return fresh
 
     def _as_loss(self, loss: Any) -> torch.Tensor:
         if isinstance(loss, torch.Tensor):
@@ -504,6 +593,7 @@ class SAMFamily(Optimizer):
                 eta=eta,
                 backend=self.backend,
             )
+            self._live.extend(ps)
             perturbed.extend(ps)
         return perturbed
 
@@ -535,13 +625,21 @@ class SAMFamily(Optimizer):
         other than SGD/AdamW is stepped without another host read.
         Returns the flag as gated by :meth:`_gate_ok` (what the step used), for callers that
         gate their own state on it.
+
+        Atomic: every group's launch is prepared and checked (shapes, dtypes, devices of the
+        gradients and of every state buffer) before the first one runs, and state entries
+        created for this step are only added once every launch has run; if anything raises,
+        the weights are restored from their backups and nothing else has changed.
         """
         self._follow_device()
         ok = self._gate_ok(ok)
-        self._counters.add_(torch.stack([ok, 1.0 - ok]))
         pert = {id(p) for p in perturbed}
         if self._fused is not None:
+            launches: list[tuple[Callable, dict[str, Any]]] = []
+            pending: list[tuple[dict, torch.Tensor, str, torch.Tensor]] = []
             stepped: set[int] = set()
+            restore_first: list[torch.Tensor] = []
+            prepare = self._prepare_sgd if self._fused == "sgd" else self._prepare_adamw
             for group in self.param_groups:
                 ps = [p for p in group["params"] if p.grad is not None]
                 if not ps:
@@ -549,15 +647,26 @@ class SAMFamily(Optimizer):
                 stepped.update(id(p) for p in ps)
                 from_backup = all(id(p) in pert for p in ps)
                 if not from_backup:
-                    self._restore([p for p in ps if id(p) in pert])
+                    restore_first.extend(p for p in ps if id(p) in pert)
                 grads = grad_of(ps) if grad_of is not None else [p.grad for p in ps]
+                for k, gl in enumerate(grads.terms if isinstance(grads, sk.LinComb) else (grads,)):
+                    _check_like(ps, gl, f"gradient term {k}" if k else "the gradient")
                 backups = [self.state[p]["backup"] for p in ps] if from_backup else None
-                if self._fused == "sgd":
-                    self._fused_sgd(group, ps, grads, backups, ok)
-                else:
-                    self._fused_adamw(group, ps, grads, backups, ok)
+                if backups is not None:
+                    _check_like(ps, backups, "the backup")
+                launches.append(prepare(group, ps, grads, backups, ok, pending))
             # perturbed parameters whose gradient vanished in a later pass
-            self._restore([p for p in perturbed if id(p) not in stepped])
+            restore_first.extend(p for p in perturbed if id(p) not in stepped)
+            try:
+                self._restore(restore_first)
+                for fn, kwargs in launches:
+                    fn(**kwargs)
+            except BaseException:
+                self._restore(list(perturbed))
+                raise
+            for states, p, key, value in pending:
+                states[p][key] = value
+            self._count(ok)
             return ok
         # generic base optimizer: restore, put the gradient in p.grad, one host read
         self._restore(list(perturbed))
@@ -573,36 +682,49 @@ class SAMFamily(Optimizer):
                     for p, gi in zip(ps, g):
                         if gi is not p.grad:
                             p.grad.copy_(gi)
+        self._count(ok)
         if ok_known or bool(ok.item()):
             self.base_optimizer.step()
         return ok
 
-    def _fused_sgd(self, group, ps, grads, backups, ok) -> None:
+    def _count(self, ok: torch.Tensor) -> None:
+        """The step has been applied (or skipped on the device): counters, no live backups."""
+        self._counters.add_(torch.stack([ok, 1.0 - ok]))
+        self._live = []
+
+    def _prepare_sgd(self, group, ps, grads, backups, ok, pending):
+        """The fused SGD launch for one group: ``(fn, kwargs)``, nothing run or stored yet."""
         st = self.base_optimizer.state
         momentum = group["momentum"]
         bufs, steps = [], []
         for p in ps:
-            s = st[p]
+            s = st[p] if p in st else {}
             if momentum != 0.0:
                 b = s.get("momentum_buffer")
                 if b is None:
                     b = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    s["momentum_buffer"] = b
-                    # a fresh buffer: no step applied yet (torch's "first step")
-                    s.setdefault("step", torch.zeros((), dtype=torch.float32, device=p.device))
+                    pending.append((st, p, "momentum_buffer", b))
+                    if "step" not in s:
+                        # a fresh buffer: no step applied yet (torch's "first step")
+                        t0 = torch.zeros((), dtype=torch.float32, device=p.device)
+                        pending.append((st, p, "step", t0))
+                        s = {**s, "step": t0}
                 bufs.append(b)
             t = s.get("step")
             if t is None:  # state loaded from torch.optim.SGD: its buffer is initialised
                 t = torch.ones((), dtype=torch.float32, device=p.device)
-                s["step"] = t
+                pending.append((st, p, "step", t))
             elif t.device != p.device:
-                t = s["step"] = t.to(p.device, torch.float32)
+                t = t.to(p.device, torch.float32)
+                pending.append((st, p, "step", t))
             steps.append(t)
-        sk.sgd_step_(
-            ps,
-            grads,
-            bufs,
-            steps,
+        if momentum != 0.0:
+            _check_like(ps, bufs, "momentum_buffer")
+        kwargs = dict(
+            params=ps,
+            grads=grads,
+            momentum_buffers=bufs,
+            steps=steps,
             backups=backups,
             lr=group["lr"],
             momentum=momentum,
@@ -613,38 +735,46 @@ class SAMFamily(Optimizer):
             ok=ok,
             backend=self.backend,
         )
+        return sk.sgd_step_, kwargs
 
-    def _fused_adamw(self, group, ps, grads, backups, ok) -> None:
+    def _prepare_adamw(self, group, ps, grads, backups, ok, pending):
+        """The fused AdamW launch for one group: ``(fn, kwargs)``, nothing run or stored yet."""
         st = self.base_optimizer.state
         amsgrad = group["amsgrad"]
         m, v, vm, steps = [], [], [], []
         for p in ps:
-            s = st[p]
+            s = st[p] if p in st else {}
             # step counters in fp32 (torch's capturable AdamW), fp64 for fp64 parameters
             sdt = torch.float64 if p.dtype == torch.float64 else torch.float32
+            new: dict[str, torch.Tensor] = {}
             if "exp_avg" not in s:
-                s["step"] = torch.zeros((), dtype=sdt, device=p.device)
-                s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if amsgrad:
-                    s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if s["step"].device != p.device or s["step"].dtype != sdt:
-                s["step"] = s["step"].to(p.device, sdt)
+                new["step"] = torch.zeros((), dtype=sdt, device=p.device)
+                new["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                new["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif s["step"].device != p.device or s["step"].dtype != sdt:
+                new["step"] = s["step"].to(p.device, sdt)
             if amsgrad and "max_exp_avg_sq" not in s:
-                s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                new["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if new:
+                pending.extend((st, p, k, t) for k, t in new.items())
+                s = {**s, **new}
             m.append(s["exp_avg"])
             v.append(s["exp_avg_sq"])
             if amsgrad:
                 vm.append(s["max_exp_avg_sq"])
             steps.append(s["step"])
+        _check_like(ps, m, "exp_avg")
+        _check_like(ps, v, "exp_avg_sq")
+        if amsgrad:
+            _check_like(ps, vm, "max_exp_avg_sq")
         beta1, beta2 = group["betas"]
-        sk.adamw_step_(
-            ps,
-            grads,
-            m,
-            v,
-            vm,
-            steps,
+        kwargs = dict(
+            params=ps,
+            grads=grads,
+            exp_avgs=m,
+            exp_avg_sqs=v,
+            max_exp_avg_sqs=vm,
+            steps=steps,
             backups=backups,
             lr=group["lr"],
             beta1=beta1,
@@ -656,6 +786,7 @@ class SAMFamily(Optimizer):
             ok=ok,
             backend=self.backend,
         )
+        return sk.adamw_step_, kwargs
 
     # ----------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:
@@ -703,6 +834,47 @@ class SAMFamily(Optimizer):
         return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, groups=" + (
             f"{len(self.param_groups)})"
         )
+
+
+def _guard_step(step: Callable) -> Callable:
+    """Wrap a subclass's ``step``: atomic on errors, and the stale-gradient marks on exit.
+
+    If the step raises anywhere before its base step has been launched (closure, a check, a
+    kernel), the parameters it perturbed are restored from their exact backups; the base
+    optimizer's state and the counters are only changed by the launch itself.
+    """
+
+    @functools.wraps(step)
+    def wrapped(self: SAMFamily, *args: Any, **kwargs: Any):
+        try:
+            return step(self, *args, **kwargs)
+        except BaseException:
+            self._abort_step()
+            raise
+        finally:
+            self._mark_grads()
+
+    return wrapped
+
+
+def _follow(v: torch.Tensor, p: torch.Tensor, key: str) -> torch.Tensor:
+    """State tensor ``v`` of parameter ``p`` cast/moved to follow ``p`` (see _follow_params)."""
+    if key != "step" and v.is_floating_point() and v.shape == p.shape:
+        if v.dtype != p.dtype or v.device != p.device:
+            return v.to(device=p.device, dtype=p.dtype)
+        return v
+    return v if v.device == p.device else v.to(p.device)
+
+
+def _check_like(ps: Sequence[torch.Tensor], ts: Sequence[torch.Tensor], what: str) -> None:
+    """Every ``ts[i]`` has the shape, dtype and device of ``ps[i]`` (else a clear error)."""
+    for i, (p, t) in enumerate(zip(ps, ts)):
+        if t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
+            raise RuntimeError(
+                f"{what} of parameter {i} of its group is {t.dtype} {tuple(t.shape)} on "
+                f"{t.device}, but the parameter is {p.dtype} {tuple(p.shape)} on {p.device}; "
+                "nothing was changed"
+            )
 
 
 def _flatten_params(params: Iterable) -> list[torch.Tensor]:

@@ -188,7 +188,11 @@ class SwitchingSAM(SAMFamily):
         with torch.no_grad():
             known = l0_gate is None  # g0 (and L0) finite: read above
             ok = self._one if known else l0_gate
-            ok = self._base_step(ok, (), self._cheap_grad(ps), ok_known=known)
+            try:
+                ok = self._base_step(ok, (), self._cheap_grad(ps), ok_known=known)
+            except BaseException:
+                self._undo()  # the decision's statistics: as before the step
+                raise
             self._commit(ok)
             iok = ok.to(torch.int64)
             self._t.add_(iok)
@@ -228,7 +232,11 @@ class SwitchingSAM(SAMFamily):
                 self._undo()
                 raise
             # the flag the base step used (gated by a GradScaler / the DDP helper's vote)
-            ok = self._base_step(ok, perturbed)
+            try:
+                ok = self._base_step(ok, perturbed)
+            except BaseException:
+                self._undo()
+                raise
             self._after_sam_eval(ps, g0, gs, ok)
             self._commit(ok)
             iok = ok.to(torch.int64)

@@ -183,6 +183,7 @@ class CRSAM(SAMFamily):
             inv = torch.where(torch.isfinite(norm), 1.0 / (norm + _EPS), torch.zeros_like(norm))
             scale = self._rho_vector(groups) * inv
             sk.perturb_(pert, g0_pert, backups, scale, backend=self.backend)
+            self._live.extend(pert)
 
         # w + e: g+ kept in a buffer
         self.zero_grad(set_to_none=True)

@@ -154,6 +154,7 @@ class ESAM(SAMFamily):
         coins = self._coins(flat).to(rho.dtype)
         scale = rho * inv * coins / self.beta
         sk.perturb_(flat, [p.grad for p in flat], self._backups(flat), scale, backend=self.backend)
+        self._live.extend(flat)
         return flat
 
     # ----------------------------------------------------------------- the step

@@ -85,27 +85,41 @@ class SAM(SAMFamily):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Save ``w`` and move to ``w + e(w)`` along the current gradients (``g0``)."""
-        self._follow_device()
-        norm = self._grad_norm()
-        self._ok = torch.isfinite(norm).to(torch.float32)
-        self._check_raise(self._ok, "the first evaluation (gradient at w)")
-        self._perturbed = self._perturb_along_grad(norm)
+        self._ok, self._perturbed = self._ascend()
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, loss: torch.Tensor | None = None) -> None:
         """Restore ``w`` exactly and take the base step with the current gradients (``g1``)."""
-        ps = self._params_with_grad()
-        ok = self._ok * sk.finite_flag([p.grad for p in ps], backend=self.backend)
-        if loss is not None:
-            ok = ok * self._ok_from(loss)
-        self._check_raise(ok, "the perturbed evaluation (gradient at w + e)", self._perturbed)
-        self._base_step(ok, self._perturbed)
+        ok, perturbed = self._ok, self._perturbed
         self._perturbed = []
         self._ok = torch.ones((), dtype=torch.float32, device=self._device)
+        self._descend(ok, perturbed, loss)
         if zero_grad:
             self.zero_grad()
+        self._mark_grads()  # the end of a step: what is left is stale for the next one
+
+    # The two halves take and return their state explicitly: inside a compiled training step
+    # (torch.compile of the caller), state handed from one half to the other through attributes
+    # was lost across dynamo's graph breaks (the perturbed list came back empty, so nothing was
+    # restored); ``step`` therefore passes it as locals and only the public halves use attributes.
+    def _ascend(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self._follow_device()
+        norm = self._grad_norm()
+        ok = torch.isfinite(norm).to(torch.float32)
+        self._check_raise(ok, "the first evaluation (gradient at w)")
+        return ok, self._perturb_along_grad(norm)
+
+    def _descend(
+        self, ok: torch.Tensor, perturbed: list[torch.Tensor], loss: torch.Tensor | None
+    ) -> None:
+        ps = self._params_with_grad()
+        ok = ok * sk.finite_flag([p.grad for p in ps], backend=self.backend)
+        if loss is not None:
+            ok = ok * self._ok_from(loss)
+        self._check_raise(ok, "the perturbed evaluation (gradient at w + e)", perturbed)
+        self._base_step(ok, perturbed)
 
     def step(  # type: ignore[override]
         self, closure: Closure | None = None, loss: torch.Tensor | float | None = None
@@ -117,15 +131,15 @@ class SAM(SAMFamily):
         """
         closure = self._require_closure(closure)
         l0, _ = self._initial_eval(closure, loss, need_loss=False)
-        if l0 is not None:
-            l0_ok = self._ok_from(l0)
         with torch.no_grad():
-            self.first_step(zero_grad=True)
-        if l0 is not None:
-            self._ok = self._ok * l0_ok
-            self._check_raise(self._ok, "the loss at w", self._perturbed)
+            ok, perturbed = self._ascend()
+            if l0 is not None:
+                ok = ok * self._ok_from(l0)
+                self._check_raise(ok, "the loss at w", perturbed)
+            self.zero_grad(set_to_none=True)
         l1 = self._call_closure(
-            closure, perturbed=True, need_loss=False, what="w + e", restore=self._perturbed
+            closure, perturbed=True, need_loss=False, what="w + e", restore=perturbed
         )
-        self.second_step(loss=l1)
+        with torch.no_grad():
+            self._descend(ok, perturbed, l1)
         return l0 if l0 is not None else l1

@@ -246,6 +246,8 @@ class _UniversalSAM(SAMFamily):
                     noise=None if noise is None else noise[i],
                     backend=self.backend,
                 )
+                if i == 0:
+                    self._live.extend(pert)
                 if counter:
                     self._noise_offset.add_(drawn)
                 self.zero_grad(set_to_none=True)
