@@ -175,6 +175,7 @@ class SAMFamily(Optimizer):
         # raises anywhere before its base step has been launched
         self._live: list[torch.Tensor] = []
         self._param_sig: list[tuple[torch.dtype, torch.device]] = []
+        self._plan: _BasePlan | None = None  # the fused base step's cached plan
 
     # ----------------------------------------------------------------- configuration
     def _check_group(self, group: dict) -> None:
@@ -236,6 +237,7 @@ class SAMFamily(Optimizer):
             return
         self._param_sig = sig
         self._rho_cache = None
+        self._plan = None
         for g in self.param_groups:
             for p in g["params"]:
                 for states in (self.state, self.base_optimizer.state):
@@ -633,39 +635,23 @@ class SAMFamily(Optimizer):
         """
         self._follow_device()
         ok = self._gate_ok(ok)
-        pert = {id(p) for p in perturbed}
         if self._fused is not None:
-            launches: list[tuple[Callable, dict[str, Any]]] = []
-            pending: list[tuple[dict, torch.Tensor, str, torch.Tensor]] = []
-            stepped: set[int] = set()
-            restore_first: list[torch.Tensor] = []
-            prepare = self._prepare_sgd if self._fused == "sgd" else self._prepare_adamw
-            for group in self.param_groups:
-                ps = [p for p in group["params"] if p.grad is not None]
-                if not ps:
-                    continue
-                stepped.update(id(p) for p in ps)
-                from_backup = all(id(p) in pert for p in ps)
-                if not from_backup:
-                    restore_first.extend(p for p in ps if id(p) in pert)
-                grads = grad_of(ps) if grad_of is not None else [p.grad for p in ps]
-                for k, gl in enumerate(grads.terms if isinstance(grads, sk.LinComb) else (grads,)):
-                    _check_like(ps, gl, f"gradient term {k}" if k else "the gradient")
-                backups = [self.state[p]["backup"] for p in ps] if from_backup else None
-                if backups is not None:
-                    _check_like(ps, backups, "the backup")
-                launches.append(prepare(group, ps, grads, backups, ok, pending))
-            # perturbed parameters whose gradient vanished in a later pass
-            restore_first.extend(p for p in perturbed if id(p) not in stepped)
+            plan = self._base_plan(perturbed)
+            launches = []
+            for gp in plan.groups:
+                grads = grad_of(gp.params) if grad_of is not None else [p.grad for p in gp.params]
+                launches.append(gp.launch(grads, ok, self.backend))
             try:
-                self._restore(restore_first)
+                self._restore(plan.restore_first)
                 for fn, kwargs in launches:
                     fn(**kwargs)
             except BaseException:
                 self._restore(list(perturbed))
                 raise
-            for states, p, key, value in pending:
-                states[p][key] = value
+            if plan.pending:  # state entries created for this step: stored, plan rebuilt next
+                for states, p, key, value in plan.pending:
+                    states[p][key] = value
+                self._plan = None
             self._count(ok)
             return ok
         # generic base optimizer: restore, put the gradient in p.grad, one host read
@@ -692,8 +678,50 @@ class SAMFamily(Optimizer):
         self._counters.add_(torch.stack([ok, 1.0 - ok]))
         self._live = []
 
-    def _prepare_sgd(self, group, ps, grads, backups, ok, pending):
-        """The fused SGD launch for one group: ``(fn, kwargs)``, nothing run or stored yet."""
+    def _base_plan(self, perturbed: Sequence[torch.Tensor]) -> _BasePlan:
+        """The fused base step's plan (see :class:`_BasePlan`), rebuilt only when it must be."""
+        groups = self.param_groups
+        mask = tuple(p.grad is not None for g in groups for p in g["params"])
+        key = (
+            tuple(map(id, groups)),
+            tuple(id(g["params"]) for g in groups),
+            mask,
+            tuple(map(id, perturbed)),
+            id(self.base_optimizer.state),
+            id(self.state),
+            tuple(g.get("momentum", 0.0) != 0.0 or g.get("amsgrad", False) for g in groups),
+        )
+        plan = self._plan
+        if plan is not None and plan.key == key and plan.intact():
+            return plan
+        plan = self._plan = self._build_base_plan(key, perturbed)
+        return plan
+
+    def _build_base_plan(self, key: tuple, perturbed: Sequence[torch.Tensor]) -> _BasePlan:
+        pert = {id(p) for p in perturbed}
+        pending: list[tuple[dict, torch.Tensor, str, torch.Tensor]] = []
+        plans: list[_GroupPlan] = []
+        stepped: set[int] = set()
+        restore_first: list[torch.Tensor] = []
+        prepare = self._prepare_sgd if self._fused == "sgd" else self._prepare_adamw
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            stepped.update(id(p) for p in ps)
+            from_backup = all(id(p) in pert for p in ps)
+            if not from_backup:
+                restore_first.extend(p for p in ps if id(p) in pert)
+            backups = [self.state[p]["backup"] for p in ps] if from_backup else None
+            if backups is not None:
+                _check_like(ps, backups, "the backup")
+            plans.append(prepare(group, ps, backups, pending))
+        # perturbed parameters whose gradient vanished in a later pass
+        restore_first.extend(p for p in perturbed if id(p) not in stepped)
+        return _BasePlan(key, plans, restore_first, pending, self)
+
+    def _prepare_sgd(self, group, ps, backups, pending):
+        """The fused SGD launch of one group, checked; nothing run or stored yet."""
         st = self.base_optimizer.state
         momentum = group["momentum"]
         bufs, steps = [], []
@@ -720,25 +748,16 @@ class SAMFamily(Optimizer):
             steps.append(t)
         if momentum != 0.0:
             _check_like(ps, bufs, "momentum_buffer")
-        kwargs = dict(
-            params=ps,
-            grads=grads,
-            momentum_buffers=bufs,
-            steps=steps,
-            backups=backups,
-            lr=group["lr"],
-            momentum=momentum,
-            dampening=group["dampening"],
-            nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"],
-            maximize=group.get("maximize", False),
-            ok=ok,
-            backend=self.backend,
+        return _GroupPlan(
+            "sgd_step_",
+            group,
+            ps,
+            dict(momentum_buffers=bufs, steps=steps, backups=backups),
+            _SGD_KEYS,
         )
-        return sk.sgd_step_, kwargs
 
-    def _prepare_adamw(self, group, ps, grads, backups, ok, pending):
-        """The fused AdamW launch for one group: ``(fn, kwargs)``, nothing run or stored yet."""
+    def _prepare_adamw(self, group, ps, backups, pending):
+        """The fused AdamW launch of one group, checked; nothing run or stored yet."""
         st = self.base_optimizer.state
         amsgrad = group["amsgrad"]
         m, v, vm, steps = [], [], [], []
@@ -767,26 +786,8 @@ class SAMFamily(Optimizer):
         _check_like(ps, v, "exp_avg_sq")
         if amsgrad:
             _check_like(ps, vm, "max_exp_avg_sq")
-        beta1, beta2 = group["betas"]
-        kwargs = dict(
-            params=ps,
-            grads=grads,
-            exp_avgs=m,
-            exp_avg_sqs=v,
-            max_exp_avg_sqs=vm,
-            steps=steps,
-            backups=backups,
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            amsgrad=amsgrad,
-            maximize=group.get("maximize", False),
-            ok=ok,
-            backend=self.backend,
-        )
-        return sk.adamw_step_, kwargs
+        state = dict(exp_avgs=m, exp_avg_sqs=v, max_exp_avg_sqs=vm, steps=steps, backups=backups)
+        return _GroupPlan("adamw_step_", group, ps, state, _ADAMW_KEYS)
 
     # ----------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:
@@ -834,6 +835,68 @@ class SAMFamily(Optimizer):
         return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, groups=" + (
             f"{len(self.param_groups)})"
         )
+
+
+_SGD_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay")
+_ADAMW_KEYS = ("lr", "eps", "weight_decay", "amsgrad")
+
+
+class _GroupPlan:
+    """One group's fused base-step launch: the op, its parameters and their state lists.
+
+    Built and checked once (shapes, dtypes, devices of every state buffer); a step adds only the
+    gradients, the group's current hyper-parameters (an LR scheduler changes them) and the flag.
+    """
+
+    __slots__ = ("fn", "group", "params", "state", "keys")
+
+    def __init__(self, fn: str, group: dict, params: list, state: dict, keys: tuple) -> None:
+        self.fn, self.group, self.params, self.state, self.keys = fn, group, params, state, keys
+
+    def launch(self, grads, ok: torch.Tensor, backend: str | None):
+        g = self.group
+        hyper = {k: g[k] for k in self.keys}
+        hyper["maximize"] = g.get("maximize", False)
+        if "betas" in g:
+            hyper["beta1"], hyper["beta2"] = g["betas"]
+        return getattr(sk, self.fn), dict(
+            params=self.params, grads=grads, ok=ok, backend=backend, **self.state, **hyper
+        )
+
+
+class _BasePlan:
+    """Everything of the fused base step that does not change from step to step.
+
+    Keyed on the groups, the set of parameters with a gradient, the perturbed set and the
+    state dicts' identity; ``intact()`` checks (by identity, one dict read per state entry)
+    that no state tensor was replaced behind the plan's back (a user's edit, a base optimizer's
+    ``load_state_dict``). Parameters re-typed or moved drop the plan (``_follow_params``).
+    """
+
+    __slots__ = ("key", "groups", "restore_first", "pending", "_entries", "_keep")
+
+    def __init__(self, key, groups, restore_first, pending, opt: SAMFamily) -> None:
+        self.key, self.groups, self.restore_first, self.pending = (
+            key,
+            groups,
+            restore_first,
+            pending,
+        )
+        st = opt.base_optimizer.state
+        self._entries = [
+            (st[p], k, v) for gp in groups for p in gp.params if p in st for k, v in st[p].items()
+        ]
+        self._entries += [
+            (opt.state[p], "backup", b)
+            for gp in groups
+            if gp.state.get("backups") is not None
+            for p, b in zip(gp.params, gp.state["backups"])
+        ]
+        # the objects whose ids are in the key stay alive as long as the plan (no id reuse)
+        self._keep = (tuple(opt.param_groups), st, opt.state)
+
+    def intact(self) -> bool:
+        return not self.pending and all(d.get(k) is v for d, k, v in self._entries)
 
 
 def _guard_step(step: Callable) -> Callable:

@@ -1,0 +1,149 @@
+"""The fused base step's cached plan (issue 14): rebuilt when it must be, reused when it may.
+
+Each case runs SAM with rho = 0 (the base step alone, with g0) next to ``torch.optim.SGD`` /
+``AdamW`` on a copy of the model through the same events, and counts the plan builds.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from python_api import SAM
+
+
+class Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 2)
+        self.extra = nn.Parameter(torch.randn(2))
+
+    def forward(self, x, use_b=True):
+        h = torch.tanh(self.a(x))
+        return (self.b(h) if use_b else h[:, :2]) + self.extra
+
+
+BASES = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
+    "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.01)),
+}
+
+
+def _pair(base, params_of=lambda m: [m.a.weight, m.a.bias, m.b.weight, m.b.bias]):
+    torch.manual_seed(0)
+    m = Two()
+    r = copy.deepcopy(m)
+    cls, hp = BASES[base]
+    opt = SAM(params_of(m), cls, rho=0.0, **hp)
+    ref = cls(params_of(r), **hp)
+    builds = [0]
+    real = opt._build_base_plan
+
+    def spy(*a, **k):
+        builds[0] += 1
+        return real(*a, **k)
+
+    opt._build_base_plan = spy
+    return m, r, opt, ref, builds
+
+
+def _step(m, r, opt, ref, seed, use_b=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 4, generator=g)
+    for model, o in ((m, opt), (r, ref)):
+        o.zero_grad()
+        model(x.to(model.a.weight.dtype), use_b).square().mean().backward()
+    opt.first_step()
+    opt.second_step()
+    ref.step()
+
+
+def _close(m, r):
+    # fp32 rounding of two implementations (AdamW's division differs by an ulp); a plan that
+    # stepped stale buffers would be off by the size of a step (>1e-3 here)
+    for p, q in zip(m.parameters(), r.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_plan_reused_in_steady_state(base):
+    m, r, opt, ref, builds = _pair(base)
+    for s in range(6):
+        _step(m, r, opt, ref, s)
+    _close(m, r)
+    # the first step creates the state (momentum / moments): built again once it exists
+    assert builds[0] == 2
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_plan_rebuilt_when_a_parameter_loses_or_gains_its_gradient(base):
+    m, r, opt, ref, builds = _pair(base)
+    for s, use_b in enumerate([True, True, False, False, True]):
+        _step(m, r, opt, ref, s, use_b)
+        _close(m, r)
+    assert builds[0] == 4  # 2 + lost b's gradients + got them back
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_plan_rebuilt_on_add_param_group(base):
+    m, r, opt, ref, builds = _pair(base)
+    for s in range(3):
+        _step(m, r, opt, ref, s)
+    opt.add_param_group({"params": [m.extra]})
+    ref.add_param_group({"params": [r.extra]})
+    for s in range(3, 6):
+        _step(m, r, opt, ref, s)
+    _close(m, r)
+    assert not torch.equal(m.extra, Two().extra)  # the new group is stepped
+    assert builds[0] == 4
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_plan_rebuilt_on_load_state_dict(base):
+    m, r, opt, ref, builds = _pair(base)
+    for s in range(3):
+        _step(m, r, opt, ref, s)
+    sd, sd_ref = copy.deepcopy(opt.state_dict()), copy.deepcopy(ref.state_dict())
+    w, w_ref = copy.deepcopy(m.state_dict()), copy.deepcopy(r.state_dict())
+    for s in range(3, 5):
+        _step(m, r, opt, ref, s)
+    # back to step 3 and on again: the plan must use the loaded buffers, not the old ones
+    m.load_state_dict(w)
+    r.load_state_dict(w_ref)
+    opt.load_state_dict(sd)
+    ref.load_state_dict(sd_ref)
+    before = builds[0]
+    for s in range(3, 5):
+        _step(m, r, opt, ref, s)
+    _close(m, r)
+    assert builds[0] > before
+
+
+def test_plan_sees_a_replaced_state_tensor():
+    m, r, opt, ref, builds = _pair("sgd")
+    for s in range(3):
+        _step(m, r, opt, ref, s)
+    for o, model in ((opt.base_optimizer, m), (ref, r)):
+        st = o.state[model.a.weight]
+        st["momentum_buffer"] = torch.zeros_like(st["momentum_buffer"])
+    _step(m, r, opt, ref, 3)
+    _close(m, r)
+    assert builds[0] == 3
+
+
+def test_plan_rebuilt_on_dtype_change():
+    m, r, opt, ref, builds = _pair("sgd")
+    for s in range(3):
+        _step(m, r, opt, ref, s)
+    m.double()
+    r.double()
+    ref.load_state_dict(ref.state_dict())  # torch casts its state when it is loaded
+    for s in range(3, 5):
+        _step(m, r, opt, ref, s)
+    _close(m, r)
+    assert m.a.weight.dtype == torch.float64
+    assert builds[0] == 3
