@@ -176,6 +176,7 @@ class SAMFamily(Optimizer):
         self._live: list[torch.Tensor] = []
         self._param_sig: list[tuple[torch.dtype, torch.device]] = []
         self._plan: _BasePlan | None = None  # the fused base step's cached plan
+        self._mode_plan: _ModePlan | None = None  # norm / ascent grouping (cached)
 
     # ----------------------------------------------------------------- configuration
     def _check_group(self, group: dict) -> None:
@@ -238,6 +239,7 @@ class SAMFamily(Optimizer):
         self._param_sig = sig
         self._rho_cache = None
         self._plan = None
+        self._mode_plan = None
         for g in self.param_groups:
             for p in g["params"]:
                 for states in (self.state, self.base_optimizer.state):
@@ -533,30 +535,67 @@ class SAMFamily(Optimizer):
             self._rho_cache = (key, torch.tensor(vals, dtype=dtype, device=self._device))
         return self._rho_cache[1]
 
+    def _modes(self) -> _ModePlan:
+        """Parameters with a gradient by (adaptive, eta), for the norm and the ascent (cached).
+
+        Keyed on the groups, the gradients present and each group's rho/sam/adaptive/eta, so
+        a rho schedule or a parameter losing its gradient rebuilds it; a step only gathers the
+        gradients. One launch per (adaptive, eta) setting over all groups: normally one.
+        """
+        groups = self.param_groups
+        key = (
+            tuple(map(id, groups)),
+            tuple(p.grad is not None for g in groups for p in g["params"]),
+            tuple(
+                (g.get("rho", 0.0), g.get("sam", True), g.get("adaptive", False), g.get("eta", 0.0))
+                for g in groups
+            ),
+        )
+        plan = self._mode_plan
+        if plan is not None and plan.key == key:
+            return plan
+        norm: dict[tuple[bool, float], list[torch.Tensor]] = {}
+        for g in groups:
+            ps = [p for p in g["params"] if p.grad is not None]
+            if ps:
+                norm.setdefault((bool(g.get("adaptive", False)), float(g.get("eta", 0.0))), [])
+                norm[(bool(g.get("adaptive", False)), float(g.get("eta", 0.0)))].extend(ps)
+        pert_groups = self._perturbed_groups()
+        # per-tensor rho, and for each (adaptive, eta) setting the indices into it
+        flat: list[torch.Tensor] = []
+        by_mode: dict[tuple[bool, float], list[int]] = {}
+        for g, ps in pert_groups:
+            idx = by_mode.setdefault((bool(g.get("adaptive", False)), float(g.get("eta", 0.0))), [])
+            idx.extend(range(len(flat), len(flat) + len(ps)))
+            flat.extend(ps)
+        rho = self._rho_vector(pert_groups) if pert_groups else None
+        pert = []
+        for (adaptive, eta), idx in by_mode.items():
+            sel = None if len(idx) == len(flat) else torch.tensor(idx, device=self._device)
+            pert.append((adaptive, eta, [flat[i] for i in idx], sel))
+        plan = self._mode_plan = _ModePlan(key, list(norm.items()), pert, rho, self)
+        return plan
+
     def _grad_norm(self, params: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """Global norm ``||T(p) * g||`` over every parameter with a gradient (all groups)."""
-        sq = []
-        for g in self.param_groups:
-            ps = [p for p in g["params"] if p.grad is not None]
-            if params is not None:
-                keep = {id(p) for p in params}
-                ps = [p for p in ps if id(p) in keep]
-            if not ps:
-                continue
-            adaptive = bool(g.get("adaptive", False))
-            n = sk.grad_norm(
-                [p.grad for p in ps],
-                ps if adaptive else None,
-                eta=float(g.get("eta", 0.0)),
-                backend=self.backend,
-            )
-            sq.append((adaptive, float(g.get("eta", 0.0)), n))
-        if not sq:
-            n = torch.zeros((), dtype=torch.float32, device=self._device)
-        elif len(sq) == 1:
-            n = sq[0][2]
+        if params is not None:
+            keep = {id(p) for p in params}
+            modes = [(m, [p for p in ps if id(p) in keep]) for m, ps in self._modes().norm]
         else:
-            n = torch.linalg.vector_norm(torch.stack([n.to(self._device) for *_, n in sq]))
+            modes = self._modes().norm
+        norms = [
+            sk.grad_norm(
+                [p.grad for p in ps], ps if adaptive else None, eta=eta, backend=self.backend
+            )
+            for (adaptive, eta), ps in modes
+            if ps
+        ]
+        if not norms:
+            n = torch.zeros((), dtype=torch.float32, device=self._device)
+        elif len(norms) == 1:
+            n = norms[0]
+        else:
+            n = torch.linalg.vector_norm(torch.stack([n.to(self._device) for n in norms]))
         # sharded parameters (python_api.sharded): sqrt of the all-reduced squared local norms
         return self._dist.reduce_norm(n) if self._dist is not None else n
 
@@ -566,31 +605,18 @@ class SAMFamily(Optimizer):
         A non-finite norm gives a zero scale, so no non-finite value reaches the weights.
         Returns the perturbed parameters (the ones to restore).
         """
-        groups = self._perturbed_groups()
-        if not groups:
+        plan = self._modes()
+        if not plan.pert:
             return []
-        rho = self._rho_vector(groups)
         inv = torch.where(torch.isfinite(norm), 1.0 / (norm + _EPS), torch.zeros_like(norm))
-        scale = rho * inv
+        scale = plan.rho * inv
         perturbed: list[torch.Tensor] = []
-        start = 0
-        # one call per (adaptive, eta) setting: normally exactly one call in all
-        by_mode: dict[tuple[bool, float], list[int]] = {}
-        flat: list[torch.Tensor] = []
-        for g, ps in groups:
-            key = (bool(g.get("adaptive", False)), float(g.get("eta", 0.0)))
-            idx = by_mode.setdefault(key, [])
-            idx.extend(range(start, start + len(ps)))
-            flat.extend(ps)
-            start += len(ps)
-        for (adaptive, eta), idx in by_mode.items():
-            ps = [flat[i] for i in idx]
-            s = scale if len(idx) == len(flat) else scale[torch.tensor(idx, device=scale.device)]
+        for (adaptive, eta, ps, sel), backups in zip(plan.pert, plan.backups(self)):
             sk.perturb_(
                 ps,
                 [p.grad for p in ps],
-                self._backups(ps),
-                s,
+                backups,
+                scale if sel is None else scale[sel],
                 adaptive=adaptive,
                 eta=eta,
                 backend=self.backend,
@@ -862,6 +888,30 @@ class _GroupPlan:
         return getattr(sk, self.fn), dict(
             params=self.params, grads=grads, ok=ok, backend=backend, **self.state, **hyper
         )
+
+
+class _ModePlan:
+    """The norm's and the ascent's parameter lists by (adaptive, eta), with the rho vector."""
+
+    __slots__ = ("key", "norm", "pert", "rho", "_backups", "_keep")
+
+    def __init__(self, key, norm, pert, rho, opt: SAMFamily) -> None:
+        self.key, self.norm, self.pert, self.rho = key, norm, pert, rho
+        self._backups: list[list[torch.Tensor]] | None = None
+        self._keep = tuple(opt.param_groups)  # the ids in the key stay valid
+
+    def backups(self, opt: SAMFamily) -> list[list[torch.Tensor]]:
+        """The backups of each setting's parameters; allocated once, re-checked by identity
+        (a state dict loaded or a buffer re-allocated since gives new ones)."""
+        b = self._backups
+        st = opt.state
+        if b is None or not all(
+            st[p].get("backup") is t
+            for (_, _, ps, _), bs in zip(self.pert, b)
+            for p, t in zip(ps, bs)
+        ):
+            b = self._backups = [opt._backups(ps) for _, _, ps, _ in self.pert]
+        return b
 
 
 class _BasePlan:
