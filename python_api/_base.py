@@ -30,6 +30,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 import sam_kernels as sk
+from python_api import _state
 from python_api.batchnorm import BNStatsKeeper, preserve_bn_stats
 
 Closure = Callable[[], Any]
@@ -81,6 +82,13 @@ class SAMFamily(Optimizer):
     host_decisions = False
     #: per-parameter state entries valid only inside a step (left out of ``state_dict``)
     _transient_state: tuple[str, ...] = ("backup",)
+    #: the algorithm's per-parameter state kept across steps (saved beside the base's state)
+    _param_state_keys: tuple[str, ...] = ()
+    #: keys of :meth:`_extra_state` a checkpoint may lack or hold extra (backend-dependent)
+    _optional_extra_state: tuple[str, ...] = ()
+    #: keys of :meth:`_extra_state` that are configuration (seeds): kept, not reset, when a
+    #: checkpoint without the algorithm's state (a plain torch one) is loaded
+    _config_extra_state: tuple[str, ...] = ()
     #: per-replica DDP mode (m-sharpness, :mod:`python_api.distributed`) is defined for this
     #: algorithm: its base-step gradient comes only from evaluations after the first one
     per_replica_safe = False
@@ -100,6 +108,8 @@ class SAMFamily(Optimizer):
             from python_api.amp import with_scaler_kwarg
 
             cls.step = with_scaler_kwarg(_guard_step(cls.__dict__["step"]))
+            # torch.distributed.checkpoint's state initialisation (step(None), lr 0)
+            cls.step = _state.recognise_init_step(cls.step)
 
     def __init__(
         self,
@@ -169,14 +179,16 @@ class SAMFamily(Optimizer):
         # device counters: steps taken (not skipped) and steps skipped; no host read to update
         self._counters = torch.zeros(2, dtype=torch.float32, device=self._device)
         self._rho_cache: tuple[tuple, torch.Tensor] | None = None
-        # the gradient tensors the last step left behind, with their version counters
+        # per-step caches (see _reset_caches): _grad_marks, the gradient tensors the last step
+        # left behind with their version counters; _live, the parameters perturbed in the
+        # current step (their backups hold w: restored if the step raises before its base step
+        # is launched); _param_sig, the parameters' (dtype, device); _plan / _mode_plan, the
+        # cached base-step and norm/ascent plans
         self._grad_marks: dict[torch.Tensor, tuple[weakref.ref, int]] = {}
-        # parameters perturbed in the current step (their backups hold w): restored if the step
-        # raises anywhere before its base step has been launched
         self._live: list[torch.Tensor] = []
         self._param_sig: list[tuple[torch.dtype, torch.device]] = []
-        self._plan: _BasePlan | None = None  # the fused base step's cached plan
-        self._mode_plan: _ModePlan | None = None  # norm / ascent grouping (cached)
+        self._plan: _BasePlan | None = None
+        self._mode_plan: _ModePlan | None = None
 
     # ----------------------------------------------------------------- configuration
     def _check_group(self, group: dict) -> None:
@@ -821,38 +833,67 @@ class SAMFamily(Optimizer):
         return {"counters": self._counters.clone()}
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        self._counters.copy_(extra["counters"].to(self._counters.device))
+        self._counters.copy_(torch.as_tensor(extra["counters"]).to(self._counters))
+
+    def _init_param_state(self, params: list[torch.Tensor]) -> None:
+        """Create the algorithm's per-parameter state of ``params`` as a fresh optimizer's
+        (DCP's state initialisation, :mod:`python_api._state`); subclasses with some extend."""
 
     def state_dict(self) -> dict[str, Any]:
-        own = super().state_dict()
-        # backups and scratch buffers are transient (valid only inside a step): not checkpointed
-        own["state"] = {
-            k: {n: v for n, v in s.items() if n not in self._transient_state}
-            for k, s in own["state"].items()
-        }
-        own["state"] = {k: s for k, s in own["state"].items() if s}
-        return {
-            "sam": own,
-            "base": self.base_optimizer.state_dict(),
-            "extra": self._extra_state(),
-        }
+        """torch's format: ``{"state": {i: {...}}, "param_groups": [...]}``.
+
+        ``state[i]`` holds the base optimizer's state of parameter ``i`` under its own keys
+        (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``; ``step``) and the
+        algorithm's (LookSAM's ``gv``) beside it; ``param_groups`` the shared groups (base and
+        algorithm hyper-parameters); ``param_groups[0]["sam_state"]`` the class name and the
+        algorithm's scalars (counters, ``t``, AE-SAM's statistics, seeds and offsets). It loads
+        into ``torch.optim.SGD`` / ``AdamW`` (which ignore the extra keys) and works with
+        ``torch.distributed.checkpoint``. See :mod:`python_api._state`.
+        """
+        return _state.state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not {"sam", "base", "extra"} <= set(state_dict):
-            raise ValueError(
-                "not a SAM-family state_dict (expected keys 'sam', 'base', 'extra'); to load a "
-                "base optimizer's checkpoint use opt.base_optimizer.load_state_dict"
-            )
-        self.base_optimizer.load_state_dict(state_dict["base"])
-        super().load_state_dict(state_dict["sam"])
-        # torch's load_state_dict replaces the group dicts: share them with the base again
-        for mine, base in zip(self.param_groups, self.base_optimizer.param_groups):
-            for k, v in mine.items():
-                if k != "params":
-                    base.setdefault(k, v)
-        self.param_groups = self.base_optimizer.param_groups
-        self._load_extra_state(state_dict["extra"])
-        self._rho_cache = None
+        """Load a checkpoint; the whole dict is checked first, and a refused one changes nothing.
+
+        Accepted:
+
+        - a dict of this class (``state_dict()`` above, or the previous release's
+          ``{"sam", "base", "extra"}``; ``torch.distributed.checkpoint``'s, keyed by names);
+          hyper-parameters come from the dict, as with torch's optimizers;
+        - a plain base-optimizer dict (``torch.optim.SGD(...).state_dict()`` into a wrapper over
+          SGD, AdamW's over AdamW): the base state is loaded, the algorithm's own
+          hyper-parameters (``rho``, ...) are kept, and its state starts fresh (counters and
+          statistics zero, no stored LookSAM ``gv``; seeds kept).
+
+        Refused with :class:`python_api._state.StateDictError` (a ``ValueError``) naming both
+        sides: another algorithm's dict (a SAM dict into AESAM, AESAM's into SAM, SAM's into
+        FrobSAM; a previous-release dict whose algorithm state has other keys); another base
+        optimizer's (AdamW state or groups into a wrapper over SGD, and the reverse); other group
+        or parameter counts; per-parameter tensors whose shape is not the parameter's;
+        algorithm scalars of the wrong shape or kind; hyper-parameters this class rejects.
+        """
+        _state.load_state_dict(self, state_dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's keeps only defaults/state/param_groups: a copy would lose its base optimizer
+        return _state.getstate(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # torch's: hook tables, the patched step
+        self._reset_caches()
+        if "base_optimizer" in state:
+            _WRAPPERS[self.base_optimizer] = weakref.ref(self)
+
+    def _reset_caches(self) -> None:
+        """Per-step caches: stale-gradient marks, live backups, the step plans."""
+        self._grad_marks = {}
+        self._live = []
+        self._param_sig = []
+        self._plan = None
+        self._mode_plan = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SAMFamily:
+        return _state.deepcopy(self, memo)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)

@@ -219,6 +219,8 @@ class ESAM(SAMFamily):
         return mean0
 
     # ----------------------------------------------------------------- state
+    _config_extra_state = ("seed",)
+
     def _extra_state(self) -> dict[str, Any]:
         extra = super()._extra_state()
         extra["t"] = self._t.clone()

@@ -58,6 +58,9 @@ class LookSAM(SwitchingSAM):
         model, on_nonfinite, backend: as :class:`python_api.SAM`.
     """
 
+    #: the stored component is saved in ``state_dict`` beside the base's state
+    _param_state_keys = (GV_KEY,)
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict] | None,
@@ -118,6 +121,10 @@ class LookSAM(SwitchingSAM):
                 st[GV_KEY] = gv
             out.append(gv)
         return out
+
+    def _init_param_state(self, params: list[torch.Tensor]) -> None:
+        # a zero gv reuses as g0 alone, exactly as no stored gv does
+        self._gv(params, create=True)
 
     def _after_sam_eval(self, params, g0, gs, ok) -> None:
         if params:

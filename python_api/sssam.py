@@ -102,6 +102,8 @@ class SSSAM(SwitchingSAM):
         sam = (u[0] < uniform_threshold(self.p)).to(torch.int32)
         return torch.where(torch.isfinite(norm), sam, DECISION_NONFINITE)
 
+    _config_extra_state = ("seed",)
+
     def _extra_state(self) -> dict[str, Any]:
         extra = super()._extra_state()
         extra["seed"] = self.seed

@@ -63,6 +63,9 @@ class _UniversalSAM(SAMFamily):
     _needs_losses = True  # the noisy losses L_i enter the gradient (Frob-SAM, Det-SAM)
     _min_samples = 1
     _transient_state = ("backup", "usam_g0", "usam_a", "usam_b")
+    # the counter-based noise exists only where a fused backend draws it
+    _optional_extra_state = ("noise_seed", "noise_offset")
+    _config_extra_state = ("noise_seed",)
 
     def __init__(
         self,
@@ -129,8 +132,9 @@ class _UniversalSAM(SAMFamily):
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         super()._load_extra_state(extra)
         if self._noise_seed is not None and "noise_seed" in extra:
-            self._noise_seed.copy_(extra["noise_seed"].to(self._device))
-            self._noise_offset.copy_(extra["noise_offset"].to(self._device))
+            self._noise_seed.copy_(torch.as_tensor(extra["noise_seed"]).to(self._device))
+        if self._noise_offset is not None and "noise_offset" in extra:
+            self._noise_offset.copy_(torch.as_tensor(extra["noise_offset"]).to(self._device))
 
     # ----------------------------------------------------------------- helpers
     def _const(self, vals: list[float], dtype: torch.dtype) -> torch.Tensor:

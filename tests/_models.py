@@ -77,7 +77,7 @@ def rel_err(a, b):
 
 def snapshot(model, opt):
     sd = copy.deepcopy(opt.state_dict())
-    sd["extra"].pop("counters")
+    sd["param_groups"][0]["sam_state"].pop("counters")
     return [p.detach().clone() for p in model.parameters()], sd
 
 

@@ -258,7 +258,7 @@ class HostReads(TorchDispatchMode):
 
 def state_without_counters(opt) -> dict:
     sd = copy.deepcopy(opt.state_dict())
-    sd["extra"].pop("counters")
+    sd["param_groups"][0]["sam_state"].pop("counters")
     return sd
 
 

@@ -388,7 +388,7 @@ def test_resume_bit_identical(base, log_form):
     for s in range(3):
         opt_step(opt, model, *batches[s], "closure")
     sd = opt.state_dict()
-    kept = {n for st in sd["sam"]["state"].values() for n in st}
+    kept = {n for st in sd["state"].values() for n in st}
     assert not kept & {"backup", "crsam_g0", "crsam_gplus"}, kept  # scratch is not saved
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": sd}, buf)

@@ -243,7 +243,7 @@ def test_exact_restore(base):
 def _snapshot(model, opt):
     return (
         [p.detach().clone() for p in model.parameters()],
-        copy.deepcopy(opt.state_dict()["base"]["state"]),
+        copy.deepcopy(opt.base_optimizer.state_dict()["state"]),
     )
 
 

@@ -209,7 +209,8 @@ def test_matches_reference(name, base, form):
         assert rel_err(a.double(), b.double()) < 1e-6
     assert model.unused.grad is None and model.unused not in opt.base_optimizer.state
     assert opt.steps_taken == STEPS and opt.skipped_steps == 0
-    assert "noise_seed" not in opt.state_dict()["extra"]  # eager: the user's generator only
+    # eager: the user's generator only
+    assert "noise_seed" not in opt.state_dict()["param_groups"][0]["sam_state"]
     if form == "closure" and base == "sgd":
         # the sharpness term matters: lam = 0 (plain SGD on g0) ends elsewhere
         torch.manual_seed(0)
@@ -468,7 +469,7 @@ def test_resume_bit_identical(name, base):
     for s in range(3):
         opt_step(opt, model, *batches[s], "closure", seed=s)
     sd = opt.state_dict()
-    kept = {n for st in sd["sam"]["state"].values() for n in st}
+    kept = {n for st in sd["state"].values() for n in st}
     assert not kept & {"backup", "usam_g0", "usam_a", "usam_b"}, kept  # scratch is not saved
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": sd}, buf)
@@ -507,7 +508,7 @@ def test_counter_noise_state(monkeypatch):
     n = opt.n_samples
     x, y = data(dtype=torch.float32)
     opt_step(opt, model, x, y, "closure")
-    extra = opt.state_dict()["extra"]
+    extra = opt.state_dict()["param_groups"][0]["sam_state"]
     assert extra["noise_seed"].dtype == torch.int64 and extra["noise_seed"].item() == 1234
     assert extra["noise_offset"].item() == n * drawn
     opt.zero_grad()
@@ -605,8 +606,8 @@ def test_fused_noise_matches_eager_given_the_same_noise(name):
     o_t = make_opt(name, m_t, "sgd", backend="triton", seed=77)
     o_e = make_opt(name, m_e, "sgd", backend="eager")
     o_r = make_opt(name, m_r, "sgd", backend="triton", seed=77)
-    assert o_t.state_dict()["extra"]["noise_seed"].item() == 77
-    assert "noise_seed" not in o_e.state_dict()["extra"]
+    assert o_t.state_dict()["param_groups"][0]["sam_state"]["noise_seed"].item() == 77
+    assert "noise_seed" not in o_e.state_dict()["param_groups"][0]["sam_state"]
     cls, rhos, own = CASES[name]
     kind = "uniform" if name == "det" else "normal"
     a = own.get("half_cube_len", 1.0)
