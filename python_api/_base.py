@@ -92,6 +92,11 @@ class SAMFamily(Optimizer):
     #: per-replica DDP mode (m-sharpness, :mod:`python_api.distributed`) is defined for this
     #: algorithm: its base-step gradient comes only from evaluations after the first one
     per_replica_safe = False
+    #: defined on FSDP2 local shards (:mod:`python_api.sharded`): every cross-tensor reduction
+    #: of the step goes through :meth:`_grad_norm` (all-reduced there) and nothing is drawn per
+    #: element; otherwise ``_sharded_refusal`` says why the sharded helper refuses the class
+    sharded_safe = False
+    _sharded_refusal = "it is not defined on sharded parameters"
     #: torch's GradScaler protocol: ``scaler.step(opt)`` hands ``grad_scale`` / ``found_inf`` to
     #: the step instead of unscaling and skipping itself; the step refuses that call with the
     #: supported form (``opt.step(closure, scaler=scaler)``, :mod:`python_api.amp`), so a scaled
@@ -466,6 +471,11 @@ class SAMFamily(Optimizer):
             ok = self._amp.gate(ok)
         if self._dist is not None:
             ok = self._dist.gate(ok)
+        elif _distributed():
+            # plain DDP (no helper): the gradients are all-reduced, but a loss is each rank's
+            # own; a rank that skipped alone would leave the replicas apart. MIN over the
+            # ranks: one scalar all-reduce on the device, no host read
+            ok = _all_reduce_min(ok, self.process_group)
         return ok
 
     def _backward(self, loss: torch.Tensor) -> None:
@@ -1040,3 +1050,19 @@ def _flatten_params(params: Iterable) -> list[torch.Tensor]:
         else:
             out.append(item)
     return out
+
+
+def _distributed() -> bool:
+    """torch.distributed is initialized (every rank runs the step)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce_min(flag: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """The minimum of a 0-d flag over the ranks of ``group`` (device op, no host read)."""
+    import torch.distributed as dist
+
+    flag = flag.detach().clone()
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return flag

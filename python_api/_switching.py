@@ -42,17 +42,11 @@ from torch import nn
 from torch.optim import Optimizer
 
 import sam_kernels as sk
-from python_api._base import Closure, NonFiniteError, SAMFamily
+from python_api._base import Closure, NonFiniteError, SAMFamily, _distributed
 
 DECISION_SAM = 1
 DECISION_CHEAP = 0
 DECISION_NONFINITE = -1
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
 
 
 class SwitchingSAM(SAMFamily):

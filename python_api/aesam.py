@@ -80,8 +80,13 @@ class _AEDecision:
         # does not know without a read). The eager op takes it as a tensor; the Triton op
         # passes c to its kernel as a float (a host read), so that case runs on eager.
         backend = "eager" if isinstance(c, torch.Tensor) else self.backend
+        grads = [p.grad for p in params]
+        if getattr(self._dist, "sharded", False):
+            # local shards (python_api.sharded): s = ||g||^2 of the whole gradient, from the
+            # norm all-reduced over the ranks (the norm of a one-element tensor is its value)
+            grads = [self._grad_norm(params).reshape(1)]
         return sk.aesam_stats_(
-            [p.grad for p in params],
+            grads,
             self._stats,
             delta=self.delta,
             c=c,  # type: ignore[arg-type]
@@ -135,6 +140,9 @@ class AESAM(_AEDecision, SwitchingSAM):
             ``(lambda1 + lambda2) / 2``.
         model, on_nonfinite, backend: as :class:`python_api.SAM`.
     """
+
+    #: the statistic comes from the norm all-reduced over the shards; then SAM's step
+    sharded_safe = True
 
     def __init__(
         self,

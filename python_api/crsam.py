@@ -69,6 +69,8 @@ class CRSAM(SAMFamily):
     """
 
     _transient_state = ("backup", "crsam_g0", "crsam_gplus")
+    #: the global norm (all-reduced over the shards) and the losses (averaged over the ranks)
+    sharded_safe = True
 
     def __init__(
         self,

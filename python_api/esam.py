@@ -220,6 +220,10 @@ class ESAM(SAMFamily):
 
     # ----------------------------------------------------------------- state
     _config_extra_state = ("seed",)
+    _sharded_refusal = (
+        "it runs its backward passes inside the step (the sharded helper moves the gradients "
+        "after the closure) and selects examples per rank"
+    )
 
     def _extra_state(self) -> dict[str, Any]:
         extra = super()._extra_state()

@@ -58,6 +58,10 @@ class LookSAM(SwitchingSAM):
         model, on_nonfinite, backend: as :class:`python_api.SAM`.
     """
 
+    _sharded_refusal = (
+        "its projection uses per-tensor inner products of g0 and gs, of which a shard holds "
+        "only a part"
+    )
     #: the stored component is saved in ``state_dict`` beside the base's state
     _param_state_keys = (GV_KEY,)
 

@@ -50,6 +50,8 @@ class SAM(SAMFamily):
     #: the base step uses only the second pass's gradient: per-replica DDP (m-sharpness) is
     #: defined (python_api.distributed)
     per_replica_safe = True
+    #: one global norm (all-reduced over the shards), then elementwise work
+    sharded_safe = True
 
     def __init__(
         self,

@@ -35,10 +35,14 @@ Usage::
 state (momentum, Adam moments) is sharded like the parameters; a checkpoint holds this rank's
 shard (save one per rank).
 
-Defined for algorithms whose only cross-tensor reduction is the global gradient norm (SAM,
-ASAM): per-tensor norms or inner products (LookSAM) would need their own all-reduces. FSDP1
-is not supported (use FSDP2 ``fully_shard``); per-replica (m-sharpness) perturbation is not
-defined for sharded gradients, which exist only after the reduce-scatter.
+Defined for algorithms whose only cross-tensor reduction is the global gradient norm and
+whose other scalars are averaged losses or the same on every rank (``sharded_safe``: SAM,
+ASAM, CR-SAM, AE-SAM, SS-SAM); :class:`FSDP2SAMStep` refuses the others with the reason:
+per-tensor inner products (LookSAM, AE-LookSAM), noise drawn per element (Frob/Trace/Det-SAM:
+each shard would draw its own stream, not one draw over the whole parameter), backward passes
+run inside the step (ESAM). FSDP1 is not supported (use FSDP2 ``fully_shard``); per-replica
+(m-sharpness) perturbation is not defined for sharded gradients, which exist only after the
+reduce-scatter.
 """
 
 from __future__ import annotations
@@ -165,6 +169,9 @@ class LocalShards:
 class _ShardHook:
     """Installed as ``opt._dist`` for one step: global norm and the skip vote over the group."""
 
+    #: the optimizer holds shards: a global scalar must come from :meth:`reduce_norm`
+    sharded = True
+
     def __init__(self, group: Any) -> None:
         self.group = group
 
@@ -207,6 +214,12 @@ class FSDP2SAMStep:
 
         if not isinstance(optimizer, SAMFamily):
             raise TypeError(f"optimizer must be a SAMFamily optimizer, got {type(optimizer)}")
+        if not optimizer.sharded_safe:
+            name = type(optimizer).__name__
+            raise ValueError(
+                f"{name} is not supported on FSDP2 local shards: {optimizer._sharded_refusal}. "
+                "Supported there: SAM, ASAM, CRSAM, AESAM, SSSAM"
+            )
         mine = {id(loc) for _, loc in shards._pairs}
         for g in optimizer.param_groups:
             for p in g["params"]:

@@ -95,6 +95,9 @@ class SSSAM(SwitchingSAM):
         """Applied ERM steps (host read)."""
         return self.cheap_steps
 
+    #: the coin is the same on every rank (counter-based), the norm all-reduced over the shards
+    sharded_safe = True
+
     def _decide(self, params: list[torch.Tensor]) -> torch.Tensor:
         norm = self._grad_norm()
         self._norm0 = norm

@@ -61,6 +61,10 @@ class _UniversalSAM(SAMFamily):
     _kind = "normal"
     _needs_l0 = False  # L0 enters the gradient (Det-SAM)
     _needs_losses = True  # the noisy losses L_i enter the gradient (Frob-SAM, Det-SAM)
+    _sharded_refusal = (
+        "its noise would be drawn per element of each rank's shard (the same stream on every "
+        "rank), not as one draw over the whole parameter"
+    )
     _min_samples = 1
     _transient_state = ("backup", "usam_g0", "usam_a", "usam_b")
     # the counter-based noise exists only where a fused backend draws it

@@ -199,6 +199,93 @@ def _scenario_fsdp2(rank: int) -> dict:
     return {"params": [p.full_tensor().detach().clone() for p in model.parameters()]}
 
 
+CLASS_STEPS = 3
+
+
+def _table_opt(name, params):
+    """The optimizer-table class ``name`` (tests/test_optim_common.py) over SGD-momentum."""
+    from test_optim_common import SPECS, opt_class
+
+    return opt_class(name)(params, torch.optim.SGD, **{**SPECS[name][2], **HP})
+
+
+def _table_closure(name, model, x, y, hook=None):
+    from test_optim_common import make_closure
+
+    return make_closure(name, model, x, y, hook)
+
+
+def _scenario_fsdp2_classes(rank: int) -> dict:
+    """Every class of the table over FSDP2 local shards: refused (the message) or 3 steps."""
+    from test_optim_common import NAMES
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from python_api.sharded import FSDP2SAMStep, LocalShards
+
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    out = {}
+    for name in NAMES:
+        model = make_model()
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model[2], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        shards = LocalShards(model)
+        opt = _table_opt(name, shards.param_groups(groups(model)))
+        try:
+            step = FSDP2SAMStep(model, opt, shards)
+        except ValueError as err:
+            out[name] = {"refused": str(err)}
+            continue
+        for s in range(CLASS_STEPS):
+            x, y = shard(*batch(s), rank)
+            step(_table_closure(name, model, x, y))
+        full = [p.full_tensor().detach().clone() for p in model.parameters()]
+        out[name] = {"params": full, "taken": opt.steps_taken, "skipped": opt.skipped_steps}
+    return out
+
+
+def _scenario_ddp_nan_loss(rank: int) -> dict:
+    """Plain DDP (no helper), every class: at step 1 rank 1's loss (only the value, not its
+    gradient) is NaN at the ``at``-th closure call. The replicas must stay equal."""
+    from test_optim_common import NAMES
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    for name in NAMES:
+        for at in (1, 2, 3):
+            torch.manual_seed(0)
+            model = DDP(make_model())
+            opt = _table_opt(name, groups(model.module))
+            torch.manual_seed(1)  # the eager universal class draws from the global generator
+            injected = []
+            for s in range(CLASS_STEPS):
+                x, y = shard(*batch(s), rank)
+                calls = []
+
+                def hook(s=s, calls=calls):
+                    calls.append(1)
+
+                inner = _table_closure(name, model, x, y, hook)
+
+                def closure(s=s, calls=calls, inner=inner):
+                    loss = inner()
+                    if s == 1 and len(calls) == at:
+                        injected.append(1)
+                        if rank == 1:  # a constant: the gradients stay finite and global
+                            loss = loss + torch.tensor(float("nan"))
+                    return loss
+
+                opt.zero_grad()
+                opt.step(closure)
+            out[(name, at)] = {
+                "params": snapshot(model.module),
+                "skipped": opt.skipped_steps,
+                "injected": bool(injected),
+            }
+    return out
+
+
 SCENARIOS = {
     "global": _scenario_global,
     "per_replica": _scenario_per_replica,
@@ -206,6 +293,8 @@ SCENARIOS = {
     "amp_per_replica": _scenario_amp_per_replica,
     "sharded_norm": _scenario_sharded_norm,
     "fsdp2": _scenario_fsdp2,
+    "fsdp2_classes": _scenario_fsdp2_classes,
+    "ddp_nan_loss": _scenario_ddp_nan_loss,
 }
 
 
@@ -409,6 +498,46 @@ def test_fsdp2_equals_single_process(dist_results):
         opt.step(lambda: _bw(loss_fn(model, x, y)))
     assert _max_diff(r0["params"], r1["params"]) == 0.0
     assert _max_diff(r0["params"], snapshot(model)) < 1e-6
+
+
+def test_fsdp2_every_class_equals_single_process_or_is_refused(dist_results):
+    """Issue 13 case 3: every class of the table over FSDP2 (2 ranks) either equals
+    single-process training on the whole batch or is refused with a message naming it."""
+    from test_optim_common import NAMES
+
+    r0, r1 = _get(dist_results, "fsdp2_classes")
+    refused = {n for n in NAMES if "refused" in r0[n]}
+    assert refused == {"LookSAM", "AELookSAM", "ESAM", "FrobSAM", "TraceSAM", "DetSAM"}
+    for name in NAMES:
+        assert ("refused" in r0[name]) == ("refused" in r1[name])
+        if name in refused:
+            cls = _table_opt(name, make_model().parameters())
+            assert type(cls).__name__ in r0[name]["refused"], r0[name]
+            continue
+        assert _max_diff(r0[name]["params"], r1[name]["params"]) == 0.0, name
+        model = make_model()
+        opt = _table_opt(name, groups(model))
+        for s in range(CLASS_STEPS):
+            x, y = batch(s)
+            opt.zero_grad()
+            opt.step(_table_closure(name, model, x, y))
+        assert r0[name]["taken"] == opt.steps_taken == CLASS_STEPS, name
+        err = _max_diff(r0[name]["params"], snapshot(model))
+        assert err < 1e-6, (name, err)
+
+
+def test_plain_ddp_nonfinite_loss_on_one_rank_keeps_replicas_equal(dist_results):
+    """Issue 13 case 5: plain DDP, a NaN loss value on one rank only: every rank skips."""
+    from test_optim_common import NAMES
+
+    r0, r1 = _get(dist_results, "ddp_nan_loss")
+    for name in NAMES:
+        for at in (1, 2, 3):
+            a, b = r0[(name, at)], r1[(name, at)]
+            assert _max_diff(a["params"], b["params"]) == 0.0, (name, at)
+            assert a["skipped"] == b["skipped"] == int(a["injected"]), (name, at, a, b)
+    # the first evaluation is part of every step: the injection always happened there
+    assert all(r0[(n, 1)]["injected"] for n in NAMES)
 
 
 # ----------------------------------------------------------------- in-process checks
