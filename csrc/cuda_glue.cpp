@@ -99,11 +99,11 @@ at::Tensor sumsq_partials(const char* op, at::TensorList grads, at::TensorList p
   int64_t total = 0;
   for (const auto& g : groups) total += kc::num_chunks(g.group());
   at::Tensor partials =
-      at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(at::kFloat).device(dev));
+      at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(at::kDouble).device(dev));
   int64_t base = 0;
   for (const auto& g : groups) {
     const kc::Group kg = g.group();
-    kc::launch_sumsq_partials(kg, static_cast<float>(eta), partials.data_ptr<float>() + base,
+    kc::launch_sumsq_partials(kg, static_cast<float>(eta), partials.data_ptr<double>() + base,
                               stream_of(dev));
     base += kc::num_chunks(kg);
   }
@@ -117,7 +117,7 @@ at::Tensor grad_norm_cuda(at::TensorList grads, at::TensorList params, double et
   int64_t count = 0;
   at::Tensor partials = sumsq_partials("grad_norm", grads, params, eta, dev, &count);
   at::Tensor out = at::empty({}, at::TensorOptions().dtype(at::kFloat).device(dev));
-  kc::launch_norm_finalize(partials.data_ptr<float>(), count, out.data_ptr<float>(),
+  kc::launch_norm_finalize(partials.data_ptr<double>(), count, out.data_ptr<float>(),
                            stream_of(dev));
   return out;
 }
@@ -131,7 +131,7 @@ at::Tensor aesam_stats_cuda(at::TensorList grads, const at::Tensor& stats, doubl
   int64_t count = 0;
   at::Tensor partials = sumsq_partials("aesam_stats", grads, {}, 0.0, dev, &count);
   at::Tensor decision = at::empty({}, at::TensorOptions().dtype(at::kInt).device(dev));
-  kc::launch_aesam_finalize(partials.data_ptr<float>(), count, stats.data_ptr<float>(),
+  kc::launch_aesam_finalize(partials.data_ptr<double>(), count, stats.data_ptr<float>(),
                             decision.data_ptr<int>(), static_cast<float>(delta),
                             static_cast<float>(c), stream_of(dev));
   return decision;

@@ -34,11 +34,12 @@ int64_t num_chunks(const Group& g);
 
 // ---- reductions (two stages, deterministic: per-chunk partials, then one fixed-order sum) ----
 // lists: 0 grads, 1 params (nullptr: plain norm). Writes partials[0 .. num_chunks(g)).
-void launch_sumsq_partials(const Group& g, float eta, float* partials, void* stream);
-// out[0] = sqrt(sum(partials[0..count)))
-void launch_norm_finalize(const float* partials, int64_t count, float* out, void* stream);
+// Partials are fp64 (squares summed in fp64).
+void launch_sumsq_partials(const Group& g, float eta, double* partials, void* stream);
+// out[0] = sqrt(sum(partials[0..count))) (fp64 sum and sqrt, rounded once to fp32)
+void launch_norm_finalize(const double* partials, int64_t count, float* out, void* stream);
 // stats = [mu, var] updated in place, decision[0] = 1 / 0 / -1 (see ops_math.h aesam_update)
-void launch_aesam_finalize(const float* partials, int64_t count, float* stats, int* decision,
+void launch_aesam_finalize(const double* partials, int64_t count, float* stats, int* decision,
                            float delta, float c, void* stream);
 
 // ---- element-wise ops ----

@@ -7,31 +7,128 @@ fixed number of plain ops run, never a Python loop of per-tensor kernels.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from sam_kernels._backend import FUSED_DTYPES, common_device, resolve
+from sam_kernels._backend import FUSED_DTYPES, resolve
 
 TensorList = Sequence[torch.Tensor]
 
 
-def check_lists(names: Sequence[str], *lists: TensorList) -> torch.device | None:
-    """Equal lengths, no sparse tensors, one device; returns that device."""
+def check_lists(
+    names: Sequence[str],
+    *lists: TensorList,
+    outputs: Sequence[str] = (),
+    scalars: Mapping[str, object] | None = None,
+) -> torch.device | None:
+    """Validate an op's arguments before anything runs; returns the tensors' device.
+
+    - equal lengths, no sparse tensors, one device for every tensor of every list (a meta
+      tensor among real ones included): the error names the list and index that differ;
+    - ``scalars``: the op's tensor-valued coefficients (scale, ok flag, lr, loss, LinComb
+      coefficients, ...; other values are ignored) must be on the lists' device. The one
+      exception, as in torch's own ops, is a one-element CPU tensor beside accelerator lists
+      (a CPU ``lr`` tensor with CUDA parameters): the backends copy it. A meta coefficient
+      with real lists (or the reverse) is refused. A call whose tensors are all on ``meta``
+      is accepted (and does nothing);
+    - ``outputs``: the names of the lists the op writes (and of state lists such as backups
+      that must be separate from them): no tensor of those lists may share memory with another
+      one of them (the same tensor twice, overlapping views: :func:`check_no_overlap`).
+      Inputs may alias each other and the outputs.
+    """
     n = len(lists[0])
     for name, lst in zip(names, lists):
         if len(lst) != n:
             raise ValueError(f"{name} has {len(lst)} tensors, expected {n} (as {names[0]})")
+    device = None
+    first = ""
     for name, lst in zip(names, lists):
-        for t in lst:
+        for i, t in enumerate(lst):
             if t.is_sparse:
                 raise ValueError(f"{name} contains a sparse tensor; SAM ops need dense tensors")
-    return common_device([t for lst in lists for t in lst], what=", ".join(names))
+            d = t.device
+            if device is None:
+                device, first = d, f"{name}[{i}]"
+            elif d != device:
+                raise ValueError(
+                    f"{name}[{i}] is on {d} but {first} is on {device}: the tensors are on "
+                    "different devices; one fused call takes tensors of one device"
+                )
+    if scalars and device is not None:
+        for name, x in scalars.items():
+            if isinstance(x, torch.Tensor) and x.device != device:
+                host_scalar = x.device.type == "cpu" and x.numel() == 1 and device.type != "meta"
+                if not host_scalar:
+                    raise ValueError(
+                        f"{name} is a tensor on {x.device} but the tensor lists ({first}) are on "
+                        f"{device}; pass {name} on {device}"
+                    )
+    if outputs and device is not None and device.type != "meta":
+        by_name = dict(zip(names, lists))
+        check_no_overlap([(name, by_name[name]) for name in outputs if name in by_name])
+    return device
 
 
-def pick(op: str, backend: str | None, names: Sequence[str], *lists: TensorList):
-    """Validate the lists (:func:`check_lists`) and return the implementation to run."""
-    device = check_lists(names, *lists)
+def check_no_overlap(named: Sequence[tuple[str, TensorList]]) -> None:
+    """Refuse tensors that share memory: the same tensor twice, or views whose bytes intersect.
+
+    One pass over ``data_ptr`` and the strided extent of each tensor (no per-element work):
+    the byte ranges ``[data_ptr, data_ptr + extent)`` sorted by start, each compared with the
+    furthest-reaching range before it. Empty tensors never alias. Interleaved views
+    (``x[::2]`` and ``x[1::2]``) have intersecting ranges and are refused too. An expanded
+    tensor (a stride 0 over more than one element) overlaps itself and is refused. Skipped
+    while torch.compile traces (no ``data_ptr`` on fake tensors).
+    """
+    if torch.compiler.is_compiling():
+        return
+    spans: list[tuple[int, int, int, int]] = []
+    for k, (name, lst) in enumerate(named):
+        for i, t in enumerate(lst):
+            nbytes = t.nbytes
+            if nbytes == 0:
+                continue
+            start = t.data_ptr()
+            if t.is_contiguous():
+                spans.append((start, start + nbytes, k, i))
+                continue
+            extent = 1
+            for size, stride in zip(t.shape, t.stride()):
+                if size > 1:
+                    if stride == 0:
+                        raise ValueError(
+                            f"{name}[{i}] is an expanded tensor (stride 0): its elements "
+                            "overlap in memory, and it is written by this op"
+                        )
+                    extent += (size - 1) * abs(stride)
+            spans.append((start, start + extent * t.element_size(), k, i))
+    if len(spans) < 2:
+        return
+    spans.sort()
+    reach = spans[0]
+    for span in spans[1:]:
+        if span[0] < reach[1]:
+            a, b = sorted([reach, span], key=lambda s: (s[2], s[3]))
+            what = "the same memory twice" if a[:2] == b[:2] else "overlapping memory"
+            raise ValueError(
+                f"{named[a[2]][0]}[{a[3]}] and {named[b[2]][0]}[{b[3]}] alias ({what}): a "
+                "tensor this op writes may not share memory with another written tensor (the "
+                "same tensor twice, or overlapping views of one storage)"
+            )
+        if span[1] > reach[1]:
+            reach = span
+
+
+def pick(
+    op: str,
+    backend: str | None,
+    names: Sequence[str],
+    *lists: TensorList,
+    outputs: Sequence[str] = (),
+    scalars: Mapping[str, object] | None = None,
+):
+    """Validate the arguments (:func:`check_lists`) and return the implementation to run."""
+    device = check_lists(names, *lists, outputs=outputs, scalars=scalars)
     fusable = all(t.dtype in FUSED_DTYPES for lst in lists for t in lst)
     return resolve(op, device, backend, fusable)
 

@@ -48,7 +48,11 @@ def adamw_step_(
     """
     g_lists = grads.terms if isinstance(grads, LinComb) else (grads,)
     lists = [params, *g_lists, exp_avgs, exp_avg_sqs, steps]
-    names = ["params"] + [f"grads[{k}]" for k in range(len(g_lists))]
+    names = ["params"] + (
+        [f"grads.terms[{k}]" for k in range(len(g_lists))]
+        if isinstance(grads, LinComb)
+        else ["grads"]
+    )
     names += ["exp_avgs", "exp_avg_sqs", "steps"]
     if amsgrad:
         lists.append(max_exp_avg_sqs)
@@ -56,7 +60,11 @@ def adamw_step_(
     if backups is not None:
         lists.append(backups)
         names.append("backups")
-    pick("adamw_step", backend, names, *lists)(
+    outputs = [n for n in names if not n.startswith("grads")]  # backups: kept separate
+    scalars = {"lr": lr, "ok": ok}
+    if isinstance(grads, LinComb):
+        scalars["grads.coefs"] = grads.coefs
+    pick("adamw_step", backend, names, *lists, outputs=outputs, scalars=scalars)(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, lr, beta1,
         beta2, eps, weight_decay, amsgrad, maximize, ok,
     )  # fmt: skip

@@ -6,6 +6,9 @@ mu_t  = delta * mu_{t-1} + (1 - delta) * s_t
 var_t = delta * var_{t-1} + (1 - delta) * (s_t - mu_t)^2
 SAM this step  iff  s_t >= mu_t + c_t * sqrt(var_t)
 ```
+``s_t`` is summed in fp64 on every backend and kept in fp32, as ``stats`` is: a squared norm
+beyond the fp32 range (about 3.4e38) counts as non-finite, and ``var`` (in units of
+``||g||^4``) saturates to ``inf`` from ``||g||`` ~ 4e9 on.
 ``stats`` is a float32 device tensor ``[mu, var]`` updated in place (starting at 0). The result
 is a 0-d int32 device tensor: 1 = SAM step, 0 = ERM step, -1 = the gradient is not finite (then
 ``stats`` is left unchanged). It is the one value the host reads per AE-SAM step.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from sam_kernels._backend import register
-from sam_kernels.ops._common import TensorList, acc_dtype, check_lists, pick
+from sam_kernels.ops._common import TensorList, check_lists, pick
 
 DECISION_SAM = 1
 DECISION_ERM = 0
@@ -44,7 +47,9 @@ def aesam_stats_(
 def aesam_stats_eager(grads, stats, delta, c) -> torch.Tensor:
     grads = list(grads)
     if grads:
-        norms = torch._foreach_norm(grads, 2, dtype=acc_dtype(grads))
+        # accumulated in fp64 (see grad_norm), kept in fp32 as the statistics are: a squared
+        # norm beyond the fp32 range (~3.4e38) counts as non-finite
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
         s = torch.stack(norms).square().sum().float()
     else:
         s = torch.zeros((), dtype=torch.float32, device=stats.device)

@@ -22,9 +22,16 @@ def frob_accumulate_(
     backend: str | None = None,
 ) -> None:
     """``cross[i] += loss * grads[i]``; ``gsum[i] += grads[i]`` (fp32 math in fused backends)."""
-    pick("frob_accumulate", backend, ("cross", "gsum", "grads"), cross, gsum, grads)(
-        cross, gsum, grads, loss
-    )
+    pick(
+        "frob_accumulate",
+        backend,
+        ("cross", "gsum", "grads"),
+        cross,
+        gsum,
+        grads,
+        outputs=("cross", "gsum"),
+        scalars={"loss": loss},
+    )(cross, gsum, grads, loss)
 
 
 @register("frob_accumulate", "eager")

@@ -2,8 +2,16 @@
 
 ``T_i = |p_i| + eta`` when ``params`` is given (ASAM, Kwon et al. 2021, eq. for the
 normalisation operator with davda54/sam's eta = 0 form), else 1 (SAM, Foret et al. 2021).
-Accumulation is in fp32 for fp32/bf16/fp16 inputs and the result is a 0-d fp32 tensor on the
-tensors' device: no host read.
+
+Accuracy. Every backend squares and sums in fp64, whatever the tensors' dtype, so the norm is
+finite and accurate (relative error ~1e-15 before the final rounding) for every finite input:
+elements up to the fp32 maximum (whose squares overflow fp32 from about 1.8e19), mixes of tiny
+and huge values, and tensors of billions of elements (an fp32 sum is off by 1e-4..1e-1 from a
+few million elements on). The weighted product ``T * g`` is formed in fp64 (the compiled
+extension: fp32), never rounded to bf16/fp16. The result is a 0-d fp32 tensor on the tensors'
+device (fp64 when an input is fp64): no host read. It is ``inf``/``nan`` when some element is
+not finite, and also (the one finite case) when the true norm exceeds the fp32 range (about
+3.4e38).
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ def grad_norm(
     """Global L2 norm of ``grads`` (weighted by ``|params| + eta`` if ``params`` is given).
 
     Returns a 0-d float32 tensor on the tensors' device (``inf``/``nan`` if any gradient is
-    not finite, which is how callers detect a non-finite gradient without a host read).
+    not finite, which is how callers detect a non-finite gradient without a host read; also
+    ``inf`` for a finite input whose norm exceeds the fp32 range, about 3.4e38).
     """
     if params is None:
         return pick("grad_norm", backend, ("grads",), grads)(grads, None, eta)
@@ -32,8 +41,32 @@ def grad_norm(
 
 
 def finite_flag(grads: TensorList, *, backend: str | None = None) -> torch.Tensor:
-    """0-d float32 tensor: 1.0 if every element of ``grads`` is finite, else 0.0."""
+    """0-d float32 tensor: 1.0 if every element of ``grads`` is finite, else 0.0.
+
+    Read from the (fp64-accumulated) norm: also 0.0 for finite gradients whose norm exceeds the
+    fp32 range (about 3.4e38).
+    """
     return torch.isfinite(grad_norm(grads, backend=backend)).to(torch.float32)
+
+
+#: elements per fp64 temporary of the eager norm (32 MiB): large tensors are reduced in pieces
+#: of this size, so the fp64 conversion never holds more than one piece per tensor (a whole
+#: 2^31-element tensor would need 16 GiB), and each temporary is large enough to be mmap'ed
+#: and returned (smaller ones fragmented the CPU heap)
+PIECE = 1 << 22
+#: elements converted to fp64 at once by the eager weighted (ASAM) norm (128 MiB)
+BATCH = 1 << 24
+
+
+def _pieces(tensors: TensorList) -> list[torch.Tensor]:
+    """The tensors, with those above :data:`PIECE` elements flattened and split into views."""
+    out: list[torch.Tensor] = []
+    for t in tensors:
+        if t.numel() > PIECE:
+            out.extend(t.reshape(-1).split(PIECE))
+        else:
+            out.append(t)
+    return out
 
 
 @register("grad_norm", "eager")
@@ -41,13 +74,29 @@ def grad_norm_eager(grads: TensorList, params: TensorList | None, eta: float) ->
     grads = list(grads)
     if not grads:
         return torch.zeros((), dtype=torch.float32)
-    if params is not None:
-        weights = torch._foreach_abs(list(params))
-        if eta != 0.0:
-            torch._foreach_add_(weights, eta)
-        # the product is rounded to the tensors' dtype (bf16/fp16: within the dtype's
-        # tolerance of the fp32 product the fused backends form)
-        torch._foreach_mul_(weights, grads)
-        grads = weights
-    norms = torch._foreach_norm(grads, 2, dtype=acc_dtype(grads))
-    return torch.linalg.vector_norm(torch.stack(norms), 2)
+    out_dtype = acc_dtype(grads if params is None else grads + list(params))
+    gs = _pieces(grads)
+    if params is None:
+        # fp64 accumulation: torch's fp32 CPU reduction is off by 1e-4..1e-1 on tensors of
+        # 10^7..10^9 elements, and squares of elements above ~1.8e19 overflow fp32
+        norms = torch._foreach_norm(gs, 2, dtype=torch.float64)
+    else:
+        # T * g in fp64 (never rounded to bf16/fp16, never overflowing), in batches of at most
+        # BATCH elements. The one per-tensor loop of this module: a conversion per parameter
+        # (no foreach op changes dtype); the rest is a fixed number of foreach ops per batch.
+        ps = _pieces(params)
+        norms = []
+        i = 0
+        while i < len(ps):
+            j, size = i + 1, ps[i].numel()
+            while j < len(ps) and size + ps[j].numel() <= BATCH:
+                size += ps[j].numel()
+                j += 1
+            weights = [p.to(torch.float64, copy=True) for p in ps[i:j]]
+            torch._foreach_abs_(weights)
+            if eta != 0.0:
+                torch._foreach_add_(weights, eta)
+            torch._foreach_mul_(weights, gs[i:j])
+            norms.extend(torch._foreach_norm(weights, 2))
+            i = j
+    return torch.linalg.vector_norm(torch.stack(norms), 2).to(out_dtype)

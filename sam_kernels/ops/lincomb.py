@@ -51,7 +51,9 @@ def lincomb_(
     """``out[i] = sum_k coefs[k(, i)] * terms[k][i]`` (fp32 math in fused backends)."""
     comb = LinComb(tuple(terms), coefs)
     names = ("out",) + tuple(f"terms[{k}]" for k in range(len(terms)))
-    pick("lincomb", backend, names, out, *terms)(out, comb)
+    pick("lincomb", backend, names, out, *terms, outputs=("out",), scalars={"coefs": coefs})(
+        out, comb
+    )
 
 
 def materialize(comb: LinComb | TensorList) -> list[torch.Tensor]:

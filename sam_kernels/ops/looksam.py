@@ -10,10 +10,13 @@ On a reuse step the stored ``gv`` is added back to the new ``g0``::
 
     g_i = g0_i + alpha * ||g0_i|| / (||gv_i|| + 1e-8) * gv_i  (coefficient 0 where ||gv_i|| = 0)
 
-Norms and dot products are per tensor, in fp32 (fp64 for fp64 tensors), from
-``torch._foreach_*`` reductions: the number of dispatched ops does not grow with the number of
-tensors. The dot product uses ``sum(x) = 2 * sum(max(x, 0)) - sum(|x|)`` over the products, whose
-rounding error is bounded by ``eps * sum |g0 * gs|`` (that of a plain dot product).
+Norms and dot products are per tensor, accumulated in fp64 (squares of elements above ~1.8e19
+overflow fp32, and fp32 sums lose accuracy over millions of elements), from ``torch._foreach_*``
+reductions: the number of dispatched ops does not grow with the number of tensors. The
+elementwise products ``g0 * gs`` are formed in the tensors' dtype; coefficients are returned in
+fp32 (fp64 for fp64 tensors). The dot product uses ``sum(x) = 2 * sum(max(x, 0)) - sum(|x|)``
+over the products, whose rounding error is bounded by ``eps * sum |g0 * gs|`` (that of a plain
+dot product).
 """
 
 from __future__ import annotations
@@ -48,7 +51,16 @@ def looksam_project_(
     ``ok``: a 0-d float tensor (1.0 or 0.0) on the tensors' device; when it is 0 ``gv`` keeps
     its values, whatever ``gs`` holds (NaN included). No host read.
     """
-    pick("looksam_project", backend, ("gv", "g0", "gs"), gv, g0, gs)(gv, g0, gs, ok)
+    pick(
+        "looksam_project",
+        backend,
+        ("gv", "g0", "gs"),
+        gv,
+        g0,
+        gs,
+        outputs=("gv",),
+        scalars={"ok": ok},
+    )(gv, g0, gs, ok)
 
 
 def looksam_reuse(
@@ -82,11 +94,11 @@ def looksam_project_eager(gv, g0, gs, ok) -> None:
     if ok is not None:
         g0 = sanitize(g0, ok)
         gs = sanitize(gs, ok)
-    dtype = acc_dtype(g0 + gs)
-    dot = _dots(g0, gs, dtype)
-    n0sq = torch.stack(torch._foreach_powsum(g0, 2, dtype=dtype))
+    dot = _dots(g0, gs, torch.float64)
+    n0sq = torch.stack(torch._foreach_powsum(g0, 2, dtype=torch.float64))
     positive = n0sq > 0
     coef = torch.where(positive, dot / torch.where(positive, n0sq, 1.0), 0.0)
+    coef = coef.to(acc_dtype(g0 + gs))
     new = torch._foreach_mul(g0, per_tensor(-coef, len(g0)))
     torch._foreach_add_(new, gs)
     if ok is None:
@@ -101,7 +113,7 @@ def looksam_reuse_coefs_eager(g0, gv, alpha: float) -> torch.Tensor:
     dtype = acc_dtype(g0 + gv)
     if not g0:
         return torch.zeros((2, 0), dtype=dtype)
-    n0 = torch.stack(torch._foreach_norm(g0, 2, dtype=dtype))
-    nv = torch.stack(torch._foreach_norm(gv, 2, dtype=dtype))
-    c = torch.where(nv > 0, alpha * n0 / (nv + REUSE_EPS), 0.0)
+    n0 = torch.stack(torch._foreach_norm(g0, 2, dtype=torch.float64))
+    nv = torch.stack(torch._foreach_norm(gv, 2, dtype=torch.float64))
+    c = torch.where(nv > 0, alpha * n0 / (nv + REUSE_EPS), 0.0).to(dtype)
     return torch.stack([torch.ones_like(c), c])

@@ -33,9 +33,16 @@ def perturb_(
     ``scale``: 0-d or ``[len(params)]`` float32 tensor on the parameters' device.
     ``T(p) = |p| + eta`` if ``adaptive`` else 1.
     """
-    pick("perturb", backend, ("params", "grads", "backups"), params, grads, backups)(
-        params, grads, backups, scale, adaptive, eta
-    )
+    pick(
+        "perturb",
+        backend,
+        ("params", "grads", "backups"),
+        params,
+        grads,
+        backups,
+        outputs=("params", "backups"),
+        scalars={"scale": scale},
+    )(params, grads, backups, scale, adaptive, eta)
 
 
 @register("perturb", "eager")
@@ -82,12 +89,18 @@ def noise_perturb_(
     """
     if kind not in NOISE_KINDS:
         raise ValueError(f"kind={kind!r}; expected one of {NOISE_KINDS}")
+    names, lists = ["params", "backups"], [params, backups]
+    if noise is not None:
+        names.append("noise")
+        lists.append(noise)
     fn = pick(
         "noise_perturb",
         backend if noise is None else "eager",
-        ("params", "backups"),
-        params,
-        backups,
+        names,
+        *lists,
+        # backups are read (save_backup=False) or written: separate from params either way
+        outputs=("params", "backups"),
+        scalars={"scale": scale, "seed": seed, "offset": offset},
     )
     fn(params, backups, scale, kind, half_cube_len, save_backup, seed, offset, noise)
 

@@ -10,7 +10,15 @@ from sam_kernels.ops._common import TensorList, pick
 
 def restore_(params: TensorList, backups: TensorList, *, backend: str | None = None) -> None:
     """Copy ``backups[i]`` into ``params[i]`` bit for bit."""
-    pick("restore", backend, ("params", "backups"), params, backups)(params, backups)
+    pick(
+        "restore",
+        backend,
+        ("params", "backups"),
+        params,
+        backups,
+        # a backup sharing memory with a parameter (or with another backup) is no saved copy
+        outputs=("params", "backups"),
+    )(params, backups)
 
 
 @register("restore", "eager")

@@ -45,14 +45,26 @@ def sgd_step_(
     """
     g_lists = grads.terms if isinstance(grads, LinComb) else (grads,)
     lists = [params, *g_lists, steps]
-    names = ["params"] + [f"grads[{k}]" for k in range(len(g_lists))] + ["steps"]
+    names = (
+        ["params"]
+        + (
+            [f"grads.terms[{k}]" for k in range(len(g_lists))]
+            if isinstance(grads, LinComb)
+            else ["grads"]
+        )
+        + ["steps"]
+    )
     if momentum != 0.0:
         lists.append(momentum_buffers)
         names.append("momentum_buffers")
     if backups is not None:
         lists.append(backups)
         names.append("backups")
-    pick("sgd_step", backend, names, *lists)(
+    outputs = [n for n in names if not n.startswith("grads")]  # backups: kept separate
+    scalars = {"lr": lr, "ok": ok}
+    if isinstance(grads, LinComb):
+        scalars["grads.coefs"] = grads.coefs
+    pick("sgd_step", backend, names, *lists, outputs=outputs, scalars=scalars)(
         params, grads, momentum_buffers, steps, backups, lr, momentum, dampening, nesterov,
         weight_decay, maximize, ok,
     )  # fmt: skip

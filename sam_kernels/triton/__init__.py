@@ -16,7 +16,8 @@ Design (details in :mod:`sam_kernels.triton._launch`):
   non-blocking copy. No op reads a device value on the host (no ``.item()``, ``bool()``,
   ``nonzero``): scales, coefficients, losses, learning rates given as tensors, the finite flag
   ``ok``, step counters and the noise ``(seed, offset)`` are all loaded inside the kernels.
-- fp32, bf16 and fp16: loaded and converted to fp32 at once, math in fp32, stored in each
+- fp32, bf16 and fp16: loaded and converted to fp32 at once, math in fp32 (the norms square
+  and sum in fp64: finite and accurate for every finite input), stored in each
   tensor's dtype (round to nearest even; the interpreter, which truncates bf16 stores, rounds
   explicitly). Backups are copied in the parameters' dtype, bit for bit. Other dtypes (fp64)
   run on the eager reference.

@@ -37,7 +37,7 @@ ARG_TYPES = {
     "table": "*i64",
     "ptrs": "*i64",
     "n": "i32",
-    "partial": "*fp32",
+    "partial": "*fp64",
     "base": "i32",
     "nparts": "i32",
     "out": "*fp32",

@@ -21,7 +21,9 @@ from sam_kernels.triton.grad_norm import sum_partials, sumsq_partials
 def _aesam_final_kernel(
     partial, nparts, stats, out, delta, one_minus_delta, c, BLOCK: tl.constexpr
 ):
-    s = sum_partials(partial, nparts, BLOCK)
+    # the squared norm summed in fp64, then kept in fp32 as the statistics are (a squared
+    # norm beyond the fp32 range counts as non-finite, as on the eager reference)
+    s = sum_partials(partial, nparts, BLOCK).to(tl.float32)
     mu0 = tl.load(stats)
     var0 = tl.load(stats + 1)
     mu = delta * mu0 + one_minus_delta * s
@@ -45,7 +47,7 @@ def aesam_stats_triton(grads, stats, delta, c) -> torch.Tensor:
             partial, total, device = sumsq_partials(grads, None, 0.0, "aesam")
         else:
             device = stats.device
-            partial, total = torch.zeros(1, dtype=torch.float32, device=device), 0
+            partial, total = torch.zeros(1, dtype=torch.float64, device=device), 0
     except Fallback:
         return aesam_stats_eager(grads, stats, delta, c)
     out = torch.empty((), dtype=torch.int32, device=device)
