@@ -439,7 +439,9 @@ def test_generic_base(log_form):
 
 def test_losses_averaged_over_ranks(monkeypatch):
     """Under torch.distributed the paper form's three losses are all-reduced (one scalar per
-    evaluation, on the device); the reference form reduces none. One rank: the plain result."""
+    evaluation, on the device); the reference form reduces none. Both forms add one scalar
+    all-reduce per step: the skip vote (every rank skips or steps together). One rank: the
+    plain result."""
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -461,7 +463,7 @@ def test_losses_averaged_over_ranks(monkeypatch):
                 calls.clear()
                 for s in range(2):
                     opt_step(opt, model, *data(seed=s, dtype=torch.float32), "closure")
-                want = 2 * 3 if (distributed and log_form) else 0
+                want = 2 * (3 * log_form + 1) if distributed else 0
                 assert len(calls) == want and all(t.dim() == 0 for t in calls)
                 results[distributed, log_form] = [p.detach().clone() for p in model.parameters()]
         finally:

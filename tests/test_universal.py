@@ -554,7 +554,8 @@ def test_det_overflow_is_skipped(sign):
 
 def test_losses_averaged_over_ranks(monkeypatch):
     """Under torch.distributed the losses that weight gradients are all-reduced (one scalar
-    per evaluation, on the device); with one rank the result equals the plain run."""
+    per evaluation, on the device), plus one scalar per step: the skip vote (every rank skips
+    or steps together); with one rank the result equals the plain run."""
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -577,7 +578,7 @@ def test_losses_averaged_over_ranks(monkeypatch):
                 for s in range(2):
                     opt_step(opt, model, *data(seed=s, dtype=torch.float32), "closure", seed=s)
                 n = CASES[name][2]["n_samples"]
-                per_step = {"frob": n, "trace": 0, "det": n + 1}[name]
+                per_step = {"frob": n, "trace": 0, "det": n + 1}[name] + 1
                 assert len(calls) == (2 * per_step if distributed else 0), name
                 assert all(t.dim() == 0 for t in calls)
                 results[distributed, name] = [q.detach().clone() for q in model.parameters()]
