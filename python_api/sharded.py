@@ -94,9 +94,9 @@ def _all_reduce_norm(n: torch.Tensor, group: Any) -> torch.Tensor:
         return n
     import torch.distributed as dist
 
-    sq = n * n
+    sq = n.double() ** 2  # fp64: a squared norm above 3.4e38 must not overflow
     dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=group)
-    return sq.sqrt()
+    return sq.sqrt().to(n.dtype)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
