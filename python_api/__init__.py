@@ -1,5 +1,7 @@
 """python_api: the SAM-family optimizers and sharpness metrics, built on :mod:`sam_kernels`."""
 
+__version__ = "0.1.0"  # the distribution's (sam-kernels, pyproject.toml)
+
 from python_api._base import NonFiniteError, SAMFamily
 from python_api.aesam import AESAM, AELookSAM
 from python_api.batchnorm import disable_running_stats, enable_running_stats

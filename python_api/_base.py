@@ -30,7 +30,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 import sam_kernels as sk
-from python_api import _state
+from python_api import _conventions, _state
 from python_api.batchnorm import BNStatsKeeper, preserve_bn_stats
 
 Closure = Callable[[], Any]
@@ -59,7 +59,12 @@ def check_range(name: str, value: float, lo: float, hi: float, lo_open: bool, hi
 
 
 def _fused_kind(base: Optimizer) -> str | None:
-    """'sgd' / 'adamw' when the wrapper can run the base step itself, else None."""
+    """'sgd' / 'adamw' when the wrapper can run the base step itself, else None.
+
+    ``foreach=False`` or ``fused=False`` given for the base (torch's single-tensor or unfused
+    implementation asked for explicitly) is honoured: torch's own ``step()`` runs (see
+    :class:`SAMFamily`). ``None``/``True`` and any ``capturable`` keep the fused path.
+    """
     if type(base) is torch.optim.SGD:
         kind = "sgd"
     elif type(base) is torch.optim.AdamW:
@@ -69,6 +74,8 @@ def _fused_kind(base: Optimizer) -> str | None:
     for g in base.param_groups:
         if g.get("differentiable", False):
             return None
+        if g.get("foreach") is False or g.get("fused") is False:
+            return None
     return kind
 
 
@@ -76,6 +83,15 @@ class SAMFamily(Optimizer):
     """Base class: wrapping, closures, BN handling, the fused base step and non-finite skips.
 
     Subclasses implement :meth:`step` with the helpers below.
+
+    torch's implementation flags given for a ``torch.optim.SGD``/``AdamW`` base (``foreach=``,
+    ``fused=``, ``capturable=``, as keyword arguments or in its groups): ``None`` or ``True``
+    keep the wrapper's own fused step (multi-tensor, restore fused in, no host read: it is what
+    ``foreach``/``fused``/``capturable=True`` ask for); ``foreach=False`` or ``fused=False``
+    is honoured by stepping the base with torch's own ``step()`` and those flags (the weights
+    are restored first; one host read of the finite flag per step); ``capturable=False`` keeps
+    the fused path (same values; its step counters stay on the parameters' device). Other base
+    optimizers always run their own ``step()`` with their own flags.
     """
 
     #: whether a step may read values on the host (AE-SAM, LookSAM, SS-SAM: the decision)
@@ -909,9 +925,8 @@ class SAMFamily(Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, groups=" + (
-            f"{len(self.param_groups)})"
-        )
+        # torch's: class name and every group's hyper-parameters, plus the base's class
+        return _conventions.optimizer_repr(self)
 
 
 _SGD_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay")
@@ -1017,6 +1032,9 @@ def _guard_step(step: Callable) -> Callable:
             raise
         finally:
             self._mark_grads()
+            # a torch LR scheduler built on the base optimizer (``SAM(None, base)``) sees the
+            # step, which the fused path takes without calling ``base.step()``
+            self.base_optimizer._opt_called = True
 
     return wrapped
 

@@ -70,6 +70,9 @@ _NOT_COPIED = (
     "_optimizer_load_state_dict_post_hooks",
     "_amp",
     "_dist",
+    # an LR scheduler's wrapper of ``step`` on the instance: it steps the original optimizer
+    # (a weak reference to it), so a copy keeps the class's step
+    "step",
     # per-step caches of the live object (weak references, plans over its own tensors):
     # rebuilt by SAMFamily.__setstate__
     "_grad_marks",

@@ -67,6 +67,7 @@ fp32's exponent range). bf16 parameters (``model.to(torch.bfloat16)``) work with
 from __future__ import annotations
 
 import functools
+import inspect
 import weakref
 from typing import Any
 
@@ -231,4 +232,22 @@ def with_scaler_kwarg(step):
         return out
 
     wrapped._sam_scaler_wrapped = True  # type: ignore[attr-defined]
+    # inspect.signature(opt.step) shows ``scaler`` (the wrappers above this one, torch's hook
+    # wrapper included, copy ``__signature__`` with functools.wraps)
+    wrapped.__signature__ = _with_scaler_param(inspect.signature(step))  # type: ignore[attr-defined]
     return wrapped
+
+
+_SCALER = inspect.Parameter(
+    "scaler", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="torch.amp.GradScaler | None"
+)
+
+
+def _with_scaler_param(sig: inspect.Signature) -> inspect.Signature:
+    """``sig`` with a keyword-only ``scaler=None`` (before ``**kwargs`` if any)."""
+    if "scaler" in sig.parameters:
+        return sig
+    params = list(sig.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    params.insert(at, _SCALER)
+    return sig.replace(parameters=params)

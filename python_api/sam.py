@@ -14,6 +14,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 import sam_kernels as sk
+from python_api import _conventions
 from python_api._base import Closure, SAMFamily, check_nonneg
 
 
@@ -45,6 +46,10 @@ class SAM(SAMFamily):
         on_nonfinite: ``"skip"`` (default; the step changes nothing, on the device) or
             ``"raise"`` (a host read per evaluation, then :class:`NonFiniteError`).
         backend: force ``"eager"``, ``"triton"`` or ``"cuda"`` for the fused ops.
+        **base_kwargs: the base optimizer's arguments (``lr``, ``momentum``, ...). For SGD and
+            AdamW, ``foreach``/``fused`` ``None`` or ``True`` and any ``capturable`` keep the
+            wrapper's fused step; ``foreach=False`` or ``fused=False`` runs torch's own step
+            with that flag (see :class:`python_api.SAMFamily`).
     """
 
     #: the base step uses only the second pass's gradient: per-replica DDP (m-sharpness) is
@@ -86,14 +91,26 @@ class SAM(SAMFamily):
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Save ``w`` and move to ``w + e(w)`` along the current gradients (``g0``)."""
+        """Save ``w`` and move to ``w + e(w)`` along the current gradients (``g0``).
+
+        The two calls are one optimizer step: the step pre-hooks
+        (``register_step_pre_hook``) run here, the post-hooks at the end of
+        :meth:`second_step`, once each, as ``step(closure)`` runs them.
+        """
+        self = _conventions.owner(self)  # Lightning's LightningOptimizer: the optimizer itself
+        _conventions.step_started(self)
         self._ok, self._perturbed = self._ascend()
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, loss: torch.Tensor | None = None) -> None:
-        """Restore ``w`` exactly and take the base step with the current gradients (``g1``)."""
+        """Restore ``w`` exactly and take the base step with the current gradients (``g1``).
+
+        The step is complete here: the step post-hooks run, and an LR scheduler stepped after
+        this call sees the optimizer step (no "lr_scheduler.step() before optimizer.step()").
+        """
+        self = _conventions.owner(self)
         ok, perturbed = self._ok, self._perturbed
         self._perturbed = []
         self._ok = torch.ones((), dtype=torch.float32, device=self._device)
@@ -101,6 +118,7 @@ class SAM(SAMFamily):
         if zero_grad:
             self.zero_grad()
         self._mark_grads()  # the end of a step: what is left is stale for the next one
+        _conventions.step_finished(self)
 
     # The two halves take and return their state explicitly: inside a compiled training step
     # (torch.compile of the caller), state handed from one half to the other through attributes

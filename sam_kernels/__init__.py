@@ -27,7 +27,36 @@ from sam_kernels.ops import (
     uniform_threshold,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the distribution's (pyproject.toml); python_api has the same
+
+# python_api's public names: ``from sam_kernels import SAM`` is the obvious wrong import (this
+# package holds the ops; it never imports python_api, so the list is kept here and checked
+# against python_api.__all__ by tests/test_conventions.py)
+_PYTHON_API_NAMES = frozenset(
+    {
+        "AELookSAM", "AESAM", "CRSAM", "DetSAM", "ESAM", "FSDP2SAMStep", "FrobSAM",
+        "LocalShards", "LookSAM", "NonFiniteError", "SAM", "SAMDDPStep", "SAMFamily", "SSSAM",
+        "TraceSAM", "accumulate_closure", "approximation_ratio", "disable_running_stats",
+        "enable_running_stats", "gradient_norm", "hessian_frobenius_norm", "hessian_trace",
+        "normalized_hessian_trace", "param_groups_no_decay", "sam_ddp_step",
+        "sharded_grad_norm", "sharpness_report", "top_hessian_eigenvalue",
+    }
+)  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _PYTHON_API_NAMES or name == "ASAM":
+        # ImportError, not AttributeError: ``from sam_kernels import SAM`` turns an
+        # AttributeError into a bare "cannot import name" and drops this message
+        real = "SAM" if name == "ASAM" else name
+        hint = " (ASAM is SAM(..., adaptive=True))" if name == "ASAM" else ""
+        raise ImportError(
+            f"sam_kernels has no {name!r}: it holds the fused ops; the optimizers live in "
+            f"python_api: from python_api import {real}{hint}",
+            name=__name__,
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BACKENDS",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_integrations import fresh_accelerate, import_timm, require
 from torch import nn
 
 from python_api import SAM
@@ -110,15 +111,28 @@ def test_example_timm_param_groups():
     finite_losses(load_example("timm_param_groups").main(["--steps", "2"]), 2)
 
 
-def test_example_lightning_manual():
-    if importlib.util.find_spec("lightning") is None:
-        pytest.importorskip("pytorch_lightning", reason="lightning is not installed")
-    finite_losses(load_example("lightning_manual").main(["--steps", "3"]), 3)
+def test_example_timm_sam():
+    """timm's optimizer factory with layer decay, wrapped (needs timm, hence torchvision)."""
+    import_timm()
+    losses = load_example("timm_sam").main(["--steps", "2", "--model", "vit_tiny_patch16_224"])
+    finite_losses(losses, 2)
 
 
-def test_example_accelerate():
-    pytest.importorskip("accelerate", reason="accelerate is not installed")
-    finite_losses(load_example("accelerate_loop").main(["--steps", "3"]), 3)
+# Lightning and accelerate are in the test extra (README command 1): in CI they must be there
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_example_lightning_manual(precision):
+    require("lightning.pytorch")
+    losses = load_example("lightning_manual").main(["--steps", "3", "--precision", precision])
+    finite_losses(losses, 3)
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_example_accelerate(mixed_precision):
+    fresh_accelerate()
+    losses = load_example("accelerate_loop").main(
+        ["--steps", "3", "--mixed-precision", mixed_precision]
+    )
+    finite_losses(losses, 3)
 
 
 def test_example_ddp_per_replica():
