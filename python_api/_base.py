@@ -633,7 +633,10 @@ class SAMFamily(Optimizer):
         elif len(norms) == 1:
             n = norms[0]
         else:
-            n = torch.linalg.vector_norm(torch.stack([n.to(self._device) for n in norms]))
+            # combined in fp64: per-setting norms near the fp32 limit must not overflow here
+            n = torch.linalg.vector_norm(
+                torch.stack([n.to(self._device, torch.float64) for n in norms])
+            ).to(norms[0].dtype)
         # sharded parameters (python_api.sharded): sqrt of the all-reduced squared local norms
         return self._dist.reduce_norm(n) if self._dist is not None else n
 

@@ -241,8 +241,17 @@ def make_closure(model, x, y, poison: str | None = None, calls: list | None = No
     return closure
 
 
+#: metadata-only ops (a view and the detach the dispatch mode sees with it): no kernel, no
+#: memory pass; left out of the "ops per call do not grow with the tensor count" counts
+METADATA_OPS = (torch.ops.aten.view, torch.ops.aten.detach)
+
+
 class HostReads(TorchDispatchMode):
-    """Counts host reads (``aten._local_scalar_dense``) and all ops dispatched inside."""
+    """Counts host reads (``aten._local_scalar_dense``) and the ops dispatched inside.
+
+    ``ops`` leaves out :data:`METADATA_OPS` (no kernel: the eager skip views each gradient's
+    bits as integers, see ``sam_kernels.ops._common.sanitize``).
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -250,7 +259,7 @@ class HostReads(TorchDispatchMode):
         self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
+        self.ops += func.overloadpacket not in METADATA_OPS
         if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.item):
             self.reads += 1
         return func(*args, **(kwargs or {}))

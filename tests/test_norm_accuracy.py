@@ -255,3 +255,22 @@ def test_sam_step_with_1e19_gradients_is_taken(backend):
     after = list(model.parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert not torch.equal(before[0], after[0].detach()), "the step changed nothing"
+
+
+def test_mixed_norm_settings_combined_without_overflow():
+    """Groups with different ASAM settings (one norm per (adaptive, eta) setting): per-setting
+    norms of ~1e20 combine to sqrt(2) * 1e20, finite, not the fp32 overflow of their squares."""
+    from python_api import SAM
+
+    a = torch.nn.Parameter(torch.ones(4))
+    b = torch.nn.Parameter(torch.ones(4))
+    groups = [{"params": [a], "eta": 0.0}, {"params": [b], "eta": 1.0}]
+    opt = SAM(groups, torch.optim.SGD, rho=0.05, adaptive=True, lr=1e-30)
+    a.grad = torch.full((4,), 5e19)  # ||T a g|| = 1e20 for both settings
+    b.grad = torch.full((4,), 2.5e19)
+    n = opt._grad_norm()
+    assert torch.isfinite(n)
+    assert_rel(n, 2**0.5 * 1e20, "combined norm")
+    opt.first_step()
+    opt.second_step()
+    assert opt.skipped_steps == 0 and opt.steps_taken == 1
