@@ -171,6 +171,21 @@ def _git_commit() -> str | None:
         return None
 
 
+def _git_dirty() -> int | None:
+    """How many tracked files differ from the commit (the tree measured is then not it)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+        return len([ln for ln in out.stdout.splitlines() if ln.strip()])
+    except Exception:
+        return None
+
+
 def env_info(device: torch.device) -> dict:
     """Device, versions and date: the header of every results file."""
     info: dict[str, Any] = {
@@ -182,6 +197,7 @@ def env_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "git_commit": _git_commit(),
+        "git_modified_files": _git_dirty(),
     }
     try:
         import triton
@@ -214,7 +230,22 @@ def env_info(device: torch.device) -> dict:
             info["driver"] = None
     else:
         info["cpu_threads"] = torch.get_num_threads()
+    # the host / cpu sections run on the CPU whatever the device
+    info["cpu_model"] = cpu_model()
+    info["cpu_count"] = os.cpu_count()
     return info
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def l2_bytes(device: torch.device) -> int:

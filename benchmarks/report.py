@@ -28,6 +28,8 @@ TARGET_X_LOOP = 3.0
 TARGET_X_EAGER = 1.3
 TARGET_X_FLOOR = 1.1
 TARGET_RATIO_TOL = 0.02
+TARGET_HOST_OPS = 6  # dispatched ops per SAM step (issue 14)
+TARGET_CPU_X_FUSED_SGD = 2.5  # CPU SAM step over torch's fused SGD step, ResNet-50 shapes
 
 
 # ----------------------------------------------------------------------------- derived numbers
@@ -84,6 +86,7 @@ def derive(results: dict) -> None:
             s["eager_x_loop"] = s["loop_ms"] / s["eager_ms"]
         summary.append(s)
     results["ops_summary"] = summary
+    derive_host(results)
     base: dict[str, float] = {}
     for row in results.get("training", []):
         if row.get("optimizer") == "base" and _ok(row):
@@ -95,6 +98,82 @@ def derive(results: dict) -> None:
                 row["within_2pct_of_ideal"] = bool(
                     abs(row["ratio_to_base"] / row["ideal_ratio"] - 1.0) <= TARGET_RATIO_TOL
                 )
+
+
+def _host_ref(items: list[dict], base: str, label: str = "torch fused") -> float | None:
+    """The median ms of ``label``'s one-pass step over ``base`` among a section's items."""
+    for it in items:
+        if it.get("base") == base and _ok(it):
+            for row in it.get("rows", []):
+                if row.get("label") == label and "median_ms" in row:
+                    return row["median_ms"]
+    return None
+
+
+def derive_host(results: dict) -> None:
+    """Ratios of the host-overhead and CPU-step rows to torch's fused steps, target checks."""
+    for kind in ("host_overhead", "cpu_step"):
+        items = results.get(kind, [])
+        sgd = _host_ref(items, "SGD")
+        for it in items:
+            if not _ok(it):
+                continue
+            own = _host_ref([it], it.get("base", ""))
+            for row in it.get("rows", []):
+                ms = row.get("median_ms")
+                if ms is None:
+                    continue
+                if sgd:
+                    row["x_fused_sgd"] = ms / sgd
+                if own:
+                    row["x_fused_base"] = ms / own
+            it["targets"] = _host_targets(kind, it, sgd)
+
+
+def _host_targets(kind: str, it: dict, sgd: float | None) -> list[dict]:
+    """Issue 14's targets for this item's SAM rows (reported, never asserted)."""
+    rows = it.get("rows", [])
+    out = []
+    if kind == "host_overhead":
+        # the issue's target is torch's fused SGD step; over AdamW, its fused AdamW step
+        ref = sgd if it.get("base") == "SGD" else _host_ref([it], it.get("base", ""))
+        name = f"torch fused {it.get('base')}"
+        for row in rows:
+            if row.get("family") == "ours" and "median_ms" in row and ref:
+                ops = row.get("aten_ops")
+                out.append(
+                    {
+                        "row": f"{row['label']} {row['mode']}",
+                        "target": f"host ms <= {name}; <= {TARGET_HOST_OPS} aten ops",
+                        "value": f"x{row['median_ms'] / ref:.2f}, {ops} ops",
+                        "met": bool(row["median_ms"] <= ref and ops is not None
+                                    and ops <= TARGET_HOST_OPS),
+                    }
+                )  # fmt: skip
+        return out
+    peer = [r for r in rows if r.get("label") == "pytorch_optimizer" and "median_ms" in r]
+    for row in rows:
+        if row.get("family") == "ours" and row.get("default") and "median_ms" in row:
+            if peer:
+                out.append(
+                    {
+                        "row": f"{row['label']} {row['mode']}",
+                        "target": "faster than pytorch_optimizer's SAM",
+                        "value": f"{row['median_ms']:.4g} ms vs {peer[0]['median_ms']:.4g} ms",
+                        "met": bool(row["median_ms"] < peer[0]["median_ms"]),
+                    }
+                )
+            if sgd:
+                x = row["median_ms"] / sgd
+                out.append(
+                    {
+                        "row": f"{row['label']} {row['mode']}",
+                        "target": f"<= {TARGET_CPU_X_FUSED_SGD}x torch fused SGD",
+                        "value": f"x{x:.2f}",
+                        "met": bool(x <= TARGET_CPU_X_FUSED_SGD),
+                    }
+                )
+    return out
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -141,12 +220,14 @@ def markdown(results: dict) -> str:
         [k, str(m.get(k))]
         for k in (
             "device", "driver", "capability", "sm_count", "memory_gib", "l2_bytes", "torch",
-            "cuda", "cudnn", "triton", "python", "sam_kernels", "git_commit", "command",
-            "elapsed_s", "budget_s",
+            "cuda", "cudnn", "triton", "python", "sam_kernels", "git_commit",
+            "git_modified_files", "cpu_model", "cpu_count", "command", "elapsed_s", "budget_s",
         )
         if m.get(k) is not None
     ]  # fmt: skip
     lines += [_table(["field", "value"], env_rows), ""]
+    if m.get("note"):
+        lines += [f"Note: {m['note']}", ""]
     secs = m.get("sections", {})
     if secs:
         rows = [
@@ -162,18 +243,19 @@ def markdown(results: dict) -> str:
         lines += ["Backends:", "", _table(["backend", "available", "why not"], rows), ""]
 
     # copy bandwidth
-    lines += ["## Device-to-device copy bandwidth", ""]
     rows = [
         [r["key"], _f(r.get("tensor_bytes", 0) / 2**20), _f(r.get("median_ms")), _f(r.get("gbps"))]
         for r in results.get("copy", [])
         if _ok(r)
     ]
-    lines += [
-        _table(["measurement", "tensor MiB", "median ms", "GB/s (read+write)"], rows),
-        "",
-        "Every op's % is of the first measurement.",
-        "",
-    ]
+    if rows:
+        lines += ["## Device-to-device copy bandwidth", ""]
+        lines += [
+            _table(["measurement", "tensor MiB", "median ms", "GB/s (read+write)"], rows),
+            "",
+            "Every op's % is of the first measurement.",
+            "",
+        ]
 
     # ops
     summ = results.get("ops_summary", [])
@@ -283,6 +365,8 @@ def markdown(results: dict) -> str:
         hdr = ["optimizer", "base", "backend", "10 tensors", "300 tensors", "grows", "growing ops"]
         lines += [_table(hdr, rows), ""]
 
+    lines += host_markdown(results)
+
     # training
     train = results.get("training", [])
     if train:
@@ -324,6 +408,111 @@ def markdown(results: dict) -> str:
         lines.append(f"- skipped x{n}: {why}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _row_note(row: dict) -> str:
+    parts = []
+    if row.get("default"):
+        parts.append("the package's default backend on CPU tensors")
+    if row.get("version"):
+        parts.append(f"v{row['version']}" + (", foreach=True" if row.get("foreach") else ""))
+    if row.get("torch_compile"):
+        parts.append(f"torch.compile, compiled in {_f(row.get('compile_s'))} s")
+    if row.get("base_step"):
+        parts.append(f"per-parameter loop, base step: {row['base_step']}")
+    if row.get("closure_ms") is not None:
+        parts.append(f"closure alone {_f(row['closure_ms'])} ms")
+    if row.get("error"):
+        parts.append("**error**: " + row["error"][:200])
+    if row.get("skipped"):
+        parts.append("skipped: " + row["skipped"][:200])
+    return "; ".join(parts)
+
+
+def _host_table(items: list[dict], host: bool) -> list[str]:
+    rows = []
+    for it in items:
+        if not _ok(it):
+            why = it.get("error") or "skipped: " + it.get("skipped", "")
+            rows.append([it.get("base", "?"), "(all rows)", "", "", "", "", "", "", "", why[:200]])
+            continue
+        for r in it.get("rows", []):
+            spread = (
+                f"{_f(r['p20_ms'])}–{_f(r['p80_ms'])}" if "p20_ms" in r and "p80_ms" in r else ""
+            )
+            row = [r.get("base"), r.get("label"), r.get("mode"), _f(r.get("median_ms")), spread,
+                   _f(r.get("x_fused_sgd")), _f(r.get("x_fused_base"))]  # fmt: skip
+            if host:
+                row += [_f(r.get("aten_ops")), _f(r.get("host_reads"))]
+            rows.append(row + [_row_note(r)])
+    hdr = ["base", "row", "mode", "ms per step (median)", "p20–p80 ms", "x torch fused SGD"]
+    hdr += ["x torch fused (same base)"]
+    if host:
+        hdr += ["aten ops per step", "host reads per step"]
+    return [_table(hdr + ["note"], rows), ""]
+
+
+def _targets_lines(items: list[dict]) -> list[str]:
+    rows = [
+        [it.get("base"), t["row"], t["target"], t["value"], _f(t["met"])]
+        for it in items
+        if _ok(it)
+        for t in it.get("targets", [])
+    ]
+    if not rows:
+        return []
+    return ["Targets (issue 14; reported, not asserted):", "",
+            _table(["base", "row", "target", "measured", "met"], rows), ""]  # fmt: skip
+
+
+def _host_context(it: dict) -> str:
+    return (
+        f"{it.get('threads')} torch thread(s); backends on CPU tensors: "
+        f"{', '.join(it.get('backends') or []) or '–'} (default: {it.get('default_backend')}); "
+        f"pytorch_optimizer: {it.get('pytorch_optimizer')}; {it.get('rounds')} interleaved "
+        f"rounds x {it.get('reps_per_round')} steps per row after {it.get('warmup')} warm-up steps"
+    )
+
+
+def host_markdown(results: dict) -> list[str]:
+    """The host-overhead and CPU-step tables (issue 14, item 7)."""
+    lines: list[str] = []
+    host = results.get("host_overhead", [])
+    if host:
+        first = next((it for it in host if _ok(it)), {})
+        lines += [f"## Host overhead: one step over {first.get('n_tensors', 161)} one-element "
+                  "fp32 CPU tensors (ResNet-50's tensor count)", ""]  # fmt: skip
+        lines += [
+            "Host time of one optimizer step where the arithmetic costs nothing: "
+            "`time.perf_counter` around the step's calls, median over all steps, GC off; the "
+            "rows of one base are timed in interleaved rounds so load from other processes "
+            "falls on all of them alike. `step()`: torch's one-pass step (the lower bound). "
+            "`first+second`: `first_step()` + `second_step()`, gradients already present (set "
+            "outside the timing). `step(closure)`: the closure only sets precomputed gradients "
+            "(its own cost in the note). `aten ops`: top-level aten ops dispatched by one step "
+            "(TorchDispatchMode); `host reads`: `.item()`/`bool()`/`equal`/`nonzero` among them "
+            "(a device synchronisation when the tensor is on a GPU; torch's AdamW keeps its "
+            "step counters on the CPU, so its reads are not). The compiled peer's kernels are "
+            "not aten dispatches (`–`). " + _host_context(first) + ".",
+            "",
+        ]
+        lines += _host_table(host, True)
+        lines += _targets_lines(host)
+    cpu = results.get("cpu_step", [])
+    if cpu:
+        first = next((it for it in cpu if _ok(it)), {})
+        lines += [f"## CPU step: {first.get('shapes', '?')} ({first.get('n_tensors', '?')} "
+                  f"tensors, {first.get('numel', 0):,} fp32 parameters), "
+                  f"{first.get('threads')} thread(s)", ""]  # fmt: skip
+        lines += [
+            "One optimizer step on CPU tensors of the model's real shapes; SAM rows are "
+            "`step(closure)` with a closure that sets precomputed gradients. Median wall time "
+            "(`time.perf_counter`) over interleaved rounds. " + _host_context(first) + ".",
+            "",
+        ]
+        lines += _host_table(cpu, False)
+        lines += _targets_lines(cpu)
+    return lines
 
 
 # ----------------------------------------------------------------------------- plots
@@ -514,6 +703,27 @@ def summary_text(results: dict) -> str:
             )
         for (opt, backend), parts in by.items():
             out.append(f"  {opt:<9} {backend:<8} " + ", ".join(parts))
+    for kind, title in (("host_overhead", "host overhead, 161 one-element tensors"),
+                        ("cpu_step", "CPU step")):  # fmt: skip
+        items = [it for it in results.get(kind, []) if _ok(it)]
+        if not items:
+            continue
+        out.append(f"{title} ({items[0].get('shapes')}, {items[0].get('threads')} thread(s)): "
+                   "ms, x torch fused SGD, aten ops")  # fmt: skip
+        for it in items:
+            for r in it.get("rows", []):
+                if "median_ms" in r:
+                    out.append(
+                        f"  {r['base']:<6} {r['label'][:22]:<22} {r['mode']:<14} "
+                        f"{_f(r['median_ms']):>8} {_f(r.get('x_fused_sgd')):>6} "
+                        f"{_f(r.get('aten_ops')):>5}"
+                    )
+                else:
+                    why = r.get("error") or "skipped: " + r.get("skipped", "")
+                    out.append(f"  {r['base']:<6} {r.get('label', '?')[:22]:<22} {why[:60]}")
+            for t in it.get("targets", []):
+                out.append(f"  target {t['row']}: {t['target']}: {t['value']} -> "
+                           f"{'met' if t['met'] else 'NOT met'}")  # fmt: skip
     train = [r for r in results.get("training", []) if _ok(r)]
     if train:
         out.append("training: images/s, ratio to base (ideal)")

@@ -1,6 +1,6 @@
 """The one command: ``python -m benchmarks.run`` (GPU) or ``python -m benchmarks.run --smoke``.
 
-Sections (``--sections ops,optim,train``) each run in a child process under a share of the
+Sections (``--sections ops,optim,train,host,cpu``) each run in a child process under a share of the
 wall-clock budget (``--budget-s``); time a section does not use passes to the next. A failing
 item is recorded and the run goes on; a crashing child is restarted past the item that crashed.
 Results go to ``benchmarks/results/<date>_<device-slug>/`` (or ``--results-root``/that name, or
@@ -14,6 +14,7 @@ import argparse
 import importlib
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -24,10 +25,18 @@ SECTIONS = {
     "ops": "benchmarks.ops",
     "optim": "benchmarks.optimizer_step",
     "train": "benchmarks.training",
+    "host": "benchmarks.host",  # host time of a step over 161 one-element CPU tensors
+    "cpu": "benchmarks.host:plan_cpu",  # a CPU step over ResNet-50's shapes
     "selftest": "benchmarks._selftest",  # failure handling check, for the tests
 }
 # share of the budget per section (renormalised over the sections that remain)
-SHARES = {"ops": 0.36, "optim": 0.26, "train": 0.38, "selftest": 0.2}
+SHARES = {"ops": 0.36, "optim": 0.26, "train": 0.38, "host": 0.1, "cpu": 0.12, "selftest": 0.2}
+DEFAULT_SECTIONS = "ops,optim,train,host,cpu"
+#: seconds added to the default budget by the host / cpu sections (full run, smoke); most of it
+#: is the cold torch.compile of the compiled peer (25-55 s per function pair on a slow CPU)
+EXTRA_BUDGET = {"host": (150.0, 40.0), "cpu": (200.0, 20.0)}
+#: the no-progress limit of these sections' items is at least this (a compile writes nothing)
+MIN_ITEM_TIMEOUT = {"host": 240.0, "cpu": 240.0}
 RESULT_KINDS = (
     "copy",
     "backends",
@@ -36,6 +45,9 @@ RESULT_KINDS = (
     "dispatch_counts",
     "graph_capture",
     "training",
+    "host_overhead",
+    "cpu_step",
+    "compile",
     "selftest",
 )
 
@@ -44,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (< 60 s)")
     p.add_argument("--quick", action="store_true", help="fewer ops, shapes and optimizers")
-    p.add_argument("--sections", default="ops,optim,train", help="comma list: ops,optim,train")
+    p.add_argument("--sections", default=DEFAULT_SECTIONS, help=f"comma list of {DEFAULT_SECTIONS}")
     p.add_argument("--out", help="write the results exactly into this folder")
     p.add_argument(
         "--results-root",
@@ -55,6 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtypes", help="comma list of fp32,bf16")
     p.add_argument("--ops", help="comma list of op names (default all)")
     p.add_argument("--optimizers", help="comma list of optimizer names (default all)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch.set_num_threads in the sections' processes (default: 1 with --smoke, else "
+        "torch's default)",
+    )
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile'd peer")
+    p.add_argument("--note", help="a line for results.md (the machine, its load, ...)")
     p.add_argument("--keep-raw", action="store_true", help="keep the per-section JSON lines")
     p.add_argument(
         "--item-timeout-s",
@@ -90,25 +110,31 @@ def make_config(args: argparse.Namespace) -> dict[str, Any]:
         else ["loop", "eager", "triton", "cuda"],
         "ops": args.ops.split(",") if args.ops else None,
         "optimizers": args.optimizers.split(",") if args.optimizers else None,
+        "threads": args.threads or (1 if args.smoke else None),
+        "no_compile": bool(args.no_compile),
     }
     cfg["item_timeout_s"] = args.item_timeout_s or (30.0 if args.smoke else 90.0)
     if args.smoke:
         cfg.update(
             warmup_ms=2.0, rep_ms=5.0, min_reps=3, copy_bytes=16 * 2**20,
             optim_warmup=1, optim_steps=3, train_warmup=1, train_steps=2,
+            host_warmup=10, host_rounds=5, host_reps=20, cpu_warmup=1, cpu_rounds=5,
         )  # fmt: skip
     else:
         cfg.update(
             warmup_ms=10.0, rep_ms=40.0, min_reps=8, copy_bytes=2**30,
             optim_warmup=3, optim_steps=20, train_warmup=5, train_steps=10,
+            host_warmup=50, host_rounds=10, host_reps=50, cpu_warmup=2, cpu_rounds=9,
         )  # fmt: skip
     return cfg
 
 
-def default_budget(cfg: dict) -> float:
+def default_budget(cfg: dict, sections: list[str] | None = None) -> float:
+    i = 1 if cfg["smoke"] else 0
+    extra = sum(EXTRA_BUDGET[s][i] for s in sections or () if s in EXTRA_BUDGET)
     if cfg["smoke"]:
-        return 50.0
-    return 180.0 if cfg["quick"] else 330.0
+        return 50.0 + extra
+    return (180.0 if cfg["quick"] else 330.0) + extra
 
 
 def results_dir(args: argparse.Namespace, cfg: dict, device_name: str) -> str:
@@ -141,10 +167,10 @@ def run_child(args: argparse.Namespace) -> int:
 
     if cfg["device"] == "cuda":
         torch.backends.cudnn.benchmark = True
-    if cfg["smoke"]:
-        torch.set_num_threads(1)  # tiny tensors: threads only add contention
-    mod = importlib.import_module(SECTIONS[args.child])
-    items = mod.plan(cfg)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])  # smoke: tiny tensors, threads only add contention
+    module, _, fn = SECTIONS[args.child].partition(":")
+    items = getattr(importlib.import_module(module), fn or "plan")(cfg)
     return run_items(args.child, items, args.jsonl, args.deadline)
 
 
@@ -216,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         env = env_info(torch.device(cfg["device"]))
     except Exception as exc:  # a broken device must not stop the record
         env = {"device": cfg["device"], "env_error": f"{type(exc).__name__}: {exc}"}
-    budget = args.budget_s if args.budget_s else default_budget(cfg)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    budget = args.budget_s if args.budget_s else default_budget(cfg, sections)
     for s in sections:
         if s not in SECTIONS:
             print(f"unknown section {s!r}; expected some of {list(SECTIONS)}", file=sys.stderr)
@@ -244,9 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         print(f"== section {s} (until +{deadline - t_start:.0f}s) ==", flush=True)
         try:
-            st = run_section_process(
-                s, cfg_path, jsonls[s], deadline, item_timeout_s=cfg["item_timeout_s"]
-            )
+            timeout = max(cfg["item_timeout_s"], MIN_ITEM_TIMEOUT.get(s, 0.0))
+            st = run_section_process(s, cfg_path, jsonls[s], deadline, item_timeout_s=timeout)
         except Exception as exc:
             st = {"status": f"failed to run: {type(exc).__name__}: {exc}"}
         st["wall_s"] = round(time.time() - t0, 1)
@@ -259,8 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(time.time() - t_start, 1),
         "sections": section_status,
         "results_dir": out_dir,
-        "command": " ".join(["python -m benchmarks.run", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python -m benchmarks.run", *map(shlex.quote, argv or sys.argv[1:])]),
     }
+    if args.note:
+        results["meta"]["note"] = args.note
     report.write_all(results, out_dir)
     if args.keep_raw:
         print(f"raw JSON lines kept in {raw}")
