@@ -6,25 +6,23 @@ its results; the tests compare them with single-process computations:
 - DDP per-replica mode equals a hand computation of the m-sharpness update;
 - a non-finite first pass on one replica only makes every replica skip (per-replica mode);
 - the sharded global norm equals the norm of the concatenated gradients;
-- SAM over an FSDP2 ``fully_shard`` model equals single-process SAM on the whole batch.
+- SAM over an FSDP2 ``fully_shard`` model equals single-process SAM on the whole batch;
+- every class of the optimizer table over FSDP2 equals single-process training or is refused
+  with the reason;
+- plain DDP with a non-finite loss value on one rank only keeps the replicas equal.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import subprocess
 import sys
-import traceback
-from pathlib import Path
 
+import _gloo
 import pytest
 import torch
+from _gloo import WORLD
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-WORLD = 2
 STEPS_GLOBAL = 10
 STEPS_PER_REPLICA = 3
 HP = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -303,79 +301,13 @@ def _bw(loss):
     return loss
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    results = {}
-    for name, fn in SCENARIOS.items():
-        try:
-            results[name] = fn(rank)
-        except Exception:
-            results[name] = {"error": traceback.format_exc()}
-        dist.barrier()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------- launching
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with the gloo backend is not available")
-    out = tmp_path_factory.mktemp("ddp")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    env["OMP_NUM_THREADS"] = "1"
-    last = None
-    for _ in range(2):  # a port taken between probe and bind: retry once with another
-        port = _free_port()
-        procs = [
-            subprocess.Popen(
-                [sys.executable, __file__, "--worker", str(r), str(port), str(out)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for r in range(WORLD)
-        ]
-        logs = []
-        for p in procs:
-            try:
-                logs.append(p.communicate(timeout=240)[0])
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                pytest.fail("the 2-process gloo run timed out")
-        files = [out / f"rank{r}.pt" for r in range(WORLD)]
-        if all(f.exists() for f in files):
-            return [torch.load(f, weights_only=False) for f in files]
-        last = "\n".join(logs)
-    pytest.fail(f"the 2-process gloo run failed:\n{last[-4000:]}")
+    return _gloo.launch(__file__, tmp_path_factory.mktemp("ddp"))
 
 
 def _get(results, name):
-    out = []
-    for r in results:
-        res = r[name]
-        if "error" in res:
-            pytest.fail(f"scenario {name} failed on a rank:\n{res['error']}")
-        out.append(res)
-    return out
+    return _gloo.results_of(results, name)
 
 
 def _max_diff(a, b) -> float:
@@ -604,5 +536,5 @@ def test_local_shards_of_plain_model_is_plain_sam():
         FSDP2SAMStep(model, SAM(make_model().parameters(), torch.optim.SGD, lr=0.1), shards)
 
 
-if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":
-    _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+if __name__ == "__main__" and _gloo.is_worker_call(sys.argv):
+    _gloo.worker_main(sys.argv, SCENARIOS)

@@ -17,21 +17,18 @@
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import os
 import pickle
-import socket
-import subprocess
 import sys
-import traceback
-from pathlib import Path
 
+import _gloo
 import pytest
 import torch
 from test_optim_common import BASES, NAMES, Net, batches, build, opt_class, run_steps
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
 CLASS_OF = {n: opt_class(n).__qualname__ for n in NAMES}
 
 
@@ -437,7 +434,6 @@ def test_dcp_round_trip(name, base, tmp_path):
 
 
 # ----------------------------------------------------------------- FSDP2, 2 gloo ranks
-WORLD = 2
 
 
 def _fsdp2_run(rank: int, base: str, out_dir: str) -> dict:
@@ -454,7 +450,7 @@ def _fsdp2_run(rank: int, base: str, out_dir: str) -> dict:
     from python_api.sharded import FSDP2SAMStep, LocalShards
 
     cls, hp = BASES[base]
-    mesh = init_device_mesh("cpu", (WORLD,))
+    mesh = init_device_mesh("cpu", (_gloo.WORLD,))
 
     def make():
         torch.manual_seed(0)
@@ -521,69 +517,13 @@ def _fsdp2_run(rank: int, base: str, out_dir: str) -> dict:
     return out
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    results = {}
-    for base in ("sgd", "adamw"):
-        try:
-            results[base] = _fsdp2_run(rank, base, out_dir)
-        except Exception:
-            results[base] = {"error": traceback.format_exc()}
-        dist.barrier()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fsdp2_results(tmp_path_factory):
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with the gloo backend is not available")
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError as err:  # pragma: no cover - old torch
         pytest.skip(f"torch.distributed.fsdp.fully_shard unavailable: {err}")
-    out = tmp_path_factory.mktemp("fsdp2_dcp")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env["GLOO_SOCKET_IFNAME"] = "lo"
-    env["OMP_NUM_THREADS"] = "1"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(r), str(_port), str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _port in [_free_port()]
-        for r in range(WORLD)
-    ]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("the 2-process gloo run timed out")
-    files = [out / f"rank{r}.pt" for r in range(WORLD)]
-    if not all(f.exists() for f in files):
-        pytest.fail("the 2-process gloo run failed:\n" + "\n".join(logs)[-4000:])
-    return [torch.load(f, weights_only=False) for f in files]
+    return _gloo.launch(__file__, tmp_path_factory.mktemp("fsdp2_dcp"))
 
 
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
@@ -603,5 +543,8 @@ def test_fsdp2_dcp_round_trip(fsdp2_results, base):
                 assert torch.equal(a, b), how
 
 
-if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":
-    _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+if __name__ == "__main__" and _gloo.is_worker_call(sys.argv):
+    _gloo.worker_main(
+        sys.argv,
+        {b: functools.partial(_fsdp2_run, base=b, out_dir=sys.argv[4]) for b in ("sgd", "adamw")},
+    )
