@@ -18,7 +18,17 @@ import copy
 
 import pytest
 import torch
-from test_optim_common import BASES, NAMES, SPECS, Net, batches, build, make_closure, opt_class
+from test_optim_common import (
+    BASES,
+    NAMES,
+    SPECS,
+    Net,
+    _same,
+    batches,
+    build,
+    make_closure,
+    opt_class,
+)
 from torch import nn
 
 import python_api
@@ -156,16 +166,6 @@ def _snapshot(model, opt):
         }
     )
     return state
-
-
-def _same(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def _two_steps(name, base):
