@@ -611,6 +611,9 @@ class SAMFamily(Optimizer):
         for (adaptive, eta), idx in by_mode.items():
             sel = None if len(idx) == len(flat) else torch.tensor(idx, device=self._device)
             pert.append((adaptive, eta, [flat[i] for i in idx], sel))
+        # once per plan: every parameter with a gradient on one device, dense (the norm and
+        # the ascent then run under sk.prevalidated())
+        sk.check_lists(("params",), [p for ps in norm.values() for p in ps])
         plan = self._mode_plan = _ModePlan(key, list(norm.items()), pert, rho, self)
         return plan
 
@@ -621,13 +624,14 @@ class SAMFamily(Optimizer):
             modes = [(m, [p for p in ps if id(p) in keep]) for m, ps in self._modes().norm]
         else:
             modes = self._modes().norm
-        norms = [
-            sk.grad_norm(
-                [p.grad for p in ps], ps if adaptive else None, eta=eta, backend=self.backend
-            )
-            for (adaptive, eta), ps in modes
-            if ps
-        ]
+        with sk.prevalidated():  # the plan checked the lists (_modes)
+            norms = [
+                sk.grad_norm(
+                    _dense_grads(self, ps), ps if adaptive else None, eta=eta, backend=self.backend
+                )
+                for (adaptive, eta), ps in modes
+                if ps
+            ]
         if not norms:
             n = torch.zeros((), dtype=torch.float32, device=self._device)
         elif len(norms) == 1:
@@ -639,6 +643,18 @@ class SAMFamily(Optimizer):
             ).to(norms[0].dtype)
         # sharded parameters (python_api.sharded): sqrt of the all-reduced squared local norms
         return self._dist.reduce_norm(n) if self._dist is not None else n
+
+    def _finite_flag(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """1.0 if every gradient of ``grads`` (this step's, of planned parameters) is finite,
+        else 0.0: one fused norm, its lists trusted as the plan's (sparse ones refused)."""
+        grads = list(grads)
+        for g in grads:
+            if g.layout is not torch.strided:
+                raise ValueError(
+                    f"{type(self).__name__} does not support sparse gradients (layout {g.layout})"
+                )
+        with sk.prevalidated():
+            return sk.finite_flag(grads, backend=self.backend)
 
     def _perturb_along_grad(self, norm: torch.Tensor) -> list[torch.Tensor]:
         """SAM/ASAM ascent: ``p += rho/(norm + 1e-12) * T(p)^2 * g`` with exact backups.
@@ -653,15 +669,16 @@ class SAMFamily(Optimizer):
         scale = plan.rho * inv
         perturbed: list[torch.Tensor] = []
         for (adaptive, eta, ps, sel), backups in zip(plan.pert, plan.backups(self)):
-            sk.perturb_(
-                ps,
-                [p.grad for p in ps],
-                backups,
-                scale if sel is None else scale[sel],
-                adaptive=adaptive,
-                eta=eta,
-                backend=self.backend,
-            )
+            with sk.prevalidated():  # checked with the plan's backups
+                sk.perturb_(
+                    ps,
+                    [p.grad for p in ps],
+                    backups,
+                    scale if sel is None else scale[sel],
+                    adaptive=adaptive,
+                    eta=eta,
+                    backend=self.backend,
+                )
             self._live.extend(ps)
             perturbed.extend(ps)
         return perturbed
@@ -706,12 +723,13 @@ class SAMFamily(Optimizer):
             plan = self._base_plan(perturbed)
             launches = []
             for gp in plan.groups:
-                grads = grad_of(gp.params) if grad_of is not None else [p.grad for p in gp.params]
+                grads = grad_of(gp.params) if grad_of is not None else _dense_grads(self, gp.params)
                 launches.append(gp.launch(grads, ok, self.backend))
             try:
                 self._restore(plan.restore_first)
-                for fn, kwargs in launches:
-                    fn(**kwargs)
+                with sk.prevalidated():  # every launch's lists checked when the plan was built
+                    for fn, kwargs in launches:
+                        fn(**kwargs)
             except BaseException:
                 self._restore(list(perturbed))
                 raise
@@ -785,6 +803,11 @@ class SAMFamily(Optimizer):
             plans.append(prepare(group, ps, backups, pending))
         # perturbed parameters whose gradient vanished in a later pass
         restore_first.extend(p for p in perturbed if id(p) not in stepped)
+        for gp in plans:  # once per plan: the launches then run under sk.prevalidated()
+            lists = {k: v for k, v in gp.state.items() if v}
+            sk.check_lists(
+                ("params", *lists), gp.params, *lists.values(), outputs=("params", *lists)
+            )
         return _BasePlan(key, plans, restore_first, pending, self)
 
     def _prepare_sgd(self, group, ps, backups, pending):
@@ -980,6 +1003,9 @@ class _ModePlan:
             for p, t in zip(ps, bs)
         ):
             b = self._backups = [opt._backups(ps) for _, _, ps, _ in self.pert]
+            for (_, _, ps, _), bs in zip(self.pert, b):
+                # once per plan: the steps then run the ops under sk.prevalidated()
+                sk.check_lists(("params", "backups"), ps, bs, outputs=("params", "backups"))
         return b
 
 
@@ -1087,3 +1113,16 @@ def _all_reduce_min(flag: torch.Tensor, group: Any = None) -> torch.Tensor:
     flag = flag.detach().clone()
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return flag
+
+
+def _dense_grads(opt: SAMFamily, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``[p.grad for p in params]``, refusing sparse gradients (the one per-step check the ops
+    skip under ``sk.prevalidated()``: torch keeps a gradient's device, shape and dtype, not its
+    layout)."""
+    grads = [p.grad for p in params]
+    for g in grads:
+        if g.layout is not torch.strided:
+            raise ValueError(
+                f"{type(opt).__name__} does not support sparse gradients (layout {g.layout})"
+            )
+    return grads

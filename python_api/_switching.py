@@ -41,7 +41,6 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-import sam_kernels as sk
 from python_api._base import Closure, NonFiniteError, SAMFamily, _distributed
 
 DECISION_SAM = 1
@@ -215,7 +214,7 @@ class SwitchingSAM(SAMFamily):
             raise
         with torch.no_grad():
             gs = self._collect_grads(ps)
-            ok = sk.finite_flag(gs, backend=self.backend)
+            ok = self._finite_flag(gs)
             if l1 is not None:
                 ok = ok * self._ok_from(l1)
             if l0_gate is not None:

@@ -193,7 +193,7 @@ class CRSAM(SAMFamily):
             closure, perturbed=True, need_loss=self.log_form, what="w + e", restore=pert
         )
         gp = self._collect_grads(ps)
-        ok = ok * sk.finite_flag(gp, backend=self.backend) * self._ok_from(lp)
+        ok = ok * self._finite_flag(gp) * self._ok_from(lp)
         self._check_raise(ok, "the evaluation at w + e (loss L+, gradient g+)", pert)
         gplus = self._buffers(ps, "crsam_gplus")
         torch._foreach_copy_(gplus, gp)
@@ -207,7 +207,7 @@ class CRSAM(SAMFamily):
             closure, perturbed=True, need_loss=self.log_form, what="w - e", restore=pert
         )
         gm = self._collect_grads(ps)
-        ok = ok * sk.finite_flag(gm, backend=self.backend) * self._ok_from(lm)
+        ok = ok * self._finite_flag(gm) * self._ok_from(lm)
         self._check_raise(ok, "the evaluation at w - e (loss L-, gradient g-)", pert)
 
         # g = c0 g+ + c1 g- + c2 g0, combined inside the base step

@@ -212,7 +212,7 @@ class ESAM(SAMFamily):
         with torch.no_grad():
             gs = self._collect_grads(ps)
             ok = ok * torch.isfinite(l1.detach()).all().to(torch.float32)
-            ok = ok * sk.finite_flag(gs, backend=self.backend)
+            ok = ok * self._finite_flag(gs)
             self._check_raise(ok, "w + e (the perturbed evaluation)", perturbed)
             ok = self._base_step(ok, perturbed)  # as gated (GradScaler, DDP helper's vote)
             self._t.add_(ok.to(torch.int64))

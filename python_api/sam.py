@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-import sam_kernels as sk
 from python_api import _conventions
 from python_api._base import Closure, SAMFamily, check_nonneg
 
@@ -135,7 +134,7 @@ class SAM(SAMFamily):
         self, ok: torch.Tensor, perturbed: list[torch.Tensor], loss: torch.Tensor | None
     ) -> None:
         ps = self._params_with_grad()
-        ok = ok * sk.finite_flag([p.grad for p in ps], backend=self.backend)
+        ok = ok * self._finite_flag([p.grad for p in ps])
         if loss is not None:
             ok = ok * self._ok_from(loss)
         self._check_raise(ok, "the perturbed evaluation (gradient at w + e)", perturbed)

@@ -207,7 +207,7 @@ class _UniversalSAM(SAMFamily):
         ps = self._params_with_grad()
         ok = self._ok_from(l0)
         if ps:
-            ok = ok * sk.finite_flag([p.grad for p in ps], backend=self.backend)
+            ok = ok * self._finite_flag([p.grad for p in ps])
         self._check_raise(ok, "the evaluation at w (loss L0, gradient g0)")
         groups = self._perturbed_groups()
         pert = [p for _, gps in groups for p in gps]
@@ -264,7 +264,7 @@ class _UniversalSAM(SAMFamily):
                     closure, perturbed=True, need_loss=self._needs_losses, what=what, restore=pert
                 )
                 gi = self._collect_grads(ps)
-                ok = ok * sk.finite_flag(gi, backend=self.backend) * self._ok_from(li)
+                ok = ok * self._finite_flag(gi) * self._ok_from(li)
                 self._check_raise(ok, what, pert)
                 if first_loss is None:
                     first_loss = li

@@ -147,3 +147,50 @@ def test_plan_rebuilt_on_dtype_change():
     _close(m, r)
     assert m.a.weight.dtype == torch.float64
     assert builds[0] == 3
+
+
+@pytest.mark.parametrize("backend", ["eager", "cuda"])
+def test_lists_validated_once_per_plan(backend, monkeypatch):
+    """The ops' list validation runs when a plan is built, not on every step: a steady-state
+    SAM step runs its fused ops under ``sam_kernels.prevalidated()``."""
+    import sam_kernels as sk
+    from sam_kernels.ops import _common
+
+    if not sk.available(backend, "cpu"):
+        pytest.skip(f"the {backend} backend is not built here")
+    calls = [0]
+    real = _common.check_lists
+
+    def spy(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(_common, "check_lists", spy)  # the ops' own check
+    monkeypatch.setattr(sk, "check_lists", spy)  # the plans' (python_api calls it by this name)
+    m = Two()
+    opt = SAM(m.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend=backend)
+    x = torch.randn(8, 4)
+    steps = []
+    for _ in range(4):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.first_step()
+        m(x).square().mean().backward()
+        opt.second_step()
+        steps.append(calls[0])
+    assert steps[0] > 0  # the plans checked their lists
+    assert steps[3] == steps[2]  # steady state: none per step
+
+
+def test_aliased_parameters_refused_when_the_plan_is_built():
+    """Parameters that are overlapping views of one storage: refused, naming both, weights
+    unchanged (the check the ops no longer repeat per step)."""
+    base = torch.randn(10)
+    a = nn.Parameter(base[:6])
+    b = nn.Parameter(base[4:])  # shares base[4:6] with a
+    opt = SAM([a, b], torch.optim.SGD, rho=0.05, lr=0.1)
+    a.grad, b.grad = torch.ones(6), torch.ones(6)
+    before = base.clone()
+    with pytest.raises(ValueError, match="alias"):
+        opt.first_step()
+    assert torch.equal(base, before)

@@ -5,6 +5,7 @@ backend chooser (:mod:`sam_kernels._backend`) picks. Every op has an eager refer
 ``torch._foreach_*`` in the same file; other backends register under the same op name.
 """
 
+from sam_kernels.ops._common import check_lists, check_no_overlap, prevalidated
 from sam_kernels.ops.adamw_step import adamw_step_
 from sam_kernels.ops.aesam_stats import (
     DECISION_ERM,
@@ -28,6 +29,8 @@ __all__ = [
     "NOISE_KINDS",
     "LinComb",
     "adamw_step_",
+    "check_lists",
+    "check_no_overlap",
     "aesam_stats_",
     "counter_uniform",
     "finite_flag",
@@ -38,6 +41,7 @@ __all__ = [
     "looksam_reuse",
     "noise_perturb_",
     "perturb_",
+    "prevalidated",
     "restore_",
     "sgd_step_",
     "uniform_threshold",

@@ -7,6 +7,7 @@ fixed number of plain ops run, never a Python loop of per-tensor kernels.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -119,6 +120,30 @@ def check_no_overlap(named: Sequence[tuple[str, TensorList]]) -> None:
             reach = span
 
 
+_TRUST = threading.local()
+
+
+class prevalidated:  # noqa: N801 - used as a function-like context manager
+    """Within this block (this thread only) the ops skip :func:`check_lists`.
+
+    For a caller that validated its lists once and reuses them step after step (an optimizer's
+    step plan): one device for every tensor, equal lengths, dense, the written lists free of
+    aliasing (:func:`check_no_overlap`), tensor coefficients on the lists' device, and the
+    dtypes of each index equal across the lists (the first list decides whether a fused
+    backend runs). Gradients need no re-check: torch keeps ``p.grad`` on ``p``'s device, shape
+    and dtype. Nothing else changes: the same implementations run.
+    """
+
+    __slots__ = ("_prev",)
+
+    def __enter__(self) -> None:
+        self._prev = getattr(_TRUST, "on", False)
+        _TRUST.on = True
+
+    def __exit__(self, *exc: object) -> None:
+        _TRUST.on = self._prev
+
+
 def pick(
     op: str,
     backend: str | None,
@@ -128,6 +153,11 @@ def pick(
     scalars: Mapping[str, object] | None = None,
 ):
     """Validate the arguments (:func:`check_lists`) and return the implementation to run."""
+    if getattr(_TRUST, "on", False):
+        first = lists[0]
+        device = first[0].device if len(first) else None
+        fusable = all(t.dtype in FUSED_DTYPES for t in first)
+        return resolve(op, device, backend, fusable)
     device = check_lists(names, *lists, outputs=outputs, scalars=scalars)
     fusable = all(t.dtype in FUSED_DTYPES for lst in lists for t in lst)
     return resolve(op, device, backend, fusable)
