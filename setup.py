@@ -57,7 +57,17 @@ def _cuda_wanted(torch, cpp_extension) -> tuple[bool, str]:
 
 
 def _make_extension(torch, cpp_extension, cuda: bool):
-    cxx = ["-O3", "-g0", "-fopenmp", "-Wno-unused-parameter"]
+    # -ffp-contract=off: no a*b+c contracted into an FMA (the CPU kernels must round like the
+    # eager reference); -fno-math-errno: sqrtf without an errno branch, so loops using it
+    # vectorise (torch builds with it too; results are the same)
+    cxx = [
+        "-O3",
+        "-g0",
+        "-fopenmp",
+        "-ffp-contract=off",
+        "-fno-math-errno",
+        "-Wno-unused-parameter",
+    ]
     link = ["-fopenmp"]
     if not cuda:
         return cpp_extension.CppExtension(
