@@ -265,7 +265,7 @@ def backend_status(device: torch.device) -> dict:
             ok = sk.available(name, device)
             out[name] = {"available": ok}
             if not ok:
-                out[name]["why"] = sk._backend.why_unavailable(name, device)
+                out[name]["why"] = sk.why_unavailable(name, device)
         except Exception as exc:
             out[name] = {"available": False, "why": f"{type(exc).__name__}: {exc}"}
     return out
@@ -275,7 +275,7 @@ def implemented(op: str, backend: str) -> bool:
     """Whether ``backend`` has its own implementation of ``op`` (not the eager fallback)."""
     import sam_kernels as sk
 
-    return backend in sk._backend._REGISTRY.get(op, {})
+    return sk.has_implementation(op, backend)
 
 
 # ----------------------------------------------------------------------------- child side

@@ -238,7 +238,7 @@ def default_backend_cpu() -> str | None:
     import sam_kernels as sk
 
     try:
-        return sk._backend.backend_name("cpu")
+        return sk.backend_name("cpu")
     except Exception:
         return None
 

@@ -329,7 +329,7 @@ def bench_op(cfg: dict, op: str, shape_name: str, shapes: list[Shape], dtype_nam
         import sam_kernels as sk
 
         if not sk.available(prov, device):
-            raise Skip(f"{prov} backend unavailable: {sk._backend.why_unavailable(prov, device)}")
+            raise Skip(f"{prov} backend unavailable: {sk.why_unavailable(prov, device)}")
         if not implemented(spec.registry, prov):
             raise Skip(f"{prov} backend has no {spec.registry} (it would run the eager code)")
     dtype = DTYPES[dtype_name]

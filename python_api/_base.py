@@ -148,7 +148,7 @@ class SAMFamily(Optimizer):
             raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}, got {on_nonfinite!r}")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        sk._backend.requested_backend(backend)  # validates the name early
+        sk.requested_backend(backend)  # validates the name early
         self._own_keys = tuple(own_defaults)
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:

@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 import sam_kernels as sk
 from python_api._base import _EPS, SAMFamily, check_nonneg, check_range
 from python_api.sssam import ESAM_STREAM, check_seed
-from sam_kernels.ops.counter_rng import counter_uniform, uniform_threshold
+from sam_kernels import counter_uniform, uniform_threshold
 
 LossesClosure = Callable[[], torch.Tensor]
 

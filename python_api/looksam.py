@@ -12,8 +12,7 @@ from torch.optim import Optimizer
 
 from python_api._base import check_nonneg
 from python_api._switching import DECISION_NONFINITE, SwitchingSAM
-from sam_kernels import LinComb
-from sam_kernels.ops.looksam import looksam_project_, looksam_reuse
+from sam_kernels import LinComb, looksam_project_, looksam_reuse
 
 #: per-parameter state key of LookSAM's stored component
 GV_KEY = "gv"

@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from python_api._base import check_nonneg, check_range
 from python_api._switching import DECISION_NONFINITE, SwitchingSAM
-from sam_kernels.ops.counter_rng import counter_uniform, uniform_threshold
+from sam_kernels import counter_uniform, uniform_threshold
 
 #: stream ids of :func:`sam_kernels.ops.counter_rng.counter_uniform` per algorithm
 SSSAM_STREAM = 1

@@ -36,14 +36,9 @@ def _uses_counter_noise(params: Sequence[torch.Tensor], backend: str | None) -> 
     The eager implementation (also the fallback for dtypes the fused backends do not implement
     and for backends that lack the op) draws from the global generator instead.
     """
-    from sam_kernels._backend import FUSED_DTYPES, resolve
-
     if not params:
         return False
-    device = params[0].device
-    fusable = all(p.dtype in FUSED_DTYPES for p in params)
-    impl = resolve("noise_perturb", device, backend, fusable)
-    return impl is not resolve("noise_perturb", device, "eager")
+    return sk.runs_on("noise_perturb", params, backend) != "eager"
 
 
 def _check_n_samples(value: Any, least: int) -> None:

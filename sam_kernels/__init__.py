@@ -4,7 +4,17 @@ Import never fails for lack of Triton or of the compiled extension: those backen
 the first time they are chosen (see :mod:`sam_kernels._backend`).
 """
 
-from sam_kernels._backend import BACKENDS, ENV_VAR, available, backend_name
+from sam_kernels._backend import (
+    BACKENDS,
+    ENV_VAR,
+    FUSED_DTYPES,
+    available,
+    backend_name,
+    has_implementation,
+    requested_backend,
+    runs_on,
+    why_unavailable,
+)
 from sam_kernels.ops import (
     DECISION_ERM,
     DECISION_NONFINITE,
@@ -67,6 +77,7 @@ __all__ = [
     "DECISION_NONFINITE",
     "DECISION_SAM",
     "ENV_VAR",
+    "FUSED_DTYPES",
     "NOISE_KINDS",
     "LinComb",
     "adamw_step_",
@@ -79,13 +90,17 @@ __all__ = [
     "finite_flag",
     "frob_accumulate_",
     "grad_norm",
+    "has_implementation",
     "lincomb_",
     "looksam_project_",
     "looksam_reuse",
     "noise_perturb_",
     "perturb_",
     "prevalidated",
+    "requested_backend",
     "restore_",
+    "runs_on",
     "sgd_step_",
     "uniform_threshold",
+    "why_unavailable",
 ]

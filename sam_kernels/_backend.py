@@ -168,3 +168,22 @@ def backend_name(device: torch.device | str, backend: str | None = None) -> str:
             f"sam_kernels backend {name!r} cannot run: " + why_unavailable(name, device)
         )
     return name
+
+
+def has_implementation(op: str, backend: str) -> bool:
+    """Whether ``backend`` registers its own implementation of ``op`` (loading it if lazy)."""
+    if backend in _LAZY_MODULES:
+        _load(backend)
+    return backend in _REGISTRY.get(op, {})
+
+
+def runs_on(op: str, tensors: Sequence[torch.Tensor], backend: str | None = None) -> str:
+    """The backend whose implementation of ``op`` runs for ``tensors`` (as :func:`resolve`
+    picks it: ``"eager"`` where a fused backend lacks the op or a dtype is not fused)."""
+    device = tensors[0].device if len(tensors) else None
+    fusable = all(t.dtype in FUSED_DTYPES for t in tensors)
+    impl = resolve(op, device, backend, fusable)
+    for name, fn in _REGISTRY[op].items():
+        if fn is impl and name != "eager":
+            return name
+    return "eager"

@@ -55,3 +55,51 @@ def test_import_never_needs_triton_or_the_extension():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+
+
+def _private_uses(path: Path) -> list[str]:
+    """``from sam_kernels.<module> import ...``, ``import sam_kernels.<module>`` and
+    ``sk._name`` / ``sam_kernels._name`` attribute reads in one file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module.startswith("sam_kernels."):
+                out.append(f"line {node.lineno}: from {node.module} import ...")
+            elif node.module == "sam_kernels":
+                out += [f"line {node.lineno}: {a.name}" for a in node.names if a.name[0] == "_"]
+        elif isinstance(node, ast.Import):
+            out += [
+                f"line {node.lineno}: import {a.name}"
+                for a in node.names
+                if a.name.startswith("sam_kernels.")
+            ]
+        elif (
+            isinstance(node, ast.Attribute) and node.attr.startswith("_") and node.attr[:2] != "__"
+        ):
+            base = node.value
+            if isinstance(base, ast.Name) and base.id in ("sk", "sam_kernels"):
+                out.append(f"line {node.lineno}: {base.id}.{node.attr}")
+    return out
+
+
+def test_python_api_and_benchmarks_use_only_public_sam_kernels_names():
+    """Issue 16: what python_api and the benchmarks use of sam_kernels is its public
+    interface (``sam_kernels.__all__``), so the ops can be reorganised behind it."""
+    import sam_kernels
+
+    bad = {}
+    for folder in ("python_api", "benchmarks"):
+        for p in (ROOT / folder).rglob("*.py"):
+            uses = _private_uses(p)
+            tree = ast.parse(p.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module == "sam_kernels":
+                    uses += [
+                        f"line {node.lineno}: {a.name} (not in sam_kernels.__all__)"
+                        for a in node.names
+                        if a.name not in sam_kernels.__all__ and a.name != "__version__"
+                    ]
+            if uses:
+                bad[str(p.relative_to(ROOT))] = uses
+    assert not bad, bad
