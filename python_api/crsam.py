@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 import sam_kernels as sk
-from python_api._base import _EPS, Closure, SAMFamily, check_nonneg
+from python_api._base import Closure, SAMFamily, ascent_inv, check_nonneg, finite01
 
 #: a log term of the paper form is used only while its argument exceeds this
 LOG_ARG_MIN = 1e-12
@@ -173,7 +173,7 @@ class CRSAM(SAMFamily):
         g0 = self._buffers(ps, "crsam_g0")
         torch._foreach_copy_(g0, [p.grad for p in ps])
         norm = self._grad_norm()
-        ok = ok * torch.isfinite(norm).to(torch.float32)
+        ok = ok * finite01(norm)
         self._check_raise(ok, "the evaluation at w (loss L0, gradient g0)")
         groups = self._perturbed_groups()
         pert = [p for _, gps in groups for p in gps]
@@ -182,7 +182,7 @@ class CRSAM(SAMFamily):
         backups = self._backups(pert)
         scale = None
         if pert:
-            inv = torch.where(torch.isfinite(norm), 1.0 / (norm + _EPS), torch.zeros_like(norm))
+            inv = ascent_inv(norm)
             scale = self._rho_vector(groups) * inv
             sk.perturb_(pert, g0_pert, backups, scale, backend=self.backend)
             self._live.extend(pert)

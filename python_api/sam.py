@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from python_api import _conventions
-from python_api._base import Closure, SAMFamily, check_nonneg
+from python_api._base import Closure, SAMFamily, check_nonneg, finite01
 
 
 class SAM(SAMFamily):
@@ -126,7 +126,7 @@ class SAM(SAMFamily):
     def _ascend(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self._follow_device()
         norm = self._grad_norm()
-        ok = torch.isfinite(norm).to(torch.float32)
+        ok = finite01(norm)
         self._check_raise(ok, "the first evaluation (gradient at w)")
         return ok, self._perturb_along_grad(norm)
 
