@@ -106,7 +106,8 @@ def documented(doc) -> dict[str, dict[str, str]]:
 def test_every_optimizer_class_has_a_section(doc):
     headings = [line for line in doc.splitlines() if line.startswith("#")]
     classes = _optimizer_classes()
-    assert len(classes) >= 11
+    # SAM (ASAM), CRSAM, AESAM, AELookSAM, LookSAM, SSSAM, ESAM, FrobSAM, TraceSAM, DetSAM
+    assert len(classes) >= 10
     missing = [n for n in classes if not any(f"`{n}`" in h for h in headings)]
     assert not missing, f"no section of docs/algorithms.md names {missing}"
 
