@@ -8,6 +8,7 @@ from python_api.batchnorm import disable_running_stats, enable_running_stats
 from python_api.crsam import CRSAM
 from python_api.distributed import SAMDDPStep, sam_ddp_step
 from python_api.esam import ESAM
+from python_api.gsam import GSAM
 from python_api.looksam import LookSAM
 from python_api.metrics import (
     approximation_ratio,
@@ -32,6 +33,7 @@ __all__ = [
     "ESAM",
     "FSDP2SAMStep",
     "FrobSAM",
+    "GSAM",
     "LocalShards",
     "LookSAM",
     "NonFiniteError",

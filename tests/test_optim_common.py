@@ -33,6 +33,7 @@ SPECS = {
     "FrobSAM": ("python_api.universal", "FrobSAM", {"rho": 0.05, "lam": 0.01}, 0),
     "TraceSAM": ("python_api.universal", "TraceSAM", {"rho": 0.05, "lam": 0.1}, 0),
     "DetSAM": ("python_api.universal", "DetSAM", {"half_cube_len": 1e-3}, 0),
+    "GSAM": ("python_api.gsam", "GSAM", {"rho_min": 0.01, "lr_max": 0.1}, 0),
 }
 NAMES = list(SPECS)
 RANDOM = {"FrobSAM", "TraceSAM", "DetSAM"}  # draw from the global generator on eager
