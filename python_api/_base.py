@@ -669,16 +669,22 @@ class SAMFamily(Optimizer):
         with sk.prevalidated():
             return sk.finite_flag(grads, backend=self.backend)
 
-    def _perturb_along_grad(self, norm: torch.Tensor) -> list[torch.Tensor]:
-        """SAM/ASAM ascent: ``p += rho/(norm + 1e-12) * T(p)^2 * g`` with exact backups.
+    def _perturb_along_grad(
+        self, norm: torch.Tensor, factor: float | torch.Tensor = 1.0
+    ) -> list[torch.Tensor]:
+        """SAM/ASAM ascent: ``p += factor * rho/(norm + 1e-12) * T(p)^2 * g``, exact backups.
 
-        A non-finite norm gives a zero scale, so no non-finite value reaches the weights.
-        Returns the perturbed parameters (the ones to restore).
+        ``factor`` scales every group's rho (GSAM's schedule, ``rho_t / rho``). A non-finite
+        norm gives a zero scale, so no non-finite value reaches the weights. Returns the
+        perturbed parameters (the ones to restore).
         """
         plan = self._modes()
         if not plan.pert:
             return []
-        scale = plan.rho * ascent_inv(norm)
+        inv = ascent_inv(norm)
+        if isinstance(factor, torch.Tensor) or factor != 1.0:
+            inv = inv * factor
+        scale = plan.rho * inv
         perturbed: list[torch.Tensor] = []
         for (adaptive, eta, ps, sel), backups in zip(plan.pert, plan.backups(self)):
             with sk.prevalidated():  # checked with the plan's backups

@@ -16,7 +16,15 @@ from torch import nn
 from torch.optim import Optimizer
 
 import sam_kernels as sk
-from python_api._base import _EPS, Closure, SAMFamily, _dense_grads, check_nonneg, check_range
+from python_api._base import (
+    _EPS,
+    Closure,
+    SAMFamily,
+    _dense_grads,
+    check_nonneg,
+    check_range,
+    finite01,
+)
 
 
 def _is_number(v: Any) -> bool:
@@ -161,31 +169,6 @@ class GSAM(SAMFamily):
         return max(0.0, rho_t) / self.rho_max
 
     # ----------------------------------------------------------------- pieces
-    def _perturb(self, norm: torch.Tensor, factor: float | torch.Tensor) -> list[torch.Tensor]:
-        """SAM/ASAM ascent with every group's rho scaled by ``factor`` (exact backups)."""
-        plan = self._modes()
-        if not plan.pert:
-            return []
-        inv = torch.where(torch.isfinite(norm), 1.0 / (norm + _EPS), torch.zeros_like(norm))
-        if isinstance(factor, torch.Tensor) or factor != 1.0:
-            inv = inv * factor
-        scale = plan.rho * inv
-        perturbed: list[torch.Tensor] = []
-        for (adaptive, eta, ps, sel), backups in zip(plan.pert, plan.backups(self)):
-            with sk.prevalidated():  # checked with the plan's backups
-                sk.perturb_(
-                    ps,
-                    [p.grad for p in ps],
-                    backups,
-                    scale if sel is None else scale[sel],
-                    adaptive=adaptive,
-                    eta=eta,
-                    backend=self.backend,
-                )
-            self._live.extend(ps)
-            perturbed.extend(ps)
-        return perturbed
-
     def _plain_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """``||g||`` over ``grads`` (fused; squares summed in fp64), on the optimizer's device."""
         with sk.prevalidated():  # the parameters' gradients: the plan checked the lists
@@ -236,9 +219,9 @@ class GSAM(SAMFamily):
         g0 = self._buffers(ps, "gsam_g0")
         torch._foreach_copy_(g0, _dense_grads(self, ps))
         n0 = self._grad_norm()
-        ok = ok * torch.isfinite(n0).to(torch.float32)
+        ok = ok * finite01(n0)
         self._check_raise(ok, "the evaluation at w (gradient g0)")
-        pert = self._perturb(n0, factor)
+        pert = self._perturb_along_grad(n0, factor)
 
         # w + e: g1 in p.grad (the same parameter set as g0)
         self.zero_grad(set_to_none=True)
@@ -248,7 +231,7 @@ class GSAM(SAMFamily):
         self._collect_grads(ps)
         g1 = _dense_grads(self, ps)
         n1 = self._plain_norm(g1)  # finite iff every element of g1 is (fp64 squares)
-        ok = ok * torch.isfinite(n1).to(torch.float32) * self._ok_from(l1)
+        ok = ok * finite01(n1) * self._ok_from(l1)
         self._check_raise(ok, "the evaluation at w + e (gradient g1)", pert)
 
         # cos, and the base-step gradient c * g1 - alpha * g0 (device scalars)
