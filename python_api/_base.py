@@ -533,6 +533,8 @@ class SAMFamily(Optimizer):
         """Per-parameter scratch buffers ``state[p][key]`` shaped like ``p`` (allocated once).
 
         Add ``key`` to :attr:`_transient_state` when the buffer is valid only inside a step.
+        A buffer needed only inside a step is better a step-local :meth:`_scratch` (not kept
+        between steps), or a gradient kept with :meth:`_take_grads` (no buffer at all).
         """
         out = []
         for p in params:
@@ -542,6 +544,31 @@ class SAMFamily(Optimizer):
                 b = torch.empty_like(p, memory_format=torch.preserve_format)
                 st[key] = b
             out.append(b)
+        return out
+
+    @staticmethod
+    def _scratch(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Step-local buffers shaped like ``params`` (uninitialised), held only by the caller's
+        locals: freed when the step returns or raises, never in ``state`` or a cached plan."""
+        return [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+
+    @staticmethod
+    def _take_grads(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The current gradients of ``params``, kept for the rest of the step without a copy.
+
+        A step that needs a gradient after the next evaluation (CR-SAM's ``g0`` and ``g+``,
+        the universal class's ``g0``) keeps the tensor itself: the next evaluation starts from
+        ``p.grad = None`` (``zero_grad(set_to_none=True)``), so autograd writes a new tensor and
+        the kept one is never written again; the step only reads it. A gradient that is a view
+        (DDP's ``gradient_as_bucket_view``: the next backward writes the same bucket) is copied
+        into a step-local buffer instead.
+        """
+        out = []
+        for p in params:
+            g = p.grad
+            if g._base is not None:
+                g = torch.empty_like(p, memory_format=torch.preserve_format).copy_(g)
+            out.append(g)
         return out
 
     def _collect_grads(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -43,6 +43,19 @@ class CRSAM(SAMFamily):
     paper form's coefficients are computed on the device from the three losses (averaged over
     the ranks under torch.distributed): neither form reads a value on the host.
 
+    Memory (bytes per fp32 parameter, 4 = one copy; the base optimizer's state and the
+    gradients not counted): 4 between steps and 4 at the peak of a step, the backup of ``w``
+    (kept between steps like SAM's, so the cached step plans keep it; live from the ascent to
+    the base step, which restores from it). ``g0`` and ``g+`` are not copied: the step keeps
+    the gradient tensors that the evaluations at ``w`` and ``w + e`` wrote (``p.grad`` is then
+    set to ``None``, so the next evaluation writes a new tensor), read-only, and drops them when
+    it returns or raises; a gradient that is a view (DDP's ``gradient_as_bucket_view``) is
+    copied into a step-local buffer instead (+4 for such parameters). While ``g-`` is computed,
+    ``w``, ``g0`` and ``g+`` are all needed in full (the combination is formed in one pass, and
+    no order of a partial sum gives the same rounding), so the step holds three gradients and
+    the backup at its peak (16 bytes per parameter with ``g-``); before this layout it held
+    ``g0`` and ``g+`` as copies, 12 bytes of its own between steps and the same 16 at the peak.
+
     Args:
         params: parameters or parameter groups. A group may set its own ``rho``; ``rho=0`` (or
             ``sam=False``) keeps a group unperturbed, and its gradient is the same combination
@@ -68,7 +81,9 @@ class CRSAM(SAMFamily):
     ``zero_grad`` before the next one, as usual).
     """
 
-    _transient_state = ("backup", "crsam_g0", "crsam_gplus")
+    #: only the backup (the one copy of ``w`` kept between steps, as SAM's); ``g0`` and ``g+``
+    #: are the evaluations' gradient tensors, kept by the step's locals (see Memory above)
+    _transient_state = ("backup",)
     #: the global norm (all-reduced over the shards) and the losses (averaged over the ranks)
     sharded_safe = True
 
@@ -169,9 +184,9 @@ class CRSAM(SAMFamily):
             self._base_step(ok)
             return l0
 
-        # g0 kept in a buffer; e = rho * g0 / (||g0|| + 1e-12) (a zero scale if not finite)
-        g0 = self._buffers(ps, "crsam_g0")
-        torch._foreach_copy_(g0, [p.grad for p in ps])
+        # g0 kept (the gradient tensors themselves, no copy); e = rho * g0 / (||g0|| + 1e-12)
+        # (a zero scale if not finite)
+        g0 = self._take_grads(ps)
         norm = self._grad_norm()
         ok = ok * finite01(norm)
         self._check_raise(ok, "the evaluation at w (loss L0, gradient g0)")
@@ -187,7 +202,7 @@ class CRSAM(SAMFamily):
             sk.perturb_(pert, g0_pert, backups, scale, backend=self.backend)
             self._live.extend(pert)
 
-        # w + e: g+ kept in a buffer
+        # w + e: g+ kept (the gradient tensors themselves)
         self.zero_grad(set_to_none=True)
         lp = self._call_closure(
             closure, perturbed=True, need_loss=self.log_form, what="w + e", restore=pert
@@ -195,8 +210,7 @@ class CRSAM(SAMFamily):
         gp = self._collect_grads(ps)
         ok = ok * self._finite_flag(gp) * self._ok_from(lp)
         self._check_raise(ok, "the evaluation at w + e (loss L+, gradient g+)", pert)
-        gplus = self._buffers(ps, "crsam_gplus")
-        torch._foreach_copy_(gplus, gp)
+        gplus_of = {id(p): g for p, g in zip(ps, self._take_grads(ps))}
 
         # w - e, formed from the saved w (never from w + e): restore, then step by -e
         if pert:
@@ -216,13 +230,12 @@ class CRSAM(SAMFamily):
         coefs = self._coefs(self.alpha, self.beta, dtype, inv_l)
         if inv_l is not None:  # (finite by the 1e-12 guard unless alpha/beta are huge)
             ok = ok * torch.isfinite(coefs).all().to(torch.float32)
-        state = self.state
 
         def grad_of(gps: list[torch.Tensor]) -> sk.LinComb:
             terms = (
-                [state[p]["crsam_gplus"] for p in gps],
+                [gplus_of[id(p)] for p in gps],
                 [p.grad for p in gps],
-                [state[p]["crsam_g0"] for p in gps],
+                [g0_of[id(p)] for p in gps],
             )
             return sk.LinComb(terms, coefs)
 

@@ -12,6 +12,20 @@ which is the user's (no generator of the optimizer's own, none in ``state_dict``
 backend runs the noise op, the noise comes from the optimizer's own counter-based
 ``(seed, offset)`` pair (int64 device tensors, kept in ``state_dict``; the offset advances on the
 device by the number of elements drawn per sample and does not advance on a skipped step).
+
+Memory (bytes per fp32 parameter, 4 = one copy; the base optimizer's state and the gradients not
+counted). Between steps: 4, the backup of ``w`` (kept like SAM's, so the cached step plans keep
+it). Inside a step: the backup, live from the first noisy perturbation to the base step (which
+restores from it), plus the accumulators, allocated after the first noisy backward (so they are
+not alive while it runs) and dropped when the step returns or raises: Frob-SAM ``cross`` and
+``gsum`` (peak 12), Trace/Det-SAM ``acc`` (peak 8). ``g0`` is not copied: the step keeps the
+gradient tensors of the evaluation at ``w`` (``p.grad`` is then set to ``None``, so the noisy
+evaluations write new tensors), read-only, until the base step (a gradient that is a view, as
+DDP's ``gradient_as_bucket_view`` gives, is copied into a step-local buffer: +4 for such
+parameters). With ``g0`` and the gradient being computed, the peak of gradient-sized tensors is
+20 (Frob) or 16 (Trace/Det) bytes per parameter, as before this layout, which held ``g0`` and the
+accumulators as copies between steps as well (16 and 12 of its own); the first noisy backward
+now runs without the accumulators (12 instead of 20 or 16).
 """
 
 from __future__ import annotations
@@ -61,7 +75,9 @@ class _UniversalSAM(SAMFamily):
         "rank), not as one draw over the whole parameter"
     )
     _min_samples = 1
-    _transient_state = ("backup", "usam_g0", "usam_a", "usam_b")
+    #: only the backup (kept between steps, as SAM's); ``g0`` is the gradient tensor of the
+    #: evaluation at ``w`` and the accumulators are step-local (see the module docstring)
+    _transient_state = ("backup",)
     # the counter-based noise exists only where a fused backend draws it
     _optional_extra_state = ("noise_seed", "noise_offset")
     _config_extra_state = ("noise_seed",)
@@ -213,8 +229,7 @@ class _UniversalSAM(SAMFamily):
             self._base_step(ok)
             return l0
 
-        g0 = self._buffers(ps, "usam_g0")
-        torch._foreach_copy_(g0, [p.grad for p in ps])
+        g0 = self._take_grads(ps)  # the gradient tensors of w themselves, no copy
         g0_of = {id(p): b for p, b in zip(ps, g0)}
         g0_pert = [g0_of[id(p)] for p in pert]
         backups = self._backups(pert)
@@ -326,6 +341,10 @@ class FrobSAM(_UniversalSAM):
     noise of fused backends only (default: ``torch.initial_seed()``); see the module docstring.
     ``L0`` is not needed. Other arguments as :class:`python_api.sam.SAM`; ``process_group``:
     the group over which the losses ``L_i`` are averaged under torch.distributed.
+
+    Memory: 4 bytes per parameter between steps (the backup), 12 at the peak of a step (the
+    backup, ``cross``, ``gsum``); ``g0`` is the gradient tensor of ``w``, kept (see the module
+    docstring).
     """
 
     _kind = "normal"
@@ -362,8 +381,11 @@ class FrobSAM(_UniversalSAM):
         )
 
     def _accumulate(self, i, grads, g0, loss, l0, ctx) -> None:
-        cross = self._buffers(ctx["pert"], "usam_a")
-        gsum = self._buffers(ctx["pert"], "usam_b")
+        if i == 0:
+            # allocated after the first noisy backward (not during it), dropped with ctx
+            ctx["cross"] = self._scratch(ctx["pert"])
+            ctx["gsum"] = self._scratch(ctx["pert"])
+        cross, gsum = ctx["cross"], ctx["gsum"]
         if i == 0:
             torch._foreach_zero_(cross)
             torch._foreach_zero_(gsum)
@@ -382,12 +404,8 @@ class FrobSAM(_UniversalSAM):
         b = self._const([0.0, 0.0, -k / (n * (n - 1))], dtype)
         lsum = ctx["lsum"].to(torch.promote_types(ctx["lsum"].dtype, dtype))
         coefs = (a + b * lsum).to(dtype)
-        st = self.state
-        terms = (
-            [g0_of[id(p)] for p in ps],
-            [st[p]["usam_a"] for p in ps],
-            [st[p]["usam_b"] for p in ps],
-        )
+        # a perturbed group's parameters are columns ``cols`` of ctx["pert"]
+        terms = ([g0_of[id(p)] for p in ps], ctx["cross"][cols], ctx["gsum"][cols])
         return sk.LinComb(terms, coefs)
 
 
@@ -396,7 +414,9 @@ class _ISAM(_UniversalSAM):
 
     def _add_to_acc(self, i, grads, g0, c: torch.Tensor, ctx) -> None:
         """``acc (=|+=) c (g_i - g0)``; ``c`` 0-d or per tensor (per-group rho)."""
-        acc = self._buffers(ctx["pert"], "usam_a")
+        if i == 0:  # allocated after the first noisy backward, dropped with ctx
+            ctx["acc"] = self._scratch(ctx["pert"])
+        acc = ctx["acc"]
         # an overflowed coefficient (Det-SAM: exp(-d/2)) would poison acc: the step is skipped
         fin = torch.isfinite(c).all()
         ctx["coef_ok"] = fin if i == 0 else ctx["coef_ok"] & fin
@@ -406,10 +426,10 @@ class _ISAM(_UniversalSAM):
             one = torch.ones_like(c)
             sk.lincomb_(acc, (acc, grads, g0), torch.stack([one, c, -c]), backend=self.backend)
 
-    def _final_from(self, group, ps, g0_of, scale: torch.Tensor, dtype) -> sk.LinComb:
+    def _final_from(self, cols, ps, g0_of, scale: torch.Tensor, ctx) -> sk.LinComb:
         """``g = g0 + scale * acc`` with ``scale = lam * phi'(x)`` (a device scalar)."""
-        coefs = torch.stack([torch.ones_like(scale), scale]).to(dtype)
-        terms = ([g0_of[id(p)] for p in ps], [self.state[p]["usam_a"] for p in ps])
+        coefs = torch.stack([torch.ones_like(scale), scale]).to(ctx["dtype"])
+        terms = ([g0_of[id(p)] for p in ps], ctx["acc"][cols])
         return sk.LinComb(terms, coefs)
 
 
@@ -431,6 +451,9 @@ class TraceSAM(_ISAM):
     Reference: dbahri/universal_sam ``ISAM`` with ``isam_setting="trace"``; defaults are its
     README's command for Trace-SAM: ``rho=0.01, n_samples=1, lam=1.0``. Groups, ``seed`` and
     the other arguments as :class:`FrobSAM` (a ``rho=0`` group's gradient is ``g0``).
+
+    Memory: 4 bytes per parameter between steps (the backup), 8 at the peak of a step (the
+    backup, ``acc``); ``g0`` is the gradient tensor of ``w``, kept (see the module docstring).
     """
 
     _kind = "normal"
@@ -473,7 +496,7 @@ class TraceSAM(_ISAM):
 
     def _final(self, group, cols, g0_of, ctx, ps) -> sk.LinComb:
         scale = self._const([float(group["lam"])], ctx["dtype"])[0]
-        return self._final_from(group, ps, g0_of, scale, ctx["dtype"])
+        return self._final_from(cols, ps, g0_of, scale, ctx)
 
 
 class DetSAM(_ISAM):
@@ -502,6 +525,9 @@ class DetSAM(_ISAM):
     and the coefficients are per group (per tensor in the fused calls); a ``rho=0`` group is
     not perturbed and its gradient is ``g0``. ``seed`` and the other arguments as
     :class:`FrobSAM`.
+
+    Memory: 4 bytes per parameter between steps (the backup), 8 at the peak of a step (the
+    backup, ``acc``); ``g0`` is the gradient tensor of ``w``, kept (see the module docstring).
     """
 
     _kind = "uniform"
@@ -557,4 +583,4 @@ class DetSAM(_ISAM):
         x = ctx["x"] if ctx["uniform"] else ctx["x"][cols.start]
         phi_p = -2.0 / (x * x * x)
         scale = float(group["lam"]) * phi_p
-        return self._final_from(group, ps, g0_of, scale, ctx["dtype"])
+        return self._final_from(cols, ps, g0_of, scale, ctx)
