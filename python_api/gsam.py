@@ -93,7 +93,7 @@ class GSAM(SAMFamily):
     every step), not saved in ``state_dict``: build the resumed optimizer with the same values.
     """
 
-    _transient_state = ("backup", "gsam_g0")
+    _transient_state = ("backup",)
     _sharded_refusal = (
         "its inner product <g0, g1> is a sum over every element, of which a shard holds only a "
         "part (it would need its own all-reduce)"
@@ -215,9 +215,11 @@ class GSAM(SAMFamily):
             self._base_step(ok)
             return l0
 
-        # g0 kept in a buffer until the base step; n0 = ||T g0|| for the ascent
-        g0 = self._buffers(ps, "gsam_g0")
-        torch._foreach_copy_(g0, _dense_grads(self, ps))
+        # g0: the gradient tensors themselves, kept (not copied) until the base step; the next
+        # evaluation starts from p.grad = None, so autograd never writes them again
+        _dense_grads(self, ps)
+        g0 = self._take_grads(ps)
+        g0_of = dict(zip(ps, g0))
         n0 = self._grad_norm()
         ok = ok * finite01(n0)
         self._check_raise(ok, "the evaluation at w (gradient g0)")
@@ -245,10 +247,9 @@ class GSAM(SAMFamily):
         coefs = torch.stack([c, torch.full_like(c, -alpha)]).to(dtype)
         ok = ok * torch.isfinite(coefs).all().to(torch.float32)
         coefs = torch.nan_to_num(coefs, nan=0.0, posinf=0.0, neginf=0.0)
-        state = self.state
 
         def grad_of(gps: list[torch.Tensor]) -> sk.LinComb:
-            return sk.LinComb(([p.grad for p in gps], [state[p]["gsam_g0"] for p in gps]), coefs)
+            return sk.LinComb(([p.grad for p in gps], [g0_of[p] for p in gps]), coefs)
 
         self._base_step(ok, pert, grad_of)
         return l0 if l0 is not None else l1
