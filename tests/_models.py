@@ -63,6 +63,21 @@ def bn_buffers(model):
     return [model.bn.running_mean, model.bn.running_var, model.bn.num_batches_tracked]
 
 
+def eval_grads(model, groups, x, y, keep_bn):
+    """One evaluation of the float64 references: ``(loss, {param: grad copy})`` at the current
+    weights, over ``groups`` (``[(rho, params), ...]``); ``keep_bn`` leaves the BN buffers as
+    they were (an evaluation at a perturbed point)."""
+    saved = [b.clone() for b in bn_buffers(model)] if keep_bn else None
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        loss = loss_fn(model, x, y)
+        loss.backward()
+    if saved is not None:
+        for b, s in zip(bn_buffers(model), saved):
+            b.copy_(s)
+    return loss.detach(), {p: p.grad.clone() for _, g in groups for p in g if p.grad is not None}
+
+
 BASES = {
     "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
     "adamw": (torch.optim.AdamW, dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)),

@@ -19,6 +19,7 @@ from _models import (
     GroupedBNNet,
     bn_buffers,
     data,
+    eval_grads,
     loss_fn,
     poisoned_closure,
     rel_err,
@@ -71,17 +72,7 @@ class RefGSAM:
         return max(0.0, rho_t) / self.rho
 
     def _eval(self, x, y, keep_bn):
-        saved = [b.clone() for b in bn_buffers(self.model)] if keep_bn else None
-        self.model.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = loss_fn(self.model, x, y)
-            loss.backward()
-        if saved is not None:
-            for b, s in zip(bn_buffers(self.model), saved):
-                b.copy_(s)
-        return loss.detach(), {
-            p: p.grad.clone() for _, g in self.groups for p in g if p.grad is not None
-        }
+        return eval_grads(self.model, self.groups, x, y, keep_bn)
 
     @torch.no_grad()
     def step(self, x, y, lr):

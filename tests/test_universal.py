@@ -20,6 +20,7 @@ from _models import (
     bn_buffers,
     bw,
     data,
+    eval_grads,
     loss_fn,
     poisoned_closure,
     rel_err,
@@ -59,17 +60,7 @@ class RefUniversal:
         self.state = {}
 
     def _eval(self, x, y, keep_bn):
-        saved = [b.clone() for b in bn_buffers(self.model)] if keep_bn else None
-        self.model.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = loss_fn(self.model, x, y)
-            loss.backward()
-        if saved is not None:
-            for b, s in zip(bn_buffers(self.model), saved):
-                b.copy_(s)
-        return loss.detach(), {
-            p: p.grad.clone() for _, g in self.groups for p in g if p.grad is not None
-        }
+        return eval_grads(self.model, self.groups, x, y, keep_bn)
 
     def _sample(self, shape):
         if self.kind == "det":
