@@ -91,6 +91,8 @@ OPTIMIZERS: list[OptSpec] = [
     OptSpec("SAM", "python_api.sam", "SAM", {"rho": 0.05}, floor_sam=11),
     OptSpec("ASAM", "python_api.sam", "SAM", {"rho": 0.5, "adaptive": True}, floor_sam=12),
     OptSpec("CR-SAM", "python_api.crsam", "CRSAM", {"rho": 0.05}, floor_sam=17, passes_sam=3),
+    # SAM's 11 + the inner product <g0, g1> (2 reads) + g0 as a second base-step term (1 read)
+    OptSpec("GSAM", "python_api.gsam", "GSAM", {"rho": 0.05, "alpha": 0.4}, floor_sam=14),
     OptSpec(
         "AE-SAM",
         "python_api.aesam",

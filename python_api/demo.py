@@ -118,6 +118,7 @@ DEMO_HPARAMS: dict[str, dict[str, Any]] = {
     "frobsam": {"rho": 0.005, "n_samples": 2, "lam": 0.005},
     "tracesam": {"rho": 0.01, "n_samples": 1, "lam": 1.0},
     "detsam": {"rho": 1.0, "n_samples": 1, "lam": 1.0, "half_cube_len": 0.01},
+    "gsam": {"rho": 0.1, "alpha": 0.4},
 }
 
 #: Accepted spellings of the base optimizer alone in ``--optimizers``.
@@ -158,6 +159,7 @@ def optimizer_registry() -> dict[str, Method]:
         Method("frobsam", "Frob-SAM", "python_api.universal", "FrobSAM", h["frobsam"]),
         Method("tracesam", "Trace-SAM", "python_api.universal", "TraceSAM", h["tracesam"]),
         Method("detsam", "Det-SAM", "python_api.universal", "DetSAM", h["detsam"]),
+        Method("gsam", "GSAM", "python_api.gsam", "GSAM", h["gsam"]),
     ]
     return {m.key: m for m in methods}
 

@@ -222,6 +222,7 @@ def test_registry_imports_lazily():
         "frobsam",
         "tracesam",
         "detsam",
+        "gsam",
     ]
     assert set(demo.DEMO_HPARAMS) == set(reg) - {"base"}
     keys, all_ = demo.parse_optimizers("SGD, CR-SAM,sam,sam", reg)
