@@ -21,6 +21,15 @@ from python_api.metrics import (
 )
 from python_api.recipes import accumulate_closure, param_groups_no_decay
 from python_api.sam import SAM
+from python_api.schedulers import (
+    ConstantRho,
+    CosineRho,
+    LinearRho,
+    ProportionalRho,
+    RhoScheduler,
+    SequentialRho,
+    WarmupCosineRho,
+)
 from python_api.sharded import FSDP2SAMStep, LocalShards, sharded_grad_norm
 from python_api.sssam import SSSAM
 from python_api.universal import DetSAM, FrobSAM, TraceSAM
@@ -29,19 +38,26 @@ __all__ = [
     "AELookSAM",
     "AESAM",
     "CRSAM",
+    "ConstantRho",
+    "CosineRho",
     "DetSAM",
     "ESAM",
     "FSDP2SAMStep",
     "FrobSAM",
     "GSAM",
+    "LinearRho",
     "LocalShards",
     "LookSAM",
     "NonFiniteError",
+    "ProportionalRho",
+    "RhoScheduler",
     "SAM",
     "SAMDDPStep",
     "SAMFamily",
     "SSSAM",
+    "SequentialRho",
     "TraceSAM",
+    "WarmupCosineRho",
     "accumulate_closure",
     "approximation_ratio",
     "disable_running_stats",

@@ -53,6 +53,8 @@ _PYTHON_API_NAMES = frozenset(
         "enable_running_stats", "gradient_norm", "hessian_frobenius_norm", "hessian_trace",
         "normalized_hessian_trace", "param_groups_no_decay", "sam_ddp_step",
         "sharded_grad_norm", "sharpness_report", "top_hessian_eigenvalue",
+        "ConstantRho", "CosineRho", "LinearRho", "ProportionalRho", "RhoScheduler",
+        "SequentialRho", "WarmupCosineRho",
     }
 )  # fmt: skip
 
