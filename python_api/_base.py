@@ -20,6 +20,7 @@ reads the flag after each evaluation and raises :class:`NonFiniteError` (weights
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
@@ -38,6 +39,9 @@ Closure = Callable[[], Any]
 _WRAPPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ON_NONFINITE = ("skip", "raise")
 _EPS = 1e-12
+#: elements combined at once when the norm of a LinComb gradient is taken for clipping
+#: (step-local scratch of at most this size, or of one tensor when that is larger)
+CLIP_CHUNK = 1 << 24
 
 
 class NonFiniteError(FloatingPointError):
@@ -59,6 +63,18 @@ def ascent_inv(norm: torch.Tensor) -> torch.Tensor:
 def check_nonneg(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0.0:
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+def check_max_grad_norm(value: float | None) -> None:
+    """``max_grad_norm``: None (no clipping) or a finite number > 0."""
+    if value is None:
+        return
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not (value > 0.0 and math.isfinite(value))
+    ):
+        raise ValueError(f"max_grad_norm must be None or a finite number > 0, got {value!r}")
 
 
 def check_range(name: str, value: float, lo: float, hi: float, lo_open: bool, hi_open: bool):
@@ -154,8 +170,10 @@ class SAMFamily(Optimizer):
         on_nonfinite: str = "skip",
         backend: str | None = None,
         process_group: Any = None,
+        max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
+        check_max_grad_norm(max_grad_norm)
         if on_nonfinite not in _ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}, got {on_nonfinite!r}")
         if model is not None and not isinstance(model, nn.Module):
@@ -206,6 +224,7 @@ class SAMFamily(Optimizer):
         self.on_nonfinite = on_nonfinite
         self.backend = backend
         self.process_group = process_group
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self._bn = BNStatsKeeper(model) if model is not None else None
         self._fused = _fused_kind(base)
         self._device = self._find_device()
@@ -745,6 +764,7 @@ class SAMFamily(Optimizer):
         grad_of: Callable[[list[torch.Tensor]], Any] | None = None,
         *,
         ok_known: bool = False,
+        norm: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Restore ``perturbed`` and take one base step at the unperturbed weights, if ``ok``.
 
@@ -757,6 +777,17 @@ class SAMFamily(Optimizer):
         Returns the flag as gated by :meth:`_gate_ok` (what the step used), for callers that
         gate their own state on it.
 
+        ``max_grad_norm`` (gradient clipping, as ``torch.nn.utils.clip_grad_norm_`` on the
+        base-step gradient): the global norm of that gradient over every parameter stepped
+        (all groups) gives ``min(1, max_grad_norm / (norm + 1e-6))``, a device scalar folded
+        into the fused step as a coefficient (a list gradient becomes a one-term
+        :class:`sam_kernels.LinComb`, a ``LinComb``'s coefficients are scaled): no pass of its
+        own, no host read. ``norm``: the caller's plain norm of exactly that gradient (this
+        rank's part; SAM's finite check of ``g1``), reused; otherwise it is computed here (one
+        fused norm over a list gradient; a ``LinComb`` is combined into step-local scratch,
+        :data:`CLIP_CHUNK` elements at a time, and its norm taken). A non-finite norm skips the
+        step (the flag). A generic base gets ``p.grad`` scaled in place before its ``step()``.
+
         Atomic: every group's launch is prepared and checked (shapes, dtypes, devices of the
         gradients and of every state buffer) before the first one runs, and state entries
         created for this step are only added once every launch has run; if anything raises,
@@ -764,12 +795,17 @@ class SAMFamily(Optimizer):
         """
         self._follow_device()
         ok = self._gate_ok(ok)
+        clip = self.max_grad_norm
         if self._fused is not None:
             plan = self._base_plan(perturbed)
-            launches = []
-            for gp in plan.groups:
-                grads = grad_of(gp.params) if grad_of is not None else _dense_grads(self, gp.params)
-                launches.append(gp.launch(grads, ok, self.backend))
+            grads = [
+                grad_of(gp.params) if grad_of is not None else _dense_grads(self, gp.params)
+                for gp in plan.groups
+            ]
+            if clip is not None and plan.groups:
+                scale, ok = self._clip_scale(grads, ok, norm)
+                grads = [_scaled(g, scale) for g in grads]
+            launches = [gp.launch(g, ok, self.backend) for gp, g in zip(plan.groups, grads)]
             try:
                 self._restore(plan.restore_first)
                 with sk.prevalidated():  # every launch's lists checked when the plan was built
@@ -798,10 +834,80 @@ class SAMFamily(Optimizer):
                     for p, gi in zip(ps, g):
                         if gi is not p.grad:
                             p.grad.copy_(gi)
+        if clip is not None:
+            gs = [p.grad for p in self._params_with_grad()]
+            if gs:
+                scale, ok = self._clip_scale([gs], ok, norm)
+                torch._foreach_mul_(gs, scale.to(gs[0].dtype))
         self._count(ok)
         if ok_known or bool(ok.item()):
             self.base_optimizer.step()
         return ok
+
+    def _clip_scale(
+        self, grads: list, ok: torch.Tensor, norm: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``min(1, max_grad_norm / (||g|| + 1e-6))`` over every group's base-step gradient
+        (lists or :class:`sam_kernels.LinComb`), and ``ok`` times the norm's finite flag.
+
+        Device ops only. ``norm``: this rank's norm of exactly that gradient (reused).
+        """
+        if norm is None:
+            plain = [t for g in grads if not isinstance(g, sk.LinComb) for t in g]
+            norms = []
+            if plain:
+                with sk.prevalidated():  # the parameters' gradients: checked by the plan
+                    norms.append(sk.grad_norm(plain, backend=self.backend))
+            norms.extend(self._lincomb_norm(g) for g in grads if isinstance(g, sk.LinComb))
+            if len(norms) == 1:
+                norm = norms[0]
+            else:  # combined in fp64 (no overflow of the squares)
+                n64 = torch.stack([n.to(self._device, torch.float64) for n in norms])
+                norm = torch.linalg.vector_norm(n64).to(norms[0].dtype)
+        norm = norm.to(self._device)
+        if self._dist is not None:  # sharded parameters: the global norm over the shards
+            norm = self._dist.reduce_norm(norm)
+        ok = ok * finite01(norm)
+        scale = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        # a non-finite norm skips the step (ok = 0); its scale is made harmless
+        scale = torch.nan_to_num(scale, nan=0.0, posinf=0.0, neginf=0.0)
+        return scale, ok
+
+    def _lincomb_norm(self, comb: sk.LinComb) -> torch.Tensor:
+        """``||sum_k c_k t_k||``: the combination formed by the fused ``lincomb_`` op into
+        step-local scratch, at most :data:`CLIP_CHUNK` elements (one tensor if larger) at a
+        time, and its fused norm; chunk norms combined in fp64."""
+        terms = [list(t) for t in comb.terms]
+        n = len(terms[0])
+        norms: list[torch.Tensor] = []
+        i = 0
+        while i < n:
+            j, size = i + 1, terms[0][i].numel()
+            while j < n and size + terms[0][j].numel() <= CLIP_CHUNK:
+                size += terms[0][j].numel()
+                j += 1
+            coefs = comb.coefs if comb.coefs.dim() == 1 else comb.coefs[:, i:j]
+            out = self._scratch(terms[0][i:j])
+            sk.lincomb_(out, [t[i:j] for t in terms], coefs, backend=self.backend)
+            norms.append(sk.grad_norm(out, backend=self.backend))
+            del out
+            i = j
+        if len(norms) == 1:
+            return norms[0]
+        n64 = torch.stack([x.to(torch.float64) for x in norms])
+        return torch.linalg.vector_norm(n64).to(norms[0].dtype)
+
+    def _finite_and_norm(self, grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_finite_flag` and the plain norm it is read from (for clipping to reuse)."""
+        grads = list(grads)
+        for g in grads:
+            if g.layout is not torch.strided:
+                raise ValueError(
+                    f"{type(self).__name__} does not support sparse gradients (layout {g.layout})"
+                )
+        with sk.prevalidated():
+            n = sk.grad_norm(grads, backend=self.backend)
+        return finite01(n), n
 
     def _count(self, ok: torch.Tensor) -> None:
         """The step has been applied (or skipped on the device): counters, no live backups."""
@@ -1158,6 +1264,17 @@ def _all_reduce_min(flag: torch.Tensor, group: Any = None) -> torch.Tensor:
     flag = flag.detach().clone()
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return flag
+
+
+def _scaled(grad: Any, scale: torch.Tensor) -> sk.LinComb:
+    """A base-step gradient (list or :class:`sam_kernels.LinComb`) times a device scalar, as a
+    ``LinComb`` the fused step combines in its pass (no pass of its own)."""
+    if isinstance(grad, sk.LinComb):
+        return sk.LinComb(grad.terms, grad.coefs * scale.to(grad.coefs.dtype))
+    grad = list(grad)
+    f64 = any(g.dtype == torch.float64 for g in grad)
+    coef = scale.to(torch.float64 if f64 else torch.float32).reshape(1)
+    return sk.LinComb((grad,), coef)
 
 
 def _dense_grads(opt: SAMFamily, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -66,6 +66,7 @@ class SwitchingSAM(SAMFamily):
         model: nn.Module | None = None,
         on_nonfinite: str = "skip",
         backend: str | None = None,
+        max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -75,6 +76,7 @@ class SwitchingSAM(SAMFamily):
             model=model,
             on_nonfinite=on_nonfinite,
             backend=backend,
+            max_grad_norm=max_grad_norm,
             **base_kwargs,
         )
         dev = self._device
@@ -214,7 +216,7 @@ class SwitchingSAM(SAMFamily):
             raise
         with torch.no_grad():
             gs = self._collect_grads(ps)
-            ok = self._finite_flag(gs)
+            ok, n1 = self._finite_and_norm(gs)  # the norm: reused by clipping
             if l1 is not None:
                 ok = ok * self._ok_from(l1)
             if l0_gate is not None:
@@ -226,7 +228,7 @@ class SwitchingSAM(SAMFamily):
                 raise
             # the flag the base step used (gated by a GradScaler / the DDP helper's vote)
             try:
-                ok = self._base_step(ok, perturbed)
+                ok = self._base_step(ok, perturbed, norm=n1)
             except BaseException:
                 self._undo()
                 raise

@@ -157,6 +157,7 @@ class AESAM(_AEDecision, SwitchingSAM):
         model: nn.Module | None = None,
         on_nonfinite: str = "skip",
         backend: str | None = None,
+        max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
         check_nonneg("rho", rho)
@@ -168,6 +169,7 @@ class AESAM(_AEDecision, SwitchingSAM):
             model=model,
             on_nonfinite=on_nonfinite,
             backend=backend,
+            max_grad_norm=max_grad_norm,
             **base_kwargs,
         )
         self._init_ae(delta, lambda1, lambda2, total_steps)
@@ -211,13 +213,22 @@ class AELookSAM(_AEDecision, LookSAM):
         model: nn.Module | None = None,
         on_nonfinite: str = "skip",
         backend: str | None = None,
+        max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
         check_nonneg("rho", rho)
         check_alpha(alpha)
         _check_ae_args(delta, lambda1, lambda2, total_steps)
         self._init_switching(
-            params, base_optimizer, rho, model, on_nonfinite, backend, base_kwargs, alpha
+            params,
+            base_optimizer,
+            rho,
+            model,
+            on_nonfinite,
+            backend,
+            base_kwargs,
+            alpha,
+            max_grad_norm,
         )
         self.k = None  # the AE decision replaces LookSAM's k
         self._init_ae(delta, lambda1, lambda2, total_steps)

@@ -99,6 +99,7 @@ class CRSAM(SAMFamily):
         model: nn.Module | None = None,
         on_nonfinite: str = "skip",
         backend: str | None = None,
+        max_grad_norm: float | None = None,
         process_group: Any = None,
         **base_kwargs: Any,
     ) -> None:
@@ -114,6 +115,7 @@ class CRSAM(SAMFamily):
             model=model,
             on_nonfinite=on_nonfinite,
             backend=backend,
+            max_grad_norm=max_grad_norm,
             process_group=process_group,
             **base_kwargs,
         )

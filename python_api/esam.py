@@ -85,6 +85,7 @@ class ESAM(SAMFamily):
         model: nn.Module | None = None,
         on_nonfinite: str = "skip",
         backend: str | None = None,
+        max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
         check_nonneg("rho", rho)
@@ -98,6 +99,7 @@ class ESAM(SAMFamily):
             model=model,
             on_nonfinite=on_nonfinite,
             backend=backend,
+            max_grad_norm=max_grad_norm,
             **base_kwargs,
         )
         self.beta = float(beta)
@@ -212,9 +214,10 @@ class ESAM(SAMFamily):
         with torch.no_grad():
             gs = self._collect_grads(ps)
             ok = ok * torch.isfinite(l1.detach()).all().to(torch.float32)
-            ok = ok * self._finite_flag(gs)
+            fin, n1 = self._finite_and_norm(gs)  # the norm: reused by clipping
+            ok = ok * fin
             self._check_raise(ok, "w + e (the perturbed evaluation)", perturbed)
-            ok = self._base_step(ok, perturbed)  # as gated (GradScaler, DDP helper's vote)
+            ok = self._base_step(ok, perturbed, norm=n1)  # as gated (GradScaler, DDP helper's vote)
             self._t.add_(ok.to(torch.int64))
         return mean0
 

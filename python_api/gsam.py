@@ -113,6 +113,7 @@ class GSAM(SAMFamily):
         model: nn.Module | None = None,
         on_nonfinite: str = "skip",
         backend: str | None = None,
+        max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
         check_nonneg("rho", rho)
@@ -126,6 +127,7 @@ class GSAM(SAMFamily):
             model=model,
             on_nonfinite=on_nonfinite,
             backend=backend,
+            max_grad_norm=max_grad_norm,
             **base_kwargs,
         )
         self.alpha = float(alpha)

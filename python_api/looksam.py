@@ -75,6 +75,7 @@ class LookSAM(SwitchingSAM):
         model: nn.Module | None = None,
         on_nonfinite: str = "skip",
         backend: str | None = None,
+        max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
         check_nonneg("rho", rho)
@@ -82,12 +83,29 @@ class LookSAM(SwitchingSAM):
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         check_alpha(alpha)
         self._init_switching(
-            params, base_optimizer, rho, model, on_nonfinite, backend, base_kwargs, alpha
+            params,
+            base_optimizer,
+            rho,
+            model,
+            on_nonfinite,
+            backend,
+            base_kwargs,
+            alpha,
+            max_grad_norm,
         )
         self.k = k
 
     def _init_switching(
-        self, params, base_optimizer, rho, model, on_nonfinite, backend, base_kwargs, alpha
+        self,
+        params,
+        base_optimizer,
+        rho,
+        model,
+        on_nonfinite,
+        backend,
+        base_kwargs,
+        alpha,
+        max_grad_norm=None,
     ) -> None:
         super().__init__(
             params,
@@ -96,6 +114,7 @@ class LookSAM(SwitchingSAM):
             model=model,
             on_nonfinite=on_nonfinite,
             backend=backend,
+            max_grad_norm=max_grad_norm,
             **base_kwargs,
         )
         self.alpha = float(alpha)

@@ -68,6 +68,7 @@ class SAM(SAMFamily):
         model: nn.Module | None = None,
         on_nonfinite: str = "skip",
         backend: str | None = None,
+        max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
         check_nonneg("rho", rho)
@@ -79,6 +80,7 @@ class SAM(SAMFamily):
             model=model,
             on_nonfinite=on_nonfinite,
             backend=backend,
+            max_grad_norm=max_grad_norm,
             **base_kwargs,
         )
         self._perturbed: list[torch.Tensor] = []
@@ -134,11 +136,13 @@ class SAM(SAMFamily):
         self, ok: torch.Tensor, perturbed: list[torch.Tensor], loss: torch.Tensor | None
     ) -> None:
         ps = self._params_with_grad()
-        ok = ok * self._finite_flag([p.grad for p in ps])
+        # the finite check is the fused norm of g1: clipping (max_grad_norm) reuses it
+        fin, n1 = self._finite_and_norm([p.grad for p in ps])
+        ok = ok * fin
         if loss is not None:
             ok = ok * self._ok_from(loss)
         self._check_raise(ok, "the perturbed evaluation (gradient at w + e)", perturbed)
-        self._base_step(ok, perturbed)
+        self._base_step(ok, perturbed, norm=n1)
 
     def step(  # type: ignore[override]
         self, closure: Closure | None = None, loss: torch.Tensor | float | None = None

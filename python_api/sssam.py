@@ -73,6 +73,7 @@ class SSSAM(SwitchingSAM):
         model: nn.Module | None = None,
         on_nonfinite: str = "skip",
         backend: str | None = None,
+        max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
         check_nonneg("rho", rho)
@@ -85,6 +86,7 @@ class SSSAM(SwitchingSAM):
             model=model,
             on_nonfinite=on_nonfinite,
             backend=backend,
+            max_grad_norm=max_grad_norm,
             **base_kwargs,
         )
         self.p = float(p)

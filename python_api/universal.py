@@ -95,6 +95,7 @@ class _UniversalSAM(SAMFamily):
         model: nn.Module | None = None,
         on_nonfinite: str = "skip",
         backend: str | None = None,
+        max_grad_norm: float | None = None,
         process_group: Any = None,
         **base_kwargs: Any,
     ) -> None:
@@ -116,6 +117,7 @@ class _UniversalSAM(SAMFamily):
             model=model,
             on_nonfinite=on_nonfinite,
             backend=backend,
+            max_grad_norm=max_grad_norm,
             process_group=process_group,
             **base_kwargs,
         )
@@ -217,8 +219,10 @@ class _UniversalSAM(SAMFamily):
         l0, _ = self._initial_eval(closure, loss, need_loss=self._needs_l0)
         ps = self._params_with_grad()
         ok = self._ok_from(l0)
+        n0 = None
         if ps:
-            ok = ok * self._finite_flag([p.grad for p in ps])
+            fin, n0 = self._finite_and_norm([p.grad for p in ps])
+            ok = ok * fin
         self._check_raise(ok, "the evaluation at w (loss L0, gradient g0)")
         groups = self._perturbed_groups()
         pert = [p for _, gps in groups for p in gps]
@@ -226,7 +230,7 @@ class _UniversalSAM(SAMFamily):
             self._check_noise(noise, pert)
         if not pert:
             # nothing is perturbed: every gradient is g0, no noisy evaluation is needed
-            self._base_step(ok)
+            self._base_step(ok, norm=n0)  # clipping reuses ||g0||
             return l0
 
         g0 = self._take_grads(ps)  # the gradient tensors of w themselves, no copy
@@ -363,6 +367,7 @@ class FrobSAM(_UniversalSAM):
         model: nn.Module | None = None,
         on_nonfinite: str = "skip",
         backend: str | None = None,
+        max_grad_norm: float | None = None,
         process_group: Any = None,
         **base_kwargs: Any,
     ) -> None:
@@ -376,6 +381,7 @@ class FrobSAM(_UniversalSAM):
             model=model,
             on_nonfinite=on_nonfinite,
             backend=backend,
+            max_grad_norm=max_grad_norm,
             process_group=process_group,
             **base_kwargs,
         )
@@ -473,6 +479,7 @@ class TraceSAM(_ISAM):
         model: nn.Module | None = None,
         on_nonfinite: str = "skip",
         backend: str | None = None,
+        max_grad_norm: float | None = None,
         process_group: Any = None,
         **base_kwargs: Any,
     ) -> None:
@@ -486,6 +493,7 @@ class TraceSAM(_ISAM):
             model=model,
             on_nonfinite=on_nonfinite,
             backend=backend,
+            max_grad_norm=max_grad_norm,
             process_group=process_group,
             **base_kwargs,
         )
@@ -547,6 +555,7 @@ class DetSAM(_ISAM):
         model: nn.Module | None = None,
         on_nonfinite: str = "skip",
         backend: str | None = None,
+        max_grad_norm: float | None = None,
         process_group: Any = None,
         **base_kwargs: Any,
     ) -> None:
@@ -561,6 +570,7 @@ class DetSAM(_ISAM):
             model=model,
             on_nonfinite=on_nonfinite,
             backend=backend,
+            max_grad_norm=max_grad_norm,
             process_group=process_group,
             **base_kwargs,
         )

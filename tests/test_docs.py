@@ -22,7 +22,7 @@ DOC = ROOT / "docs" / "algorithms.md"
 README = ROOT / "README.md"
 
 #: keyword arguments every class documents once, in the shared table
-SHARED = ("model", "on_nonfinite", "backend", "process_group")
+SHARED = ("model", "on_nonfinite", "backend", "process_group", "max_grad_norm")
 #: constructor arguments that are not hyper-parameters
 NOT_HYPER = ("self", "params", "base_optimizer")
 
