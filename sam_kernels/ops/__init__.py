@@ -14,6 +14,7 @@ from sam_kernels.ops.aesam_stats import (
     aesam_stats_,
 )
 from sam_kernels.ops.counter_rng import counter_uniform, uniform_threshold
+from sam_kernels.ops.dot import dot
 from sam_kernels.ops.frob_accumulate import frob_accumulate_
 from sam_kernels.ops.grad_norm import finite_flag, grad_norm
 from sam_kernels.ops.lincomb import LinComb, lincomb_
@@ -33,6 +34,7 @@ __all__ = [
     "check_no_overlap",
     "aesam_stats_",
     "counter_uniform",
+    "dot",
     "finite_flag",
     "frob_accumulate_",
     "grad_norm",

@@ -24,14 +24,15 @@ Design (details in :mod:`sam_kernels.triton._launch`):
 - Tensors dense in memory with the same strides at a given index (contiguous, channels-last)
   are used in place; any other layout runs on contiguous copies copied back afterwards.
 - Launches: ``restore``, ``perturb``, ``noise_perturb``, ``lincomb``, ``frob_accumulate``: one.
-  ``grad_norm`` and ``aesam_stats``: per-program partial sums, then one program that sums them
-  in a fixed order (deterministic, no atomics). ``sgd_step`` / ``adamw_step``: the fused step,
-  then a one-program launch that adds ``ok`` to the step counters (every program of a tensor
-  reads its counter, so the step kernel cannot write it without a race).
+  ``grad_norm``, ``dot`` and ``aesam_stats``: per-program fp64 partial sums, then one program
+  that sums them in a fixed order (deterministic, no atomics). ``sgd_step`` / ``adamw_step``:
+  the fused step, then a one-program launch that adds ``ok`` to the step counters (every
+  program of a tensor reads its counter, so the step kernel cannot write it without a race).
 
 Bytes moved per parameter element, fp32 (4 B per element read or written; bf16/fp16 halve
-every term; step counters, flags and tables are O(tensors), not counted). "Eager" is this
-package's ``torch._foreach_*`` reference (:mod:`sam_kernels.ops`) as written:
+every term, except the fp64 temporaries of dot's eager reference: 60 B there; step counters,
+flags and tables are O(tensors), not counted). "Eager" is this package's ``torch._foreach_*``
+reference (:mod:`sam_kernels.ops`) as written:
 
 =========================================================  ========  ======
 op (configuration)                                          eager     Triton
@@ -46,6 +47,7 @@ restore                                                     8         8
 lincomb (K = 2 / K = 3 terms)                               36 / 56   12 / 16
 frob_accumulate (``cross += L g; gsum += g``)               32        20
 aesam_stats                                                 4         4
+dot (``<a, b>``, fp64 products)                             64        8
 sgd_step (momentum, from backup, ok flag)                   88        20
 sgd_step (+ weight decay; + nesterov: each)                 +12       +0
 sgd_step with a K = 3 LinComb gradient                      144       28
@@ -62,6 +64,7 @@ SAM over SGD-momentum: eager 4 + 36 + 4 + 88 = 132 B/param, Triton 4 + 16 + 4 + 
 from sam_kernels.triton import (  # noqa: F401  (importing registers the ops)
     adamw_step,
     aesam_stats,
+    dot,
     frob_accumulate,
     grad_norm,
     lincomb,

@@ -22,6 +22,7 @@ from sam_kernels.triton import (
     _launch,
     adamw_step,
     aesam_stats,
+    dot,
     frob_accumulate,
     grad_norm,
     lincomb,
@@ -41,6 +42,7 @@ ARG_TYPES = {
     "base": "i32",
     "nparts": "i32",
     "out": "*fp32",
+    "out64": "*fp64",
     "stats": "*fp32",
     "ok_ptr": "*fp32",
     "lr_ptr": "*fp32",
@@ -78,6 +80,10 @@ def variants():
         v.append((f"sumsq/{dt}/p={has_p}", grad_norm.sumsq_kernel,
                   dict(HAS_P=has_p, DT_G=dt, DT_P=dt, ALIGNED=True, **GEOM), True))  # fmt: skip
     v.append(("norm_final", grad_norm._norm_final_kernel, dict(BLOCK=_launch.REDUCE_BLOCK), False))
+    for dt_a, dt_b in ((F32, F32), (BF16, BF16), (F16, F16), (F32, BF16)):
+        v.append((f"dot/{dt_a}/{dt_b}", dot._dot_kernel,
+                  dict(DT_A=dt_a, DT_B=dt_b, ALIGNED=True, **GEOM), True))  # fmt: skip
+    v.append(("dot_final", dot._dot_final_kernel, dict(BLOCK=_launch.REDUCE_BLOCK), False))
     v.append(("aesam_final", aesam_stats._aesam_final_kernel,
               dict(BLOCK=_launch.REDUCE_BLOCK), False))  # fmt: skip
     v.append(("bump_steps", _launch._bump_steps_kernel,
