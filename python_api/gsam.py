@@ -177,25 +177,6 @@ class GSAM(SAMFamily):
             n = sk.grad_norm(grads, backend=self.backend)
         return n.to(self._device)
 
-    @staticmethod
-    @torch._dynamo.disable  # _foreach_powsum is not traceable: one explicit graph break
-    def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-        """``<a, b>`` over all the tensors: products summed in fp64 (device ops, no host read).
-
-        A signed sum through ``torch._foreach_powsum`` (which sums magnitudes):
-        ``sum(x) = 2 * sum(max(x, 0)) - sum(|x|)``, so the whole list costs a fixed number of
-        foreach launches. Half-precision products are formed in fp32.
-        """
-        low = (torch.float16, torch.bfloat16)
-        if any(t.dtype in low for t in a):
-            a = [t.float() if t.dtype in low else t for t in a]
-            b = [t.float() if t.dtype in low else t for t in b]
-        prod = torch._foreach_mul(a, b)
-        total_abs = torch._foreach_powsum(prod, 1, dtype=torch.float64)
-        torch._foreach_clamp_min_(prod, 0.0)
-        total_pos = torch._foreach_powsum(prod, 1, dtype=torch.float64)
-        return 2.0 * torch.stack(total_pos).sum() - torch.stack(total_abs).sum()
-
     # ----------------------------------------------------------------- step
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -242,7 +223,8 @@ class GSAM(SAMFamily):
         adaptive = any(g.get("adaptive", False) for g in self.param_groups)
         n0p = self._plain_norm(g0) if adaptive else n0
         n0p, n1d = n0p.to(torch.float64), n1.to(torch.float64)
-        dot = self._dot(g0, g1)
+        with sk.prevalidated():  # the parameters' gradients: the plan checked the lists
+            dot = sk.dot(g0, g1, backend=self.backend).to(self._device)
         cos = dot / (n1d * n0p + _EPS)
         c = 1.0 + alpha * cos * n0p / (n1d + _EPS)
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in ps) else torch.float32
