@@ -39,6 +39,8 @@ Closure = Callable[[], Any]
 _WRAPPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ON_NONFINITE = ("skip", "raise")
 _EPS = 1e-12
+#: torch releases whose dynamo cannot trace the step's bookkeeping (see _guard_step)
+_DYNAMO_REFUSES_STEP_STATE = tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13)
 #: elements combined at once when the norm of a LinComb gradient is taken for clipping
 #: (step-local scratch of at most this size, or of one tensor when that is larger)
 CLIP_CHUNK = 1 << 24
@@ -1216,6 +1218,12 @@ def _guard_step(step: Callable) -> Callable:
             # step, which the fused path takes without calling ``base.step()``
             self.base_optimizer._opt_called = True
 
+    if _DYNAMO_REFUSES_STEP_STATE:
+        # torch < 2.13: dynamo refuses the step's attribute writes in the frames it resumes after
+        # a graph break ("Attempted setattr on a user-defined object that does not have an
+        # AttributeMutation mutation_type", seen with torch 2.11 on an H200), so a compiled
+        # training step runs the optimizer step eagerly there (a graph break, right results)
+        wrapped = torch._dynamo.disable(wrapped)
     return wrapped
 
 

@@ -330,5 +330,11 @@ def test_timm_create_optimizer_v2_with_layer_decay():
         for _ in range(2):
             o.zero_grad()
             o.step(make_closure("SAM", m, x, y))
-    same_model(model, ref_model)
+    if device == "cuda":
+        # two models on the GPU: cuDNN/cuBLAS may pick other kernels for each (seen on an
+        # H200: the patch embedding differs in the last bits), so close, not bit-identical
+        for (k, a), b in zip(model.state_dict().items(), ref_model.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    else:
+        same_model(model, ref_model)
     assert not torch.equal(model.head.weight, w0)

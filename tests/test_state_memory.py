@@ -48,7 +48,9 @@ BASES = [
     ("sgd", torch.optim.SGD, {"lr": 0.01, "momentum": 0.9}),
     ("adamw", torch.optim.AdamW, {"lr": 1e-3}),
 ]
-BACKENDS = ["eager", "triton"] + (["cuda"] if sk.available("cuda", "cpu") else [])
+# the measurement runs on CPU tensors: Triton there only under its interpreter (the test-suite's
+# default without a GPU; tests/conftest.py leaves it off on a GPU machine)
+BACKENDS = [b for b in ("eager", "triton", "cuda") if sk.available(b, "cpu")]
 
 #: the fused ops the algorithms call (sampling of the live total pauses inside them)
 OPS = (
