@@ -15,7 +15,7 @@ import importlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from test_optim_common import HostReads
 
 import sam_kernels as sk
 
@@ -238,21 +238,6 @@ def test_exported():
 
 
 # ------------------------------------------------------------------------ host reads
-class HostReads(TorchDispatchMode):
-    READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.item", "aten.masked_select"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.total += 1
-        if str(func.overloadpacket) in self.READS:
-            self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_host_reads(backend):
     gen = torch.Generator().manual_seed(11)

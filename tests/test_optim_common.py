@@ -254,10 +254,13 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("clip", [None, 0.02], ids=["plain", "clipped"])
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
-def test_host_reads_per_step(name, base):
+def test_host_reads_per_step(name, base, clip):
+    """No more host reads than the class allows, with and without gradient clipping (the clip
+    coefficient stays on the device)."""
     model = Net()
-    opt = build(name, base, model)
+    opt = build(name, base, model, max_grad_norm=clip)
     allowed = SPECS[name][3]
     for x, y in batches(4):
         opt.zero_grad()
