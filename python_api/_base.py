@@ -695,27 +695,15 @@ class SAMFamily(Optimizer):
             ]
         if not norms:
             n = torch.zeros((), dtype=torch.float32, device=self._device)
-        elif len(norms) == 1:
-            n = norms[0]
         else:
-            # combined in fp64: per-setting norms near the fp32 limit must not overflow here
-            n = torch.linalg.vector_norm(
-                torch.stack([n.to(self._device, torch.float64) for n in norms])
-            ).to(norms[0].dtype)
+            n = _combine_norms(norms, self._device)
         # sharded parameters (python_api.sharded): sqrt of the all-reduced squared local norms
         return self._dist.reduce_norm(n) if self._dist is not None else n
 
     def _finite_flag(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """1.0 if every gradient of ``grads`` (this step's, of planned parameters) is finite,
         else 0.0: one fused norm, its lists trusted as the plan's (sparse ones refused)."""
-        grads = list(grads)
-        for g in grads:
-            if g.layout is not torch.strided:
-                raise ValueError(
-                    f"{type(self).__name__} does not support sparse gradients (layout {g.layout})"
-                )
-        with sk.prevalidated():
-            return sk.finite_flag(grads, backend=self.backend)
+        return self._finite_and_norm(grads)[0]
 
     def _perturb_along_grad(
         self, norm: torch.Tensor, factor: float | torch.Tensor = 1.0
@@ -894,19 +882,11 @@ class SAMFamily(Optimizer):
             norms.append(sk.grad_norm(out, backend=self.backend))
             del out
             i = j
-        if len(norms) == 1:
-            return norms[0]
-        n64 = torch.stack([x.to(torch.float64) for x in norms])
-        return torch.linalg.vector_norm(n64).to(norms[0].dtype)
+        return _combine_norms(norms, norms[0].device)
 
     def _finite_and_norm(self, grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`_finite_flag` and the plain norm it is read from (for clipping to reuse)."""
-        grads = list(grads)
-        for g in grads:
-            if g.layout is not torch.strided:
-                raise ValueError(
-                    f"{type(self).__name__} does not support sparse gradients (layout {g.layout})"
-                )
+        grads = _check_dense(self, list(grads))
         with sk.prevalidated():
             n = sk.grad_norm(grads, backend=self.backend)
         return finite01(n), n
@@ -1289,10 +1269,23 @@ def _dense_grads(opt: SAMFamily, params: Sequence[torch.Tensor]) -> list[torch.T
     """``[p.grad for p in params]``, refusing sparse gradients (the one per-step check the ops
     skip under ``sk.prevalidated()``: torch keeps a gradient's device, shape and dtype, not its
     layout)."""
-    grads = [p.grad for p in params]
+    return _check_dense(opt, [p.grad for p in params])
+
+
+def _check_dense(opt: SAMFamily, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``grads``, after refusing a sparse one (a clear error naming the class)."""
     for g in grads:
         if g.layout is not torch.strided:
             raise ValueError(
                 f"{type(opt).__name__} does not support sparse gradients (layout {g.layout})"
             )
     return grads
+
+
+def _combine_norms(norms: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``sqrt(sum n_i^2)`` of partial norms, on ``device``, in the first one's dtype: combined in
+    fp64, so partial norms near the fp32 limit do not overflow here."""
+    if len(norms) == 1:
+        return norms[0]
+    n64 = torch.stack([n.to(device, torch.float64) for n in norms])
+    return torch.linalg.vector_norm(n64).to(norms[0].dtype)

@@ -52,6 +52,8 @@ from typing import Any
 
 import torch
 
+from python_api._base import _all_reduce_min, _distributed
+
 __all__ = ["MODES", "SAMDDPStep", "sam_ddp_step"]
 
 MODES = ("global", "per_replica")
@@ -72,13 +74,7 @@ class _DDPHook:
         return norm  # DDP: every replica holds whole gradients
 
     def gate(self, ok: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return ok
-        ok = ok.detach().clone()
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)
-        return ok
+        return _all_reduce_min(ok, self.group) if _distributed() else ok
 
 
 class SAMDDPStep:

@@ -53,14 +53,9 @@ import torch
 from torch import nn
 
 import sam_kernels as sk
+from python_api._base import _all_reduce_min, _distributed
 
 __all__ = ["FSDP2SAMStep", "LocalShards", "sharded_grad_norm"]
-
-
-def _is_initialized() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
 
 
 def sharded_grad_norm(
@@ -90,7 +85,7 @@ def sharded_grad_norm(
 
 
 def _all_reduce_norm(n: torch.Tensor, group: Any) -> torch.Tensor:
-    if not _is_initialized():
+    if not _distributed():
         return n
     import torch.distributed as dist
 
@@ -184,13 +179,7 @@ class _ShardHook:
         return _all_reduce_norm(norm, self.group)
 
     def gate(self, ok: torch.Tensor) -> torch.Tensor:
-        if not _is_initialized():
-            return ok
-        import torch.distributed as dist
-
-        ok = ok.detach().clone()
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)
-        return ok
+        return _all_reduce_min(ok, self.group) if _distributed() else ok
 
 
 class FSDP2SAMStep:
