@@ -49,6 +49,7 @@ import torch
 
 from benchmarks.common import Item, Skip, copy_bandwidth, summarize
 from benchmarks.shapes import Shape, model_shapes, numel
+from python_api.optimizer_table import listed
 
 # ----------------------------------------------------------------------------- optimizers
 
@@ -61,7 +62,7 @@ class OptSpec:
     module: str
     cls: str
     kwargs: dict = field(default_factory=dict)
-    n_samples: int | None = None  # Frob-SAM's n: passed under whichever name the class uses
+    n_samples: int | None = None  # the universal class's n_samples
     floor_sam: float = 0.0  # elements read+written per parameter element, SGD base, SAM step
     floor_cheap: float | None = None  # the same for a one-pass step (AE-SAM ERM, LookSAM reuse)
     nominal_fraction: float = 1.0  # SAM steps among all steps, when not measured
@@ -87,42 +88,23 @@ class OptSpec:
         return 1.0 + f * (self.passes_sam - 1.0)
 
 
+# the benchmarked rows of the one optimizer table (python_api/optimizer_table.py)
 OPTIMIZERS: list[OptSpec] = [
-    OptSpec("SAM", "python_api.sam", "SAM", {"rho": 0.05}, floor_sam=11),
-    OptSpec("ASAM", "python_api.sam", "SAM", {"rho": 0.5, "adaptive": True}, floor_sam=12),
-    OptSpec("CR-SAM", "python_api.crsam", "CRSAM", {"rho": 0.05}, floor_sam=17, passes_sam=3),
-    # SAM's 11 + the inner product <g0, g1> (2 reads) + g0 as a second base-step term (1 read)
-    OptSpec("GSAM", "python_api.gsam", "GSAM", {"rho": 0.05, "alpha": 0.4}, floor_sam=14),
     OptSpec(
-        "AE-SAM",
-        "python_api.aesam",
-        "AESAM",
-        {"rho": 0.05},
-        floor_sam=11,
-        floor_cheap=6,
-        nominal_fraction=0.5,
-    ),  # fmt: skip
-    OptSpec(
-        "LookSAM",
-        "python_api.looksam",
-        "LookSAM",
-        {"rho": 0.05, "k": 5},
-        floor_sam=14,
-        floor_cheap=7,
-        nominal_fraction=0.2,
-    ),  # fmt: skip
-    OptSpec(
-        "Frob-SAM",
-        "python_api.universal",
-        "FrobSAM",
-        {"rho": 0.05},
-        n_samples=2,
-        floor_sam=23,
-        passes_sam=3,
-    ),  # fmt: skip
+        o.label,
+        o.module,
+        o.cls,
+        dict(o.bench_kwargs),
+        n_samples=o.n_samples,
+        floor_sam=o.floor_sam,
+        floor_cheap=o.floor_cheap,
+        nominal_fraction=o.nominal_fraction,
+        passes_sam=o.passes,
+    )
+    for o in listed()
+    if o.bench_kwargs is not None
 ]
 SPECS = {s.name: s for s in OPTIMIZERS}
-N_SAMPLE_NAMES = ("n", "n_samples", "num_samples", "samples", "n_noise", "m")
 
 
 class LoopSAM(torch.optim.Optimizer):
@@ -197,21 +179,15 @@ def build_optimizer(
     except (ImportError, AttributeError) as exc:
         raise Skip(f"{spec.module}.{spec.cls} is not available: {exc}") from None
     kw = dict(spec.kwargs)
+    if spec.n_samples is not None:
+        kw["n_samples"] = spec.n_samples  # the universal class's argument (the table's row)
     try:
         sig = inspect.signature(cls).parameters
     except (TypeError, ValueError):
         sig = {}
-    if spec.n_samples is not None:
-        for n in N_SAMPLE_NAMES:
-            if n in sig:
-                kw[n] = spec.n_samples
-                break
-        else:
-            kw["n_samples_note"] = "no n argument found: the class default"
     if model is not None and "model" in sig:
         kw["model"] = model
     used = {k: v for k, v in kw.items() if k != "model"}
-    kw.pop("n_samples_note", None)
     opt = cls(params, base_cls, backend=backend, **kw, **base_kw)
     return opt, {**used, **base_kw, "backend": backend}
 

@@ -8,6 +8,7 @@ from python_api.batchnorm import disable_running_stats, enable_running_stats
 from python_api.crsam import CRSAM
 from python_api.distributed import SAMDDPStep, sam_ddp_step
 from python_api.esam import ESAM
+from python_api.friendly_sam import FriendlySAM
 from python_api.gsam import GSAM
 from python_api.looksam import LookSAM
 from python_api.metrics import (
@@ -45,6 +46,7 @@ __all__ = [
     "FSDP2SAMStep",
     "FrobSAM",
     "GSAM",
+    "FriendlySAM",
     "LinearRho",
     "LocalShards",
     "LookSAM",

@@ -73,7 +73,8 @@ class CRSAM(SAMFamily):
             as they were.
         on_nonfinite: ``"skip"`` (default; the step changes nothing, decided on the device) or
             ``"raise"`` (a host read per evaluation, then :class:`NonFiniteError`).
-        backend: force ``"eager"``, ``"triton"`` or ``"cuda"`` for the fused ops.
+        backend: force ``"eager"``, ``"triton"`` or ``"ext"`` (the compiled extension;
+            ``"cuda"``, its former name, still works) for the fused ops.
         process_group: the group over which the paper form's losses are averaged.
 
     ``step(closure, loss=None)`` returns ``L0`` when it evaluated it or was given it, else

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from python_api.optimizer_table import listed
+
 PROG = "sam-demo"
 EXIT_USAGE = 2
 
@@ -106,20 +108,8 @@ class Method:
 #: 94.7%; its authors use 2.0 on CIFAR). Frob-, Trace- and Det-SAM keep the spec's defaults
 #: (the reference README's CIFAR-10 commands). Every other hyper-parameter is the spec's
 #: default. ``--rho NAME=VALUE`` overrides rho.
-DEMO_HPARAMS: dict[str, dict[str, Any]] = {
-    "sam": {"rho": 0.1},
-    "asam": {"rho": 1.0, "adaptive": True},
-    "crsam": {"rho": 0.1, "alpha": 0.1, "beta": 0.01},
-    "aesam": {"rho": 0.1, "delta": 0.9, "lambda1": -1.0, "lambda2": 1.0},
-    "aelooksam": {"rho": 0.1, "alpha": 0.7, "delta": 0.9, "lambda1": -1.0, "lambda2": 1.0},
-    "looksam": {"rho": 0.1, "k": 5, "alpha": 0.7},
-    "sssam": {"rho": 0.1, "p": 0.5},
-    "esam": {"rho": 0.1, "beta": 0.6, "gamma": 0.5},
-    "frobsam": {"rho": 0.005, "n_samples": 2, "lam": 0.005},
-    "tracesam": {"rho": 0.01, "n_samples": 1, "lam": 1.0},
-    "detsam": {"rho": 1.0, "n_samples": 1, "lam": 1.0, "half_cube_len": 0.01},
-    "gsam": {"rho": 0.1, "alpha": 0.4},
-}
+#: (the values are the ``demo_kwargs`` of python_api/optimizer_table.py)
+DEMO_HPARAMS: dict[str, dict[str, Any]] = {o.key: dict(o.demo_kwargs) for o in listed()}
 
 #: Accepted spellings of the base optimizer alone in ``--optimizers``.
 BASE_ALIASES = ("base", "sgd", "adamw", "erm")
@@ -127,39 +117,19 @@ BASE_ALIASES = ("base", "sgd", "adamw", "erm")
 
 def optimizer_registry() -> dict[str, Method]:
     """The optimizer set, in table order; classes are imported only when a run needs them."""
-    h = DEMO_HPARAMS
-    methods = [
-        Method("base", "base", None, None),
-        Method("sam", "SAM", "python_api.sam", "SAM", h["sam"]),
-        Method("asam", "ASAM", "python_api.sam", "SAM", h["asam"]),
-        Method("crsam", "CR-SAM", "python_api.crsam", "CRSAM", h["crsam"]),
+    methods = [Method("base", "base", None, None)] + [
         Method(
-            "aesam",
-            "AE-SAM",
-            "python_api.aesam",
-            "AESAM",
-            h["aesam"],
-            adaptive=True,
-            total_steps=True,
-        ),
-        Method(
-            "aelooksam",
-            "AE-LookSAM",
-            "python_api.aesam",
-            "AELookSAM",
-            h["aelooksam"],
-            adaptive=True,
-            total_steps=True,
-        ),
-        Method("looksam", "LookSAM", "python_api.looksam", "LookSAM", h["looksam"], adaptive=True),
-        Method(
-            "sssam", "SS-SAM", "python_api.sssam", "SSSAM", h["sssam"], adaptive=True, seeded=True
-        ),
-        Method("esam", "ESAM", "python_api.esam", "ESAM", h["esam"], seeded=True, per_example=True),
-        Method("frobsam", "Frob-SAM", "python_api.universal", "FrobSAM", h["frobsam"]),
-        Method("tracesam", "Trace-SAM", "python_api.universal", "TraceSAM", h["tracesam"]),
-        Method("detsam", "Det-SAM", "python_api.universal", "DetSAM", h["detsam"]),
-        Method("gsam", "GSAM", "python_api.gsam", "GSAM", h["gsam"]),
+            o.key,
+            o.label,
+            o.module,
+            o.cls,
+            DEMO_HPARAMS[o.key],
+            adaptive=o.switching,
+            total_steps=o.total_steps,
+            seeded=o.seeded,
+            per_example=o.closure == "forward-only",
+        )
+        for o in listed()
     ]
     return {m.key: m for m in methods}
 

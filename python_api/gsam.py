@@ -84,7 +84,8 @@ class GSAM(SAMFamily):
         model: if given, the evaluation at ``w + e`` leaves BN running statistics as they were.
         on_nonfinite: ``"skip"`` (default; the step changes nothing, decided on the device) or
             ``"raise"`` (a host read per evaluation, then :class:`NonFiniteError`).
-        backend: force ``"eager"``, ``"triton"`` or ``"cuda"`` for the fused ops.
+        backend: force ``"eager"``, ``"triton"`` or ``"ext"`` (the compiled extension;
+            ``"cuda"``, its former name, still works) for the fused ops.
         **base_kwargs: the base optimizer's arguments (``lr``, ``momentum``, ...).
 
     ``step(closure, loss=None)`` returns ``L0`` when it evaluated it or was given it, else the

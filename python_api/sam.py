@@ -44,7 +44,8 @@ class SAM(SAMFamily):
             were.
         on_nonfinite: ``"skip"`` (default; the step changes nothing, on the device) or
             ``"raise"`` (a host read per evaluation, then :class:`NonFiniteError`).
-        backend: force ``"eager"``, ``"triton"`` or ``"cuda"`` for the fused ops.
+        backend: force ``"eager"``, ``"triton"`` or ``"ext"`` (the compiled extension;
+            ``"cuda"``, its former name, still works) for the fused ops.
         **base_kwargs: the base optimizer's arguments (``lr``, ``momentum``, ...). For SGD and
             AdamW, ``foreach``/``fused`` ``None`` or ``True`` and any ``capturable`` keep the
             wrapper's fused step; ``foreach=False`` or ``fused=False`` runs torch's own step

@@ -4,9 +4,20 @@ Every op in :mod:`sam_kernels.ops` has one signature for all backends. Backends 
 implementation per op name with :func:`register`; :func:`resolve` chooses which one runs:
 
 1. the ``backend=`` argument of the call, if given;
-2. else the environment variable ``SAM_KERNELS_BACKEND`` (``eager``, ``triton``, ``cuda``);
+2. else the environment variable ``SAM_KERNELS_BACKEND`` (``eager``, ``triton``, ``ext``);
 3. else by device: CUDA tensors use Triton when it is importable (then the compiled extension,
-   then eager), every other device uses eager.
+   then eager); CPU tensors use the compiled extension when it is built (its vectorised CPU
+   kernels), else eager; every other device uses eager.
+
+Backends: ``"eager"`` (the PyTorch reference, every device and dtype), ``"triton"`` (CUDA
+tensors; CPU tensors only under ``TRITON_INTERPRET=1``) and ``"ext"``, the compiled C++/CUDA
+extension built from ``csrc/`` (CPU and CUDA tensors). ``"cuda"`` is the extension's former
+name and still selects it.
+
+One exception to the CPU default: ``noise_perturb`` stays on eager for CPU tensors unless a
+backend is asked for, because its eager implementation draws from the global generator, the
+reference code's random stream (dbahri/universal_sam on the CPU); the fused backends draw from
+the counter-based ``(seed, offset)`` stream instead.
 
 A backend that is asked for explicitly but cannot run raises a ``RuntimeError`` that says why;
 the automatic choice never fails (eager runs everywhere).
@@ -16,24 +27,30 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 
-BACKENDS = ("eager", "triton", "cuda")
+BACKENDS = ("eager", "triton", "ext")
+#: former names that still select a backend
+ALIASES = {"cuda": "ext"}
+#: ops whose CPU default stays the eager reference (see the module docstring)
+_EAGER_BY_DEFAULT_ON_CPU = frozenset({"noise_perturb"})
 ENV_VAR = "SAM_KERNELS_BACKEND"
 
 # op name -> backend name -> implementation
 _REGISTRY: dict[str, dict[str, Callable]] = {}
 # backend name -> module that registers its implementations when imported (lazy, so that
 # `import sam_kernels` never fails or slows down when triton / the extension are missing)
-_LAZY_MODULES = {"triton": "sam_kernels.triton", "cuda": "sam_kernels.cuda_ext"}
+_LAZY_MODULES = {"triton": "sam_kernels.triton", "ext": "sam_kernels.cuda_ext"}
 _LOAD_ERRORS: dict[str, str] = {}
 _LOADED: set[str] = {"eager"}
 
 
 def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as ``backend``'s implementation of ``op``."""
+    backend = ALIASES.get(backend, backend)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
@@ -69,12 +86,13 @@ def _triton_can_run(device: torch.device) -> bool:
 def available(backend: str, device: torch.device | str = "cpu") -> bool:
     """True if ``backend`` can run ops on tensors of ``device``."""
     device = torch.device(device)
+    backend = ALIASES.get(backend, backend)
     if backend == "eager":
         return True
     if backend == "triton":
         return _triton_can_run(device) and _load("triton")
-    if backend == "cuda":
-        if not _load("cuda"):
+    if backend == "ext":
+        if not _load("ext"):
             return False
         from sam_kernels import cuda_ext
 
@@ -84,6 +102,7 @@ def available(backend: str, device: torch.device | str = "cpu") -> bool:
 
 def why_unavailable(backend: str, device: torch.device | str) -> str:
     device = torch.device(device)
+    backend = ALIASES.get(backend, backend)
     if backend == "triton" and not _triton_can_run(device):
         return f"Triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
     if backend in _LOAD_ERRORS:
@@ -91,11 +110,22 @@ def why_unavailable(backend: str, device: torch.device | str) -> str:
     return f"the {backend} backend does not support device {device}"
 
 
-def default_backend(device: torch.device) -> str:
+def _ext_quietly(device: torch.device) -> bool:
+    """``available("ext", device)`` without the extension's "not built" warning: the automatic
+    choice falls back to eager silently (a request for ``"ext"`` still says why it failed)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return available("ext", device)
+
+
+def default_backend(device: torch.device, op: str | None = None) -> str:
+    """The automatic choice for tensors on ``device`` (for ``op``, when given)."""
     if device.type == "cuda":
-        for name in ("triton", "cuda"):
+        for name in ("triton", "ext"):
             if available(name, device):
                 return name
+    elif device.type == "cpu" and op not in _EAGER_BY_DEFAULT_ON_CPU and _ext_quietly(device):
+        return "ext"
     return "eager"
 
 
@@ -104,9 +134,13 @@ def requested_backend(backend: str | None) -> str | None:
     name = backend if backend is not None else os.environ.get(ENV_VAR) or None
     if name is not None:
         name = name.strip().lower()
+        name = ALIASES.get(name, name)
         if name not in BACKENDS:
             source = "backend" if backend is not None else ENV_VAR
-            raise ValueError(f"{source}={name!r} is not a backend; expected one of {BACKENDS}")
+            raise ValueError(
+                f"{source}={name!r} is not a backend; expected one of {BACKENDS} (or the "
+                f"former name 'cuda' for 'ext')"
+            )
     return name
 
 
@@ -144,7 +178,7 @@ def resolve(
     if not fusable:
         return impls["eager"]
     if name is None:
-        name = default_backend(device)
+        name = default_backend(device, op)
         if name not in impls or not available(name, device):
             name = "eager"
     elif not available(name, device):
@@ -172,6 +206,7 @@ def backend_name(device: torch.device | str, backend: str | None = None) -> str:
 
 def has_implementation(op: str, backend: str) -> bool:
     """Whether ``backend`` registers its own implementation of ``op`` (loading it if lazy)."""
+    backend = ALIASES.get(backend, backend)
     if backend in _LAZY_MODULES:
         _load(backend)
     return backend in _REGISTRY.get(op, {})

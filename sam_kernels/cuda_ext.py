@@ -1,4 +1,5 @@
-"""The compiled-extension backend (``backend="cuda"``): the fused ops as torch custom ops.
+"""The compiled-extension backend (``backend="ext"``, formerly ``"cuda"``): the fused ops as
+torch custom ops, on CPU and CUDA tensors.
 
 ``setup.py`` builds ``sam_kernels/_C*.so`` from ``csrc/``: the ops ``torch.ops.sam_kernels_C.*``
 with a CPU implementation (C++/OpenMP, always built when a compiler is present) and a CUDA
@@ -39,7 +40,7 @@ _BUILD_HINT = (
 
 def _unavailable(reason: str) -> ImportError:
     msg = (
-        f"sam_kernels: the compiled extension (backend 'cuda') is not available: {reason}. "
+        f"sam_kernels: the compiled extension (backend 'ext') is not available: {reason}. "
         f"Ops run on the Triton / eager backends instead; {_BUILD_HINT}."
     )
     # shown once per process (the chooser imports this module once; the default warnings
@@ -152,7 +153,7 @@ def _lr_args(lr, device: torch.device) -> tuple[torch.Tensor | None, float]:
 
 
 # ----------------------------------------------------------------------------- registered ops
-@register("grad_norm", "cuda")
+@register("grad_norm", "ext")
 def grad_norm_ext(grads, params, eta: float) -> torch.Tensor:
     grads = list(grads)
     if not grads:
@@ -160,7 +161,7 @@ def grad_norm_ext(grads, params, eta: float) -> torch.Tensor:
     return _ops.grad_norm(grads, list(params) if params is not None else [], float(eta))
 
 
-@register("perturb", "cuda")
+@register("perturb", "ext")
 def perturb_ext(params, grads, backups, scale, adaptive: bool, eta: float) -> None:
     params = list(params)
     if not params:
@@ -174,7 +175,7 @@ def perturb_ext(params, grads, backups, scale, adaptive: bool, eta: float) -> No
 _NOISE_KIND = {"normal": 0, "uniform": 1}
 
 
-@register("noise_perturb", "cuda")
+@register("noise_perturb", "ext")
 def noise_perturb_ext(
     params, backups, scale, kind, half_cube_len, save_backup, seed, offset, noise
 ) -> None:
@@ -203,14 +204,14 @@ def noise_perturb_ext(
     )
 
 
-@register("restore", "cuda")
+@register("restore", "ext")
 def restore_ext(params, backups) -> None:
     params = list(params)
     if params:
         _ops.restore_(params, list(backups))
 
 
-@register("lincomb", "cuda")
+@register("lincomb", "ext")
 def lincomb_ext(out, comb: LinComb) -> None:
     out = list(out)
     if not out:
@@ -223,7 +224,7 @@ def lincomb_ext(out, comb: LinComb) -> None:
     _ops.lincomb_(out, terms, coefs)
 
 
-@register("frob_accumulate", "cuda")
+@register("frob_accumulate", "ext")
 def frob_accumulate_ext(cross, gsum, grads, loss) -> None:
     cross = list(cross)
     if not cross:
@@ -231,7 +232,7 @@ def frob_accumulate_ext(cross, gsum, grads, loss) -> None:
     _ops.frob_accumulate_(cross, list(gsum), list(grads), _f32(loss, cross[0].device).reshape(()))
 
 
-@register("sgd_step", "cuda")
+@register("sgd_step", "ext")
 def sgd_step_ext(
     params, grads, momentum_buffers, steps, backups, lr, momentum, dampening, nesterov,
     weight_decay, maximize, ok,
@@ -266,7 +267,7 @@ def sgd_step_ext(
     )
 
 
-@register("adamw_step", "cuda")
+@register("adamw_step", "ext")
 def adamw_step_ext(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, lr, beta1, beta2,
     eps, weight_decay, amsgrad, maximize, ok,
@@ -306,7 +307,7 @@ def adamw_step_ext(
     )
 
 
-@register("aesam_stats", "cuda")
+@register("aesam_stats", "ext")
 def aesam_stats_ext(grads, stats, delta: float, c: float) -> torch.Tensor:
     return _ops.aesam_stats_(list(grads), stats, float(delta), float(c))
 

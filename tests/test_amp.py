@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from python_api import SAM
+from python_api.optimizer_table import OPTIMIZERS, classes
 
 BASES = {
     "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
@@ -288,23 +289,9 @@ def test_bf16_parameters(base):
 
 
 def _family():
-    """Every optimizer class of the family that exists in this tree (others are in progress)."""
-    import importlib
-
-    out = []
-    for mod, names in [
-        ("python_api.crsam", ["CRSAM"]),
-        ("python_api.universal", ["FrobSAM", "TraceSAM", "DetSAM"]),
-        ("python_api.looksam", ["LookSAM"]),
-        ("python_api.aesam", ["AESAM", "AELookSAM"]),
-        ("python_api.sssam", ["SSSAM"]),
-    ]:
-        try:
-            m = importlib.import_module(mod)
-        except Exception:
-            continue
-        out += [getattr(m, n) for n in names if hasattr(m, n)]
-    return out
+    """The classes of the one optimizer table but SAM (tested above) and ESAM (forward-only
+    closure, its own test below)."""
+    return classes([o.id for o in OPTIMIZERS if o.cls != "SAM" and o.closure != "forward-only"])
 
 
 @pytest.mark.parametrize("cls", _family(), ids=lambda c: c.__name__)

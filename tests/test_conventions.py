@@ -248,9 +248,14 @@ def test_flags_that_keep_the_fused_step(base, flags):
 
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 @pytest.mark.parametrize("flag", ["foreach", "fused"])
-def test_flags_false_are_honoured_by_torch_step(name, base, flag):
+def test_flags_false_are_honoured_by_torch_step(name, base, flag, monkeypatch):
     """foreach=False / fused=False: torch's own step runs once per step with that flag (the
-    base's step hook fires), giving the fused path's values up to rounding."""
+    base's step hook fires), giving the fused path's values up to rounding.
+
+    Both runs use the eager reference's ops (torch's own arithmetic, as torch's step): the
+    compiled extension, the CPU default, rounds differently, which CR-SAM's log form amplifies
+    beyond this comparison's bound (tests/test_cuda_ext.py compares it with eager)."""
+    monkeypatch.setenv("SAM_KERNELS_BACKEND", "eager")
     torch.manual_seed(0)
     ref_model = Net()
     model = Net()

@@ -108,7 +108,7 @@ def test_missing_extension_warns_once_and_falls_back():
     )
     assert r.returncode == 0, r.stderr
     assert abs(float(r.stdout) - 3**0.5) < 1e-6
-    assert r.stderr.count("compiled extension (backend 'cuda') is not available") == 1, r.stderr
+    assert r.stderr.count("compiled extension (backend 'ext') is not available") == 1, r.stderr
 
 
 if __name__ == "__main__":  # pragma: no cover

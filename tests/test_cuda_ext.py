@@ -88,9 +88,19 @@ def all_close(xs, ys, dtype, tol_mul=1.0, ref_finite_only=False):
 
 
 # ------------------------------------------------------------------------------ loading, chooser
-def test_chooser_knows_the_extension():
+def test_chooser_knows_the_extension(monkeypatch):
+    monkeypatch.delenv("SAM_KERNELS_BACKEND", raising=False)
+    assert sk.available("ext", "cpu")
+    assert sk.backend_name("cpu", "ext") == "ext"
+    # "cuda", the extension's former name, still selects it
     assert sk.available("cuda", "cpu")
-    assert sk.backend_name("cpu", "cuda") == "cuda"
+    assert sk.backend_name("cpu", "cuda") == "ext"
+    # built, it is the CPU default, but for the noise op (the reference's global stream)
+    assert sk.backend_name("cpu") == "ext"
+    cpu = [torch.ones(3)]
+    assert sk.runs_on("grad_norm", cpu) == "ext"
+    assert sk.runs_on("noise_perturb", cpu) == "eager"
+    assert sk.runs_on("noise_perturb", cpu, backend="ext") == "ext"
     assert EXT.supports("cpu")
     assert EXT.supports("cuda") == HAS_CUDA_EXT
     assert EXT.LIBRARY.exists()

@@ -169,3 +169,22 @@ def test_links_stay_inside_the_repository(path):
 
 def test_readme_links_the_algorithms_page():
     assert "(docs/algorithms.md)" in README.read_text(encoding="utf-8")
+
+
+def test_readme_algorithm_table_is_the_optimizer_table():
+    """The README's algorithm table is python_api/optimizer_table.py's listed rows, in its order:
+    the class (with the arguments that make the row), paper, reference code, defaults and
+    passes per step."""
+    from python_api.optimizer_table import listed
+
+    header = ("class", "paper", "reference code", "defaults", "passes / step")
+    got = [
+        [c.replace("`", "") for c in row[:5]]
+        for row in _tables(README.read_text(encoding="utf-8"), header)
+    ]
+    want = []
+    for o in listed():
+        # a class the row specialises is named with its label: SAM(adaptive=True) (ASAM)
+        name = f"{o.readme_name} ({o.label})" if o.kwargs else o.readme_name
+        want.append([name, o.paper, o.reference or "—", o.defaults, o.passes_text])
+    assert got == want

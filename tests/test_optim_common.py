@@ -18,25 +18,15 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sam_kernels as sk
+from python_api.optimizer_table import OPTIMIZERS
 
-# name -> (module, class, constructor kwargs, host reads allowed per step)
-SPECS = {
-    "SAM": ("python_api.sam", "SAM", {"rho": 0.05}, 0),
-    "ASAM": ("python_api.sam", "SAM", {"rho": 0.5, "adaptive": True}, 0),
-    "CRSAM": ("python_api.crsam", "CRSAM", {}, 0),
-    "CRSAM-log": ("python_api.crsam", "CRSAM", {"log_form": True}, 0),
-    "AESAM": ("python_api.aesam", "AESAM", {}, 1),
-    "AELookSAM": ("python_api.aesam", "AELookSAM", {}, 1),
-    "LookSAM": ("python_api.looksam", "LookSAM", {"k": 2}, 1),
-    "SSSAM": ("python_api.sssam", "SSSAM", {"seed": 0}, 1),
-    "ESAM": ("python_api.esam", "ESAM", {"seed": 0}, 0),
-    "FrobSAM": ("python_api.universal", "FrobSAM", {"rho": 0.05, "lam": 0.01}, 0),
-    "TraceSAM": ("python_api.universal", "TraceSAM", {"rho": 0.05, "lam": 0.1}, 0),
-    "DetSAM": ("python_api.universal", "DetSAM", {"half_cube_len": 1e-3}, 0),
-    "GSAM": ("python_api.gsam", "GSAM", {"rho_min": 0.01, "lr_max": 0.1}, 0),
-}
+# the one optimizer table (python_api/optimizer_table.py) drives every generic test:
+# id -> (module, class, constructor kwargs, host reads allowed per step)
+SPECS = {o.id: (o.module, o.cls, o.test_kwargs, o.host_reads) for o in OPTIMIZERS}
 NAMES = list(SPECS)
-RANDOM = {"FrobSAM", "TraceSAM", "DetSAM"}  # draw from the global generator on eager
+RANDOM = {o.id for o in OPTIMIZERS if o.global_noise}  # draw from the global generator on eager
+FORWARD_ONLY = {o.id for o in OPTIMIZERS if o.closure == "forward-only"}  # ESAM
+SEEDED = {o.id for o in OPTIMIZERS if o.seeded}  # their own generators advance by a step's draws
 BASES = {
     "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
     "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.01)),
@@ -85,7 +75,7 @@ def build(name, base, model, **extra):
 
 def make_closure(name, model, x, y, hook=None):
     """The closure the class expects (ESAM: forward only, per-example losses)."""
-    if name == "ESAM":
+    if name in FORWARD_ONLY:
 
         def closure():
             if hook:
@@ -202,7 +192,7 @@ def test_nonfinite_step_leaves_no_trace(name, base, at):
     def bad_closure():
         calls.append(1)
         poison = len(calls) == 1 if at == "first" else len(calls) > 1
-        if name == "ESAM":
+        if name in FORWARD_ONLY:
             losses = nn.functional.cross_entropy(model(x), y, reduction="none")
             return losses * float("nan") if poison else losses
         loss = nn.functional.cross_entropy(model(x), y)
@@ -224,12 +214,12 @@ def test_nonfinite_step_leaves_no_trace(name, base, at):
     extras = [sd["param_groups"][0].pop("sam_state") for sd in (snap[1], after[1])]
     assert _same(snap[1]["param_groups"], after[1]["param_groups"]), "groups changed"
     own = ("counters",)
-    if name in ("SSSAM", "ESAM"):  # their own generators advance by the step's draws
+    if name in SEEDED:  # their own generators advance by the step's draws
         own += ("generator", "rng", "gen")
     keep = lambda d: {k: v for k, v in d.items() if not any(o in k for o in own)}  # noqa: E731
     assert _same(keep(extras[0]), keep(extras[1])), "algorithm state changed"
     assert opt.skipped_steps == 1
-    if name in ("SSSAM", "ESAM"):
+    if name in SEEDED:
         return  # the generator moved on, so later draws differ from the clean run by design
     rng = torch.get_rng_state()
     steps(model, opt, slice(3, 6))

@@ -20,7 +20,7 @@ backend multiplies and sums in fp64:
   elements above ~1.8e19 overflowed to ``inf`` and each product was rounded to fp32, relative
   error ~6e-8 per term); this reference does not: it is finite and accurate wherever the fp64
   sum is, like the Triton kernels.
-- the compiled extension (``"cuda"`` backend) does not implement ``dot``: the backend chooser
+- the compiled extension (``"ext"`` backend) does not implement ``dot``: the backend chooser
   (:func:`sam_kernels._backend.resolve`) runs an op a backend lacks on the eager reference.
 
 fp64 inputs always run on the eager reference (as every op's do). The result is ``inf`` or
@@ -44,7 +44,7 @@ def dot(a: TensorList, b: TensorList, *, backend: str | None = None) -> torch.Te
 
     Returns a 0-d float64 tensor on the tensors' device (0 for empty lists; never read on the
     host). Products and sums are in fp64 on every backend (see the module docstring); ``nan`` or
-    ``inf`` when an element is not finite. The ``"cuda"`` backend (the compiled extension) has
+    ``inf`` when an element is not finite. The ``"ext"`` backend (the compiled extension) has
     no kernel for it and runs the eager reference.
 
     Raises ``ValueError`` (naming the argument and index) when the lists differ in length, a
