@@ -20,6 +20,7 @@ from python_api.metrics import (
     sharpness_report,
     top_hessian_eigenvalue,
 )
+from python_api.msam import MSAM, AdamWMSAM
 from python_api.recipes import accumulate_closure, param_groups_no_decay
 from python_api.sam import SAM
 from python_api.schedulers import (
@@ -38,6 +39,7 @@ from python_api.universal import DetSAM, FrobSAM, TraceSAM
 __all__ = [
     "AELookSAM",
     "AESAM",
+    "AdamWMSAM",
     "CRSAM",
     "ConstantRho",
     "CosineRho",
@@ -50,6 +52,7 @@ __all__ = [
     "LinearRho",
     "LocalShards",
     "LookSAM",
+    "MSAM",
     "NonFiniteError",
     "ProportionalRho",
     "RhoScheduler",

@@ -56,7 +56,7 @@ _PYTHON_API_NAMES = frozenset(
         "normalized_hessian_trace", "param_groups_no_decay", "sam_ddp_step",
         "sharded_grad_norm", "sharpness_report", "top_hessian_eigenvalue",
         "ConstantRho", "CosineRho", "LinearRho", "ProportionalRho", "RhoScheduler",
-        "SequentialRho", "WarmupCosineRho",
+        "SequentialRho", "WarmupCosineRho", "MSAM", "AdamWMSAM",
     }
 )  # fmt: skip
 
