@@ -336,7 +336,25 @@ class _MomentumSAM(Optimizer):
         self._move_up(ps, dirs, scales)
         torch._foreach_zero_(scales)
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ copies, checkpoints
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's keeps only defaults/state/param_groups: a copy would lose the counters
+        if self._saved is not None:
+            raise RuntimeError(f"cannot copy or pickle {type(self).__name__} inside unperturbed()")
+        st = super().__getstate__()
+        st.update(on_nonfinite=self.on_nonfinite, backend=self.backend, _counters=self._counters)
+        return st
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("on_nonfinite", "skip")
+        self.__dict__.setdefault("backend", None)
+        if "_counters" not in self.__dict__:
+            self._counters = torch.zeros(2, dtype=torch.float32)
+        self._saved = None
+        self._const_cache = None
+        self._ready = True
+
     def state_dict(self) -> dict[str, Any]:
         """torch's format: ``state[i]`` holds parameter ``i``'s direction buffer(s), ``step``
         and ``ascent_scale`` (the move-down coefficient ``s``); ``param_groups[0]["sam_state"]``
