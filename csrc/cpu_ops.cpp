@@ -26,6 +26,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "glue.h"
 #include "ops_math.h"
 
@@ -228,20 +232,53 @@ at::Tensor aesam_stats_cpu(at::TensorList grads, const at::Tensor& stats, double
 // ------------------------------------------------------------------ element-wise
 // (the pointers of one element index may alias one another, e.g. in-place steps: the simd loops
 // only need distinct indices not to overlap)
+// Streaming stores. An output that the kernel writes without reading (the backup of perturb,
+// the weights of a step that restores them from the backup) would otherwise be read into the
+// cache first (a read-for-ownership: one more stream of traffic than the op needs). Each block is
+// computed into a buffer on the stack (L1) and copied out with non-temporal stores, which write
+// whole lines without reading them. fp32 outputs aligned to 16 bytes on x86; others (and the
+// tail) use plain stores. The values are the same; only the order of memory traffic changes.
+template <typename T>
+inline void store_block(T* dst, const T* src, int64_t n) {
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+      int64_t i = 0;
+      for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_load_ps(src + i));
+      for (; i < n; ++i) dst[i] = src[i];
+      return;
+    }
+  }
+#endif
+  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
+}
+
+// makes the streaming stores of this thread visible before the op returns (they are weakly
+// ordered with respect to other cores' reads)
+inline void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 template <typename T, bool kAdaptive>
 SK_KERNEL void perturb_chunk(T* w, const T* g, T* b, int64_t n, float s, float e) {
-  blocked(
-      n,
-      [&](int64_t i0) {
-        prefetch(w, i0);
-        prefetch(g, i0);
-        prefetch(b, i0);
-      },
-      [&](int64_t i) {
-        const T raw = w[i];
-        b[i] = raw;
-        w[i] = static_cast<T>(perturb_value(f32(raw), f32(g[i]), s, kAdaptive, e));
-      });
+  alignas(64) T raw[kBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t m = std::min(n - i0, kBlock);
+    T* wi = w + i0;
+    const T* gi = g + i0;
+    prefetch(w, i0);
+    prefetch(g, i0);
+    SK_SIMD
+    for (int64_t i = 0; i < m; ++i) {
+      const T r = wi[i];
+      raw[i] = r;
+      wi[i] = static_cast<T>(perturb_value(f32(r), f32(gi[i]), s, kAdaptive, e));
+    }
+    store_block(b + i0, raw, m);
+  }
+  store_fence();
 }
 
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups,
@@ -520,26 +557,33 @@ void dispatch_terms(const StepInputs& s, const F& f) {
 }
 
 // o is taken by value: a local the compiler knows no store through p/buf can change
+// p == w: the step updates the weights in place; p != w: it restores them from the backup w
+// first, so p is written without being read (streaming stores, see store_block)
 template <typename T, int K, bool kBuf>
 SK_KERNEL void sgd_chunk(T* p, const T* w, T* buf, const T* const* gp_in, const float* co_in, int64_t n,
                float coef, const SgdParams o) {
   const T* gp[3] = {gp_in[0], gp_in[1], gp_in[2]};
   const float co[3] = {co_in[0], co_in[1], co_in[2]};
-  blocked(
-      n,
-      [&](int64_t i0) {
-        if (w != p) prefetch(w, i0);
-        prefetch(p, i0);
-        for (int k = 0; k < (K == 0 ? 1 : K); ++k) prefetch(gp[k], i0);
-        if constexpr (kBuf) prefetch(buf, i0);
-      },
-      [&](int64_t i) {
-        const float g = grad_at<T, K>(gp, co, i);
-        float b = kBuf ? f32(buf[i]) : 0.0f;
-        const float nw = sgd_value(f32(w[i]), g, &b, coef, o);
-        p[i] = static_cast<T>(nw);
-        if constexpr (kBuf) buf[i] = static_cast<T>(b);
-      });
+  const bool stream = w != p;
+  alignas(64) T out[kBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t m = std::min(n - i0, kBlock);
+    prefetch(w, i0);
+    for (int k = 0; k < (K == 0 ? 1 : K); ++k) prefetch(gp[k], i0);
+    if constexpr (kBuf) prefetch(buf, i0);
+    T* dst = stream ? out : p + i0;
+    SK_SIMD
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t i = i0 + j;
+      const float g = grad_at<T, K>(gp, co, i);
+      float b = kBuf ? f32(buf[i]) : 0.0f;
+      const float nw = sgd_value(f32(w[i]), g, &b, coef, o);
+      dst[j] = static_cast<T>(nw);
+      if constexpr (kBuf) buf[i] = static_cast<T>(b);
+    }
+    if (stream) store_block(p + i0, out, m);
+  }
+  if (stream) store_fence();
 }
 
 template <typename T, int K, bool kAms>
@@ -547,25 +591,30 @@ SK_KERNEL void adamw_chunk(T* p, const T* w, T* m, T* v, T* x, const T* const* g
                  int64_t n, const AdamWBias bias, const AdamWParams o) {
   const T* gp[3] = {gp_in[0], gp_in[1], gp_in[2]};
   const float co[3] = {co_in[0], co_in[1], co_in[2]};
-  blocked(
-      n,
-      [&](int64_t i0) {
-        if (w != p) prefetch(w, i0);
-        prefetch(p, i0);
-        for (int k = 0; k < (K == 0 ? 1 : K); ++k) prefetch(gp[k], i0);
-        prefetch(m, i0);
-        prefetch(v, i0);
-        if constexpr (kAms) prefetch(x, i0);
-      },
-      [&](int64_t i) {
-        const float g = grad_at<T, K>(gp, co, i);
-        float mv = f32(m[i]), vv = f32(v[i]), xv = kAms ? f32(x[i]) : 0.0f;
-        const float nw = adamw_value(f32(w[i]), g, &mv, &vv, &xv, bias, o);
-        p[i] = static_cast<T>(nw);
-        m[i] = static_cast<T>(mv);
-        v[i] = static_cast<T>(vv);
-        if constexpr (kAms) x[i] = static_cast<T>(xv);
-      });
+  const bool stream = w != p;
+  alignas(64) T out[kBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t len = std::min(n - i0, kBlock);
+    prefetch(w, i0);
+    for (int k = 0; k < (K == 0 ? 1 : K); ++k) prefetch(gp[k], i0);
+    prefetch(m, i0);
+    prefetch(v, i0);
+    if constexpr (kAms) prefetch(x, i0);
+    T* dst = stream ? out : p + i0;
+    SK_SIMD
+    for (int64_t j = 0; j < len; ++j) {
+      const int64_t i = i0 + j;
+      const float g = grad_at<T, K>(gp, co, i);
+      float mv = f32(m[i]), vv = f32(v[i]), xv = kAms ? f32(x[i]) : 0.0f;
+      const float nw = adamw_value(f32(w[i]), g, &mv, &vv, &xv, bias, o);
+      dst[j] = static_cast<T>(nw);
+      m[i] = static_cast<T>(mv);
+      v[i] = static_cast<T>(vv);
+      if constexpr (kAms) x[i] = static_cast<T>(xv);
+    }
+    if (stream) store_block(p + i0, out, len);
+  }
+  if (stream) store_fence();
 }
 
 void bump_steps(at::TensorList steps, float ok) {

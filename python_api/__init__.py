@@ -22,6 +22,7 @@ from python_api.metrics import (
 )
 from python_api.msam import MSAM, AdamWMSAM
 from python_api.recipes import accumulate_closure, param_groups_no_decay
+from python_api.rsam import RSAM
 from python_api.sam import SAM
 from python_api.schedulers import (
     ConstantRho,
@@ -46,15 +47,16 @@ __all__ = [
     "DetSAM",
     "ESAM",
     "FSDP2SAMStep",
+    "FriendlySAM",
     "FrobSAM",
     "GSAM",
-    "FriendlySAM",
     "LinearRho",
     "LocalShards",
     "LookSAM",
     "MSAM",
     "NonFiniteError",
     "ProportionalRho",
+    "RSAM",
     "RhoScheduler",
     "SAM",
     "SAMDDPStep",

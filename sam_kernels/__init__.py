@@ -49,7 +49,7 @@ __version__ = "0.1.0"  # the distribution's (pyproject.toml); python_api has the
 _PYTHON_API_NAMES = frozenset(
     {
         "AELookSAM", "AESAM", "CRSAM", "DetSAM", "ESAM", "FSDP2SAMStep", "FrobSAM", "GSAM",
-        "FriendlySAM",
+        "FriendlySAM", "RSAM",
         "LocalShards", "LookSAM", "NonFiniteError", "SAM", "SAMDDPStep", "SAMFamily", "SSSAM",
         "TraceSAM", "accumulate_closure", "approximation_ratio", "disable_running_stats",
         "enable_running_stats", "gradient_norm", "hessian_frobenius_norm", "hessian_trace",
