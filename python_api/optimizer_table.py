@@ -222,6 +222,19 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
         # SAM's 11 + the inner product <g0, g1> (2 reads) + g0 as a second base-step term
         bench_kwargs={"rho": 0.05, "alpha": 0.4}, floor_sam=14,
     ),
+    _row(
+        id="RSAM", label="R-SAM", key="rsam", module="python_api.rsam", cls="RSAM",
+        paper="Liu et al., NeurIPS 2022", reference="RSAM-Optimizer/R-SAM",
+        defaults="rho=0.05, sigma=5e-4 (filter-wise noise scale)", passes=2,
+        passes_text="2 (w + delta, w + e; none at w)",
+        test_kwargs={"sigma": 0.01, "seed": 0}, demo_kwargs={"rho": 0.1, "sigma": 5e-4},
+        bench_kwargs={"rho": 0.05, "sigma": 5e-4}, closure="required", seeded=True,
+        global_noise=True,
+        # the backup kept between steps; delta (step-local) until the ascent. Noise: zero the
+        # backups (1), draw (2), save w (2), scale (2), w + delta (3); u = 2 g + delta (3),
+        # ||u|| (1), e from the backup (3), ||g1|| (1), SGD step from the backup (5)
+        state_bytes=4, step_peak_bytes=8, floor_sam=23,
+    ),
 )  # fmt: skip
 
 #: rows by id
