@@ -187,6 +187,62 @@ def repeat(t: torch.Tensor, n: int) -> list[torch.Tensor]:
     return [t] * n
 
 
+def scratch_ok(outputs: TensorList, *inputs: TensorList) -> bool:
+    """Whether an op may use ``outputs`` as scratch before it has read ``inputs`` (lists of
+    the same length): each input tensor has its output's dtype, and none shares a storage with
+    an output (the op contract lets inputs alias outputs). Otherwise the eager op takes its
+    temporary-list path, which gives the same values.
+
+    One storage pointer per tensor; False while torch.compile traces (no pointers there).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    out = {t.untyped_storage().data_ptr() for t in outputs if t.numel()}
+    for lst in inputs:
+        for t, o in zip(lst, outputs):
+            if t.dtype != o.dtype or (t.numel() and t.untyped_storage().data_ptr() in out):
+                return False
+    return True
+
+
+def in_place_ok(params: TensorList, grads, *others: TensorList) -> bool:
+    """Whether a step's eager in-place form may run: CPU tensors of fp32/fp64 (where ATen
+    takes a 0-d fp64 coefficient tensor exactly as the Python float it holds), and gradients
+    (the list, or a ``LinComb``'s terms) that :func:`scratch_ok` lets it write ``params``
+    before reading them. Elsewhere the formulation with temporary lists runs (on a GPU the
+    caching allocator makes temporaries cheap; a CPU allocation is paid in page faults)."""
+    if params[0].device.type != "cpu":
+        return False
+    if not all(p.dtype in (torch.float32, torch.float64) for p in params):
+        return False
+    g_lists = grads.terms if hasattr(grads, "terms") else (grads,)
+    return scratch_ok(params, *[list(t) for t in g_lists], *[list(o) for o in others])
+
+
+def pick_scalar(cond: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """0-d fp64 tensor ``a if cond else b`` (no host read): a coefficient that a foreach op
+    applies as the Python float it holds."""
+    return torch.where(cond, torch.tensor(a, dtype=torch.float64, device=cond.device), b)
+
+
+def sanitize_(tensors: TensorList, ok: torch.Tensor) -> None:
+    """:func:`sanitize` in place: ``t = t if ok else 0`` (the bits times an integer 0 or 1)."""
+    tensors = list(tensors)
+    if not tensors:
+        return
+    masks: dict[torch.dtype, torch.Tensor] = {}
+    bits = []
+    for t in tensors:
+        idt = _BITS[t.dtype]
+        if idt not in masks:
+            masks[idt] = ok.to(idt)
+        bits.append(t.view(idt))
+    if len(masks) == 1:
+        torch._foreach_mul_(bits, next(iter(masks.values())))
+    else:
+        torch._foreach_mul_(bits, [masks[b.dtype] for b in bits])
+
+
 #: the integer dtype of each float dtype's bits (same element size)
 _BITS = {
     torch.float32: torch.int32,

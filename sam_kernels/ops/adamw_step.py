@@ -19,7 +19,16 @@ from __future__ import annotations
 import torch
 
 from sam_kernels._backend import register
-from sam_kernels.ops._common import TensorList, pick, repeat, sanitize, select_
+from sam_kernels.ops._common import (
+    TensorList,
+    in_place_ok,
+    pick,
+    pick_scalar,
+    repeat,
+    sanitize,
+    sanitize_,
+    select_,
+)
 from sam_kernels.ops.lincomb import LinComb, materialize
 
 
@@ -78,6 +87,17 @@ def adamw_step_eager(
     params = list(params)
     if not params:
         return
+    if (
+        backups is not None
+        and ok is not None
+        and not amsgrad
+        and not isinstance(lr, torch.Tensor)
+        and in_place_ok(params, grads, exp_avgs, exp_avg_sqs, backups)
+    ):
+        return _adamw_in_place(
+            params, grads, list(exp_avgs), list(exp_avg_sqs), list(steps), list(backups), lr,
+            beta1, beta2, eps, weight_decay, maximize, ok,
+        )  # fmt: skip
     w = list(backups) if backups is not None else params
     steps = list(steps)
     g = materialize(grads) if isinstance(grads, LinComb) else list(grads)
@@ -132,3 +152,50 @@ def adamw_step_eager(
     if backups is not None:
         torch._foreach_copy_(params, w)
     select_(params, new_w, ok)
+
+
+def _adamw_in_place(
+    params, grads, exp_avgs, exp_avg_sqs, steps, w, lr, beta1, beta2, eps, weight_decay,
+    maximize, ok,
+) -> None:  # fmt: skip
+    """The step above from backups, with one temporary list instead of seven (CPU tensors).
+
+    The perturbed parameters (rewritten at the end either way) hold the gradient, the moments
+    are updated in place, and the flag is applied through the coefficients instead of final
+    selects: when ``ok == 0`` the gradient is 0, the lerp weight 0 and ``beta2`` 1 (``m`` and
+    ``v`` keep their values), the denominator infinite (``m / inf = 0``) and the decay 1, so
+    ``p = w``. When ``ok == 1`` the moments, the denominator ``sqrt(v) / bc2 + eps`` and the
+    decayed weight are the values above; the update is taken as torch's AdamW takes it, one
+    ``addcdiv_(w * decay, m, denom * bc1 / -lr)`` (within an ulp of the update above).
+    """
+    n = len(params)
+    if isinstance(grads, LinComb):
+        g = materialize(grads)  # a new list
+    else:
+        g = params  # the perturbed weights: overwritten below either way
+        torch._foreach_copy_(g, list(grads))
+    if maximize:
+        torch._foreach_neg_(g)
+    sanitize_(g, ok)
+    on = ok != 0
+    t = torch._foreach_add(steps, 1.0)  # >= 1 even when skipped: finite bias corrections
+    torch._foreach_add_(steps, repeat(ok, n))
+    torch._foreach_lerp_(exp_avgs, g, repeat(pick_scalar(on, 1.0 - beta1, 0.0), n))
+    torch._foreach_mul_(exp_avg_sqs, pick_scalar(on, beta2, 1.0))
+    torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1.0 - beta2)
+    bc1 = torch._foreach_pow(beta1, t)
+    bc2 = torch._foreach_pow(beta2, t)
+    torch._foreach_neg_(bc1)
+    torch._foreach_add_(bc1, 1.0)
+    torch._foreach_neg_(bc2)
+    torch._foreach_add_(bc2, 1.0)
+    torch._foreach_sqrt_(bc2)
+    # bc1 / -lr, or -inf when skipped (bc1 > 0)
+    torch._foreach_div_(bc1, pick_scalar(on, -lr, 0.0))
+    denom = torch._foreach_sqrt(exp_avg_sqs)  # the one temporary list
+    torch._foreach_div_(denom, bc2)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_mul_(denom, bc1)
+    torch._foreach_copy_(params, w)
+    torch._foreach_mul_(params, pick_scalar(on, 1.0 - lr * weight_decay, 1.0))
+    torch._foreach_addcdiv_(params, exp_avgs, denom)

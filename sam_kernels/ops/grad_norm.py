@@ -55,6 +55,11 @@ def finite_flag(grads: TensorList, *, backend: str | None = None) -> torch.Tenso
 #: 2^31-element tensor would need 16 GiB), and each temporary is large enough to be mmap'ed
 #: and returned (smaller ones fragmented the CPU heap)
 PIECE = 1 << 22
+#: elements of the fp64 scratch of the eager plain norm on CPU tensors (1 MiB): the gradients
+#: are converted into it a block at a time and each block reduced while it is in the L2
+#: cache; one buffer for the whole call, where a fresh 32 MiB temporary per piece was written
+#: to memory and page-faulted afresh every time (2-3x slower over ResNet-50's gradients)
+CPU_BLOCK = 1 << 17
 #: elements converted to fp64 at once by the eager weighted (ASAM) norm (128 MiB)
 BATCH = 1 << 24
 
@@ -76,6 +81,8 @@ def grad_norm_eager(grads: TensorList, params: TensorList | None, eta: float) ->
     if not grads:
         return torch.zeros((), dtype=torch.float32)
     out_dtype = acc_dtype(grads if params is None else grads + list(params))
+    if params is None and grads[0].device.type == "cpu":
+        return _cpu_norm(grads).to(out_dtype)
     gs = _pieces(grads)
     if params is None:
         # fp64 accumulation: torch's fp32 CPU reduction is off by 1e-4..1e-1 on tensors of
@@ -101,3 +108,34 @@ def grad_norm_eager(grads: TensorList, params: TensorList | None, eta: float) ->
             norms.extend(torch._foreach_norm(weights, 2))
             i = j
     return torch.linalg.vector_norm(torch.stack(norms), 2).to(out_dtype)
+
+
+def _cpu_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """fp64 norm of CPU tensors through one :data:`CPU_BLOCK`-element fp64 scratch buffer.
+
+    The tensors (those above the block size split into views of it) are copied into the
+    scratch in batches that fill it, one ``_foreach_copy_`` (the fp64 conversion) and one
+    ``vector_norm`` per batch; the batches' norms are combined in fp64. A fixed number of ops
+    per batch: the ops of a call grow with its elements / CPU_BLOCK, not with its tensors.
+    """
+    parts: list[torch.Tensor] = []
+    for t in grads:
+        if t.numel() > CPU_BLOCK:
+            parts.extend(t.reshape(-1).split(CPU_BLOCK))
+        elif t.numel():
+            parts.append(t)
+    if not parts:
+        return torch.zeros((), dtype=torch.float64)
+    scratch = torch.empty(CPU_BLOCK, dtype=torch.float64)
+    norms = []
+    i = 0
+    while i < len(parts):
+        j, size = i + 1, parts[i].numel()
+        while j < len(parts) and size + parts[j].numel() <= CPU_BLOCK:
+            size += parts[j].numel()
+            j += 1
+        views = scratch[:size].split([t.numel() for t in parts[i:j]])
+        torch._foreach_copy_([v.view(t.shape) for v, t in zip(views, parts[i:j])], parts[i:j])
+        norms.append(torch.linalg.vector_norm(scratch[:size]))
+        i = j
+    return torch.linalg.vector_norm(torch.stack(norms))

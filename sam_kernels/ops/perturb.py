@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from sam_kernels._backend import register
-from sam_kernels.ops._common import TensorList, per_tensor, pick
+from sam_kernels.ops._common import TensorList, per_tensor, pick, scratch_ok
 
 
 def perturb_(
@@ -50,15 +50,36 @@ def perturb_eager(params, grads, backups, scale, adaptive, eta) -> None:
     params = list(params)
     if not params:
         return
-    torch._foreach_copy_(list(backups), params)
+    backups, grads = list(backups), list(grads)
+    if not scratch_ok(params, grads):
+        return _perturb_with_temporary(params, grads, backups, scale, adaptive, eta)
+    torch._foreach_copy_(backups, params)
+    # The step ``t = s * T^2 * g`` is formed in the parameters themselves (their values are in
+    # the backups now), then ``p = t + b``: the same roundings as ``p + t`` (addition commutes),
+    # without a temporary list (on the CPU a fresh one costs its page faults, more than a pass)
+    if adaptive:
+        torch._foreach_abs_(params)
+        if eta != 0.0:
+            torch._foreach_add_(params, eta)
+        torch._foreach_mul_(params, params)
+        torch._foreach_mul_(params, grads)
+    else:
+        torch._foreach_copy_(params, grads)
+    torch._foreach_mul_(params, per_tensor(scale, len(params)))
+    torch._foreach_add_(params, backups)
+
+
+def _perturb_with_temporary(params, grads, backups, scale, adaptive, eta) -> None:
+    """The same values, through a temporary list: for gradients sharing memory with params."""
+    torch._foreach_copy_(backups, params)
     if adaptive:
         t = torch._foreach_abs(params)
         if eta != 0.0:
             torch._foreach_add_(t, eta)
         torch._foreach_mul_(t, t)
-        torch._foreach_mul_(t, list(grads))
+        torch._foreach_mul_(t, grads)
     else:
-        t = torch._foreach_mul(list(grads), 1.0)
+        t = torch._foreach_mul(grads, 1.0)
     torch._foreach_mul_(t, per_tensor(scale, len(params)))
     torch._foreach_add_(params, t)
 

@@ -18,7 +18,16 @@ from __future__ import annotations
 import torch
 
 from sam_kernels._backend import register
-from sam_kernels.ops._common import TensorList, pick, repeat, sanitize, select_
+from sam_kernels.ops._common import (
+    TensorList,
+    in_place_ok,
+    pick,
+    pick_scalar,
+    repeat,
+    sanitize,
+    sanitize_,
+    select_,
+)
 from sam_kernels.ops.lincomb import LinComb, materialize
 
 
@@ -78,6 +87,18 @@ def sgd_step_eager(
     params = list(params)
     if not params:
         return
+    if (
+        backups is not None
+        and ok is not None
+        and momentum != 0.0
+        and not nesterov
+        and not isinstance(lr, torch.Tensor)
+        and in_place_ok(params, grads, momentum_buffers, backups)
+    ):
+        return _sgd_in_place(
+            params, grads, list(momentum_buffers), list(steps), list(backups), lr, momentum,
+            dampening, weight_decay, maximize, ok,
+        )  # fmt: skip
     w = list(backups) if backups is not None else params
     g = materialize(grads) if isinstance(grads, LinComb) else list(grads)
     if ok is not None:
@@ -123,3 +144,41 @@ def sgd_step_eager(
         if backups is not None:
             torch._foreach_copy_(params, w)
         select_(params, new_w, ok)
+
+
+def _sgd_in_place(
+    params, grads, bufs, steps, w, lr, momentum, dampening, weight_decay, maximize, ok
+) -> None:  # fmt: skip
+    """The step above with momentum, from backups, without temporary lists (CPU tensors).
+
+    The same operations on the same values, in the memory the step owns: the perturbed
+    parameters (rewritten at the end either way) hold the gradient, the buffers are updated in
+    place. The flag is applied through the coefficients instead of a final select: when
+    ``ok == 0`` the gradient is 0 and the momentum 1 (``buf * 1 + 0 = buf``) and the step
+    ``-lr * ok`` is 0 (``p = w + buf * 0 = w``); when ``ok == 1`` every value is the one above
+    (``addcmul_(w, buf, -lr)`` is ATen's fused ``w + buf * -lr``, as ``add_(buf, alpha=-lr)``).
+    """
+    n = len(params)
+    if isinstance(grads, LinComb):
+        g = materialize(grads)  # a new list
+    else:
+        g = params  # the perturbed weights: overwritten below either way
+        torch._foreach_copy_(g, list(grads))
+    if maximize:
+        torch._foreach_neg_(g)
+    if weight_decay != 0.0:
+        torch._foreach_add_(g, w, alpha=weight_decay)
+    if dampening != 0.0:  # else the coefficient is 1 on every step (g * 1 == g)
+        first = torch._foreach_mul(steps, -1.0)
+        torch._foreach_add_(first, 1.0)
+        torch._foreach_clamp_min_(first, 0.0)
+        coef = torch._foreach_mul(first, dampening)
+        torch._foreach_add_(coef, 1.0 - dampening)
+        torch._foreach_mul_(g, coef)
+    sanitize_(g, ok)  # the buffer update below reads g: no NaN * 0 when skipped
+    on = ok != 0
+    torch._foreach_mul_(bufs, pick_scalar(on, momentum, 1.0))
+    torch._foreach_add_(bufs, g)
+    torch._foreach_add_(steps, repeat(ok, n))
+    torch._foreach_copy_(params, w)
+    torch._foreach_addcmul_(params, bufs, repeat(pick_scalar(on, -lr, 0.0), n))
