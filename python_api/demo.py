@@ -20,6 +20,7 @@ Bad input (a missing or malformed data folder, an unknown optimizer, a noise rat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import importlib
 import inspect
@@ -85,6 +86,7 @@ class Method:
         total_steps: whether the constructor takes ``total_steps`` (the AE schedules).
         seeded: whether the constructor takes ``seed`` (its own random generator).
         per_example: ESAM's closure contract (forward only, per-example losses).
+        standalone: the base optimizer the class replaces (Momentum-SAM), else ``None``.
     """
 
     key: str
@@ -96,6 +98,7 @@ class Method:
     total_steps: bool = False
     seeded: bool = False
     per_example: bool = False
+    standalone: str | None = None
 
 
 #: The demo's hyper-parameters per method for this tiny problem (an MLP with two hidden layers
@@ -128,6 +131,7 @@ def optimizer_registry() -> dict[str, Method]:
             total_steps=o.total_steps,
             seeded=o.seeded,
             per_example=o.closure == "forward-only",
+            standalone=o.standalone,
         )
         for o in listed()
     ]
@@ -680,6 +684,8 @@ def make_optimizer(
         kw["model"] = model  # BN statistics untouched by the perturbed evaluations
     if backend is not None:
         kw["backend"] = backend
+    if method.standalone is not None:  # replaces the base: its lr, momentum, weight decay
+        return cls(model.parameters(), **kw, **base_kw)
     return cls(model.parameters(), base_cls, **kw, **base_kw)
 
 
@@ -799,13 +805,17 @@ def train_one(method: Method, seed: int, data: Data, cfg: RunConfig) -> RunResul
                 sched.step()
                 step += 1
                 bar.update(1)
-            test_acc.append(evaluate(model, data))
+            # Momentum-SAM keeps the weights at its moved-down point between steps: evaluate w
+            with getattr(opt, "unperturbed", contextlib.nullcontext)():
+                test_acc.append(evaluate(model, data))
             train_loss.append(float(loss_sum) / max(loss_n, 1))
             loss_sum = torch.zeros((), device=dev)
             loss_n = 0
             bar.set_postfix(test_acc=f"{test_acc[-1]:.1f}%", loss=f"{train_loss[-1]:.3f}")
     finally:
         bar.close()
+    if hasattr(opt, "finalize"):  # Momentum-SAM: leave the trained weights w in the model
+        opt.finalize()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     wall = time.perf_counter() - t0
@@ -1225,6 +1235,12 @@ def run(args: argparse.Namespace) -> int:
     reg = optimizer_registry()
     keys, asked_all = parse_optimizers(args.optimizers, reg)
     rho_over = parse_rho_overrides(args.rho, reg)
+    # Momentum-SAM's forms each replace one base optimizer: "all" runs the one of --base
+    other_base = [k for k in keys if reg[k].standalone not in (None, args.base)]
+    if other_base and not asked_all:
+        k = other_base[0]
+        raise DemoError(f"{k} replaces {reg[k].standalone}: run it with --base {reg[k].standalone}")
+    keys = [k for k in keys if k not in other_base]
     missing = {k: why for k in keys if (why := _optimizer_missing(reg[k])) is not None}
     if missing and not asked_all:
         k, why = next(iter(missing.items()))

@@ -57,6 +57,10 @@ class OptimizerInfo:
         nominal_fraction: SAM steps among all steps when it is not measured.
         n_samples: noise samples per step in the benchmarks (the universal class).
         listed: a row of the README, demo and benchmarks; ``False`` for test-only variants.
+        standalone: ``None`` for a class that wraps a base optimizer; else the base optimizer
+            the class replaces (``"sgd"``, ``"adamw"``): built without ``base_optimizer``, from
+            that base's ``lr``/``momentum``/``weight_decay``, and tested in its own file (the
+            generic tests wrap bases).
     """
 
     id: str
@@ -86,6 +90,7 @@ class OptimizerInfo:
     nominal_fraction: float = 1.0
     n_samples: int | None = None
     listed: bool = True
+    standalone: str | None = None
 
     def __post_init__(self) -> None:
         if self.closure not in CLOSURES:
@@ -107,6 +112,8 @@ class OptimizerInfo:
 
     def make(self, params: Any, base_optimizer: Any = None, **kwargs: Any) -> Any:
         """An instance with this row's defining arguments (``kwargs`` are passed on)."""
+        if self.standalone is not None:
+            return self.load()(params, **{**self.kwargs, **kwargs})
         return self.load()(params, base_optimizer, **{**self.kwargs, **kwargs})
 
 
@@ -234,6 +241,28 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
         # backups (1), draw (2), save w (2), scale (2), w + delta (3); u = 2 g + delta (3),
         # ||u|| (1), e from the backup (3), ||g1|| (1), SGD step from the backup (5)
         state_bytes=4, step_peak_bytes=8, floor_sam=23,
+    ),
+    _row(
+        id="FriendlySAM", label="FriendlySAM", key="friendlysam", module="python_api.friendly_sam",
+        cls="FriendlySAM", paper="Li et al., CVPR 2024", reference="nblt/F-SAM",
+        defaults="rho=0.05, sigma=1.0, lmbda=0.9", passes=2, passes_text="2",
+        test_kwargs={"rho": 0.05}, demo_kwargs={"rho": 0.1, "sigma": 1.0, "lmbda": 0.9},
+        # d = g0 - sigma m (3), its norm (1), the ascent (4), ||g1|| (1), base step with
+        # restore (5), g0 zeroed bit for bit on a skip (2), the EMA m = lmbda m + (1-lmbda) g0 (3)
+        bench_kwargs={"rho": 0.05}, state_bytes=8, step_peak_bytes=12, floor_sam=19,
+    ),
+    _row(
+        id="MSAM", label="MSAM", key="msam", module="python_api.msam", cls="MSAM",
+        paper="Becker, Altrock, Ferrari, 2024", reference="MarlonBecker/MSAM",
+        defaults="lr=0.1, momentum=0.9, weight_decay=1e-2, rho=0.3 (replaces SGD)",
+        passes=1, passes_text="1", demo_kwargs={"rho": 0.3}, standalone="sgd", state_bytes=0,
+    ),
+    _row(
+        id="AdamWMSAM", label="AdamW-MSAM", key="adamwmsam", module="python_api.msam",
+        cls="AdamWMSAM", paper="Becker, Altrock, Ferrari, 2024", reference="MarlonBecker/MSAM",
+        defaults="lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, rho=1.0 "
+        "(replaces AdamW)",
+        passes=1, passes_text="1", demo_kwargs={"rho": 1.0}, standalone="adamw", state_bytes=0,
     ),
 )  # fmt: skip
 

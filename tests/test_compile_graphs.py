@@ -44,8 +44,9 @@ def closure_for(model, x, y):
 
 # the classes of the one optimizer table whose closure runs its own backward (ESAM's
 # forward-only contract has its own tests), and those with no host read in a step
-ALL = classes([o.id for o in OPTIMIZERS if o.closure != "forward-only"])
-SYNC_FREE = classes([o.id for o in OPTIMIZERS if o.closure != "forward-only" and not o.host_reads])
+WRAPPERS = [o for o in OPTIMIZERS if o.closure != "forward-only" and not o.standalone]
+ALL = classes([o.id for o in WRAPPERS])
+SYNC_FREE = classes([o.id for o in WRAPPERS if not o.host_reads])
 
 
 # ----------------------------------------------------------------- torch.compile

@@ -223,6 +223,10 @@ def test_registry_imports_lazily():
         "tracesam",
         "detsam",
         "gsam",
+        "rsam",
+        "friendlysam",
+        "msam",
+        "adamwmsam",
     ]
     assert set(demo.DEMO_HPARAMS) == set(reg) - {"base"}
     keys, all_ = demo.parse_optimizers("SGD, CR-SAM,sam,sam", reg)

@@ -22,7 +22,10 @@ from python_api.optimizer_table import OPTIMIZERS
 
 # the one optimizer table (python_api/optimizer_table.py) drives every generic test:
 # id -> (module, class, constructor kwargs, host reads allowed per step)
-SPECS = {o.id: (o.module, o.cls, o.test_kwargs, o.host_reads) for o in OPTIMIZERS}
+# (the standalone classes, which replace a base instead of wrapping one, have their own files)
+SPECS = {
+    o.id: (o.module, o.cls, o.test_kwargs, o.host_reads) for o in OPTIMIZERS if not o.standalone
+}
 NAMES = list(SPECS)
 RANDOM = {o.id for o in OPTIMIZERS if o.global_noise}  # draw from the global generator on eager
 FORWARD_ONLY = {o.id for o in OPTIMIZERS if o.closure == "forward-only"}  # ESAM
