@@ -225,22 +225,72 @@ def pick_scalar(cond: torch.Tensor, a: float, b: float) -> torch.Tensor:
     return torch.where(cond, torch.tensor(a, dtype=torch.float64, device=cond.device), b)
 
 
-def sanitize_(tensors: TensorList, ok: torch.Tensor) -> None:
-    """:func:`sanitize` in place: ``t = t if ok else 0`` (the bits times an integer 0 or 1)."""
+def sanitize_(
+    tensors: TensorList, ok: torch.Tensor, masks: dict[torch.dtype, torch.Tensor] | None = None
+) -> None:
+    """:func:`sanitize` in place: ``t = t if ok else 0`` (the bits times an integer 0 or 1).
+
+    ``masks``: a dict the integer forms of ``ok`` are kept in, for a caller that sanitizes
+    several lists (blocks) with one flag.
+    """
     tensors = list(tensors)
     if not tensors:
         return
-    masks: dict[torch.dtype, torch.Tensor] = {}
+    if masks is None:
+        masks = {}
     bits = []
     for t in tensors:
         idt = _BITS[t.dtype]
         if idt not in masks:
             masks[idt] = ok.to(idt)
         bits.append(t.view(idt))
-    if len(masks) == 1:
-        torch._foreach_mul_(bits, next(iter(masks.values())))
+    if len({b.dtype for b in bits}) == 1:
+        torch._foreach_mul_(bits, masks[bits[0].dtype])
     else:
         torch._foreach_mul_(bits, [masks[b.dtype] for b in bits])
+
+
+#: elements per block of the eager in-place steps on CPU tensors (1 MiB of fp32 per list):
+#: the step's passes run block by block, each block's lists staying in the L2 cache between
+#: them, so memory sees one read (and write) of each list instead of one per pass
+CPU_BLOCK = 1 << 18
+
+
+def cpu_blocks(lists: Sequence[TensorList], block: int | None = None):
+    """Index-aligned lists of same-shaped tensors, cut into blocks of about ``block`` elements.
+
+    Yields ``(idx, sub_lists)``: ``sub_lists[k]`` are views of ``lists[k]``, ``idx[j]`` the
+    index of the tensor the j-th view comes from (for per-tensor coefficients). A tensor above
+    ``block`` elements whose tensors are all contiguous is split into views of ``block``
+    elements (a multiple of every vector width: the elements that ATen's vectorised loops
+    handle do not change); others stay whole. Consecutive pieces are grouped up to ``block``
+    elements. The number of blocks grows with the elements / ``block``, not with the tensors;
+    one block when the lists are small.
+    """
+    block = CPU_BLOCK if block is None else block
+    lists = [list(lst) for lst in lists]
+    idx: list[int] = []
+    pieces: list[list[torch.Tensor]] = [[] for _ in lists]
+    for i in range(len(lists[0])):
+        ts = [lst[i] for lst in lists]
+        if ts[0].numel() > block and all(t.is_contiguous() for t in ts):
+            splits = [t.view(-1).split(block) for t in ts]
+            idx.extend([i] * len(splits[0]))
+            for out, sp in zip(pieces, splits):
+                out.extend(sp)
+        else:
+            idx.append(i)
+            for out, t in zip(pieces, ts):
+                out.append(t)
+    start, size = 0, 0
+    for k in range(len(idx)):
+        n = pieces[0][k].numel()
+        if k > start and size + n > block:
+            yield idx[start:k], [p[start:k] for p in pieces]
+            start, size = k, 0
+        size += n
+    if idx:
+        yield idx[start:], [p[start:] for p in pieces]
 
 
 #: the integer dtype of each float dtype's bits (same element size)

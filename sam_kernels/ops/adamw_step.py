@@ -21,6 +21,7 @@ import torch
 from sam_kernels._backend import register
 from sam_kernels.ops._common import (
     TensorList,
+    cpu_blocks,
     in_place_ok,
     pick,
     pick_scalar,
@@ -158,31 +159,23 @@ def _adamw_in_place(
     params, grads, exp_avgs, exp_avg_sqs, steps, w, lr, beta1, beta2, eps, weight_decay,
     maximize, ok,
 ) -> None:  # fmt: skip
-    """The step above from backups, with one temporary list instead of seven (CPU tensors).
+    """The step above from backups, without temporary lists of the parameters' size (CPU).
 
     The perturbed parameters (rewritten at the end either way) hold the gradient, the moments
-    are updated in place, and the flag is applied through the coefficients instead of final
-    selects: when ``ok == 0`` the gradient is 0, the lerp weight 0 and ``beta2`` 1 (``m`` and
-    ``v`` keep their values), the denominator infinite (``m / inf = 0``) and the decay 1, so
-    ``p = w``. When ``ok == 1`` the moments, the denominator ``sqrt(v) / bc2 + eps`` and the
-    decayed weight are the values above; the update is taken as torch's AdamW takes it, one
-    ``addcdiv_(w * decay, m, denom * bc1 / -lr)`` (within an ulp of the update above).
+    are updated in place, block by block (:func:`cpu_blocks`: each block's passes run while it
+    is in the cache, its denominator a block-sized temporary). The flag is applied through the
+    coefficients instead of final selects: when ``ok == 0`` the gradient is 0, the lerp weight
+    0 and ``beta2`` 1 (``m`` and ``v`` keep their values), the denominator infinite
+    (``m / inf = 0``) and the decay 1, so ``p = w``. When ``ok == 1`` the moments, the
+    denominator ``sqrt(v) / bc2 + eps`` and the decayed weight are the values above; the update
+    is taken as torch's AdamW takes it, one ``addcdiv_(w * decay, m, denom * bc1 / -lr)``
+    (within an ulp of the update above).
     """
-    n = len(params)
-    if isinstance(grads, LinComb):
-        g = materialize(grads)  # a new list
-    else:
-        g = params  # the perturbed weights: overwritten below either way
-        torch._foreach_copy_(g, list(grads))
-    if maximize:
-        torch._foreach_neg_(g)
-    sanitize_(g, ok)
+    comb = isinstance(grads, LinComb)
+    src = materialize(grads) if comb else list(grads)  # a LinComb: a new list, used in place
     on = ok != 0
     t = torch._foreach_add(steps, 1.0)  # >= 1 even when skipped: finite bias corrections
-    torch._foreach_add_(steps, repeat(ok, n))
-    torch._foreach_lerp_(exp_avgs, g, repeat(pick_scalar(on, 1.0 - beta1, 0.0), n))
-    torch._foreach_mul_(exp_avg_sqs, pick_scalar(on, beta2, 1.0))
-    torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1.0 - beta2)
+    torch._foreach_add_(steps, repeat(ok, len(steps)))
     bc1 = torch._foreach_pow(beta1, t)
     bc2 = torch._foreach_pow(beta2, t)
     torch._foreach_neg_(bc1)
@@ -190,12 +183,27 @@ def _adamw_in_place(
     torch._foreach_neg_(bc2)
     torch._foreach_add_(bc2, 1.0)
     torch._foreach_sqrt_(bc2)
-    # bc1 / -lr, or -inf when skipped (bc1 > 0)
-    torch._foreach_div_(bc1, pick_scalar(on, -lr, 0.0))
-    denom = torch._foreach_sqrt(exp_avg_sqs)  # the one temporary list
-    torch._foreach_div_(denom, bc2)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_mul_(denom, bc1)
-    torch._foreach_copy_(params, w)
-    torch._foreach_mul_(params, pick_scalar(on, 1.0 - lr * weight_decay, 1.0))
-    torch._foreach_addcdiv_(params, exp_avgs, denom)
+    torch._foreach_div_(bc1, pick_scalar(on, -lr, 0.0))  # bc1 / -lr, or -inf when skipped
+    w1 = pick_scalar(on, 1.0 - beta1, 0.0)
+    b2 = pick_scalar(on, beta2, 1.0)
+    decay = pick_scalar(on, 1.0 - lr * weight_decay, 1.0)
+    masks: dict = {}
+    for idx, (p, s, m, v, wb) in cpu_blocks([params, src, exp_avgs, exp_avg_sqs, w]):
+        if comb:
+            g = s
+        else:
+            g = p  # the perturbed weights: overwritten below either way
+            torch._foreach_copy_(g, s)
+        if maximize:
+            torch._foreach_neg_(g)
+        sanitize_(g, ok, masks)
+        torch._foreach_lerp_(m, g, repeat(w1, len(m)))
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
+        denom = torch._foreach_sqrt(v)  # one block
+        torch._foreach_div_(denom, [bc2[i] for i in idx])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_mul_(denom, [bc1[i] for i in idx])
+        torch._foreach_copy_(p, wb)
+        torch._foreach_mul_(p, decay)
+        torch._foreach_addcdiv_(p, m, denom)

@@ -54,6 +54,12 @@ def perturb_eager(params, grads, backups, scale, adaptive, eta) -> None:
     if not scratch_ok(params, grads):
         return _perturb_with_temporary(params, grads, backups, scale, adaptive, eta)
     torch._foreach_copy_(backups, params)
+    if not adaptive and all(p.device.type == "cpu" and p.dtype in _FMA for p in params):
+        # CPU fp32/fp64: ``p += s * g`` as one fused multiply-add (ATen's addcmul), a pass
+        # where the formulation below takes three (the product is not rounded on its own)
+        s = scale if scale.dim() else scale.expand(len(params))
+        torch._foreach_addcmul_(params, grads, list(s.unbind(0)))
+        return
     # The step ``t = s * T^2 * g`` is formed in the parameters themselves (their values are in
     # the backups now), then ``p = t + b``: the same roundings as ``p + t`` (addition commutes),
     # without a temporary list (on the CPU a fresh one costs its page faults, more than a pass)
@@ -83,6 +89,9 @@ def _perturb_with_temporary(params, grads, backups, scale, adaptive, eta) -> Non
     torch._foreach_mul_(t, per_tensor(scale, len(params)))
     torch._foreach_add_(params, t)
 
+
+#: dtypes whose CPU perturbation is one fused multiply-add
+_FMA = (torch.float32, torch.float64)
 
 NOISE_KINDS = ("normal", "uniform")
 

@@ -20,6 +20,7 @@ import torch
 from sam_kernels._backend import register
 from sam_kernels.ops._common import (
     TensorList,
+    cpu_blocks,
     in_place_ok,
     pick,
     pick_scalar,
@@ -153,32 +154,40 @@ def _sgd_in_place(
 
     The same operations on the same values, in the memory the step owns: the perturbed
     parameters (rewritten at the end either way) hold the gradient, the buffers are updated in
-    place. The flag is applied through the coefficients instead of a final select: when
+    place, block by block (:func:`cpu_blocks`: each block's passes run while it is in the
+    cache). The flag is applied through the coefficients instead of a final select: when
     ``ok == 0`` the gradient is 0 and the momentum 1 (``buf * 1 + 0 = buf``) and the step
     ``-lr * ok`` is 0 (``p = w + buf * 0 = w``); when ``ok == 1`` every value is the one above
     (``addcmul_(w, buf, -lr)`` is ATen's fused ``w + buf * -lr``, as ``add_(buf, alpha=-lr)``).
     """
-    n = len(params)
-    if isinstance(grads, LinComb):
-        g = materialize(grads)  # a new list
-    else:
-        g = params  # the perturbed weights: overwritten below either way
-        torch._foreach_copy_(g, list(grads))
-    if maximize:
-        torch._foreach_neg_(g)
-    if weight_decay != 0.0:
-        torch._foreach_add_(g, w, alpha=weight_decay)
+    comb = isinstance(grads, LinComb)
+    src = materialize(grads) if comb else list(grads)  # a LinComb: a new list, used in place
+    coef = None
     if dampening != 0.0:  # else the coefficient is 1 on every step (g * 1 == g)
         first = torch._foreach_mul(steps, -1.0)
         torch._foreach_add_(first, 1.0)
         torch._foreach_clamp_min_(first, 0.0)
         coef = torch._foreach_mul(first, dampening)
         torch._foreach_add_(coef, 1.0 - dampening)
-        torch._foreach_mul_(g, coef)
-    sanitize_(g, ok)  # the buffer update below reads g: no NaN * 0 when skipped
     on = ok != 0
-    torch._foreach_mul_(bufs, pick_scalar(on, momentum, 1.0))
-    torch._foreach_add_(bufs, g)
-    torch._foreach_add_(steps, repeat(ok, n))
-    torch._foreach_copy_(params, w)
-    torch._foreach_addcmul_(params, bufs, repeat(pick_scalar(on, -lr, 0.0), n))
+    m_ok = pick_scalar(on, momentum, 1.0)
+    step = pick_scalar(on, -lr, 0.0)
+    masks: dict = {}
+    for idx, (p, s, b, wb) in cpu_blocks([params, src, bufs, w]):
+        if comb:
+            g = s
+        else:
+            g = p  # the perturbed weights: overwritten below either way
+            torch._foreach_copy_(g, s)
+        if maximize:
+            torch._foreach_neg_(g)
+        if weight_decay != 0.0:
+            torch._foreach_add_(g, wb, alpha=weight_decay)
+        if coef is not None:
+            torch._foreach_mul_(g, [coef[i] for i in idx])
+        sanitize_(g, ok, masks)  # the buffer update reads g: no NaN * 0 when skipped
+        torch._foreach_mul_(b, m_ok)
+        torch._foreach_add_(b, g)
+        torch._foreach_copy_(p, wb)
+        torch._foreach_addcmul_(p, b, repeat(step, len(p)))
+    torch._foreach_add_(steps, repeat(ok, len(steps)))
