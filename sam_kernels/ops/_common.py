@@ -269,6 +269,9 @@ def cpu_blocks(lists: Sequence[TensorList], block: int | None = None):
     """
     block = CPU_BLOCK if block is None else block
     lists = [list(lst) for lst in lists]
+    if sum(t.numel() for t in lists[0]) <= block:  # one block: the lists as they are
+        yield list(range(len(lists[0]))), lists
+        return
     idx: list[int] = []
     pieces: list[list[torch.Tensor]] = [[] for _ in lists]
     for i in range(len(lists[0])):
