@@ -6,7 +6,7 @@
 #
 # Wall-clock plan (TOTAL_S, default 450 s = 7.5 min): build <= 120 s, tests <= 150 s, the
 # benchmark gets what is left (at least 100 s) minus a 45 s margin for its process starts and
-# report. Every step tolerates failure: a failed build means no "cuda" provider, failed tests are
+# report. Every step tolerates failure: a failed build means no "ext" provider, failed tests are
 # logged, a failed benchmark item is recorded in results.json and the run goes on.
 #
 # Files written (at most 8 come back from the device machine):
@@ -53,7 +53,7 @@ fi
 BACKENDS=$(python3 -c '
 import torch, sam_kernels as sk
 d = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-print(" ".join(f"{b}={sk.available(b, d)}" for b in ("triton", "cuda")), "on", d)' 2>>"$LOG")
+print(" ".join(f"{b}={sk.available(b, d)}" for b in ("triton", "ext")), "on", d)' 2>>"$LOG")
 echo "build: $BUILD_STATUS | backends: ${BACKENDS:-?} | $(elapsed)s" | tee -a "$LOG"
 
 # ---------------------------------------------------------------- 2. the whole test suite

@@ -3,7 +3,8 @@
 Providers:
 - ``loop``: a Python loop of per-tensor torch ops, the davda54/sam style (written here);
 - ``eager``: the op's ``torch._foreach_*`` composition (``backend="eager"``);
-- ``triton`` and ``cuda``: the fused backends, when they can run and implement the op.
+- ``triton`` and ``ext`` (the compiled extension): the fused backends, when they can run and
+  implement the op.
 
 Bytes moved are counted by the op's definition (each input read once, each output written once),
 per element of the tensor list, for tensors of ``s`` bytes per element:
@@ -325,7 +326,7 @@ def bench_op(cfg: dict, op: str, shape_name: str, shapes: list[Shape], dtype_nam
     """Time one op on one tensor list with one provider."""
     device = torch.device(cfg["device"])
     spec = SPEC[op]
-    if prov in ("triton", "cuda"):
+    if prov in ("triton", "ext"):
         import sam_kernels as sk
 
         if not sk.available(prov, device):

@@ -503,7 +503,7 @@ def fused_backends(cfg: dict) -> list[str]:
     device = torch.device(cfg["device"])
     if cfg["smoke"]:
         return []
-    return [b for b in ("triton", "cuda") if sk.available(b, device)]
+    return [b for b in ("triton", "ext") if sk.available(b, device)]
 
 
 def plan(cfg: dict) -> list[Item]:

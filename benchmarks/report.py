@@ -12,16 +12,16 @@ import os
 from collections import defaultdict
 from typing import Any
 
-PROVIDERS = ("loop", "eager", "triton", "cuda")
-FUSED = ("triton", "cuda")
-STEP_BACKENDS = ("davda54", "eager", "triton", "cuda")
+PROVIDERS = ("loop", "eager", "triton", "ext")
+FUSED = ("triton", "ext")
+STEP_BACKENDS = ("davda54", "eager", "triton", "ext")
 BACKEND_COLORS = {
     "-": "tab:gray",
     "davda54": "tab:blue",
     "loop": "tab:blue",
     "eager": "tab:orange",
     "triton": "tab:green",
-    "cuda": "tab:red",
+    "ext": "tab:red",
 }
 TARGET_PCT_COPY = 90.0
 TARGET_X_LOOP = 3.0
@@ -248,7 +248,7 @@ def markdown(results: dict) -> str:
     be = results.get("backends", [])
     if be and _ok(be[0]):
         rows = []
-        for name in ("eager", "triton", "cuda"):
+        for name in ("eager", "triton", "ext"):
             b = be[0].get(name, {})
             rows.append([name, _f(b.get("available")), b.get("why", "")[:120]])
         lines += ["Backends:", "", _table(["backend", "available", "why not"], rows), ""]
@@ -303,7 +303,7 @@ def markdown(results: dict) -> str:
                         _f(s.get("meets_targets")) if "meets_targets" in s else "–",
                     ]
                 )
-            hdr = ["op", "MB moved", "loop ms", "eager ms", "triton ms", "cuda ms"]
+            hdr = ["op", "MB moved", "loop ms", "eager ms", "triton ms", "ext ms"]
             hdr += ["fused GB/s", "%copy", "x loop", "x eager", "eager x loop", "targets"]
             lines += [_table(hdr, rows), ""]
 

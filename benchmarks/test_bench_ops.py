@@ -22,7 +22,7 @@ from benchmarks.shapes import model_shapes, numel, shape_sets
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-PROVIDERS = ("loop", "eager", "triton", "cuda")
+PROVIDERS = ("loop", "eager", "triton", "ext")
 
 
 def _shapes():
@@ -38,7 +38,7 @@ def test_op(benchmark, op: str, provider: str, dtype: str) -> None:
     import sam_kernels as sk
 
     spec = SPEC[op]
-    if provider in ("triton", "cuda"):
+    if provider in ("triton", "ext"):
         if not sk.available(provider, DEVICE):
             pytest.skip(f"{provider} backend unavailable on {DEVICE}")
         if not implemented(spec.registry, provider):

@@ -211,7 +211,7 @@ def plan(cfg: dict) -> list[Item]:
         models = ["resnet50"]
     fused = None
     if not cfg["smoke"]:
-        for b in ("triton", "cuda"):
+        for b in ("triton", "ext"):
             if sk.available(b, device):
                 fused = b
                 break

@@ -113,6 +113,8 @@ def why_unavailable(backend: str, device: torch.device | str) -> str:
 def _ext_quietly(device: torch.device) -> bool:
     """``available("ext", device)`` without the extension's "not built" warning: the automatic
     choice falls back to eager silently (a request for ``"ext"`` still says why it failed)."""
+    if "ext" in _LOADED or "ext" in _LOAD_ERRORS:  # loaded (or failed) once: no warning left
+        return available("ext", device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return available("ext", device)

@@ -187,15 +187,15 @@ def test_smoke_cpu_step(smoke) -> None:
 def _synthetic_gpu_results() -> dict:
     """Results shaped like a GPU run: fused providers, floors, kernels, graphs, ratios."""
     ops = []
-    for prov, ms in (("loop", 3.0), ("eager", 1.0), ("triton", 0.2), ("cuda", 0.25)):
+    for prov, ms in (("loop", 3.0), ("eager", 1.0), ("triton", 0.2), ("ext", 0.25)):
         ops.append(
             {"key": f"sgd_step/resnet50/fp32/{prov}", "op": "sgd_step", "shape": "resnet50",
              "dtype": "fp32", "provider": prov, "median_ms": ms, "bytes": 5.1e8,
              "gbps": 5.1e8 / (ms * 1e-3) / 1e9}
         )  # fmt: skip
     ops.append(
-        {"key": "restore/resnet50/fp32/cuda", "op": "restore", "shape": "resnet50",
-         "dtype": "fp32", "provider": "cuda", "error": "RuntimeError: boom"}
+        {"key": "restore/resnet50/fp32/ext", "op": "restore", "shape": "resnet50",
+         "dtype": "fp32", "provider": "ext", "error": "RuntimeError: boom"}
     )  # fmt: skip
     return {
         "meta": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11", "triton": "3.6",
@@ -204,7 +204,7 @@ def _synthetic_gpu_results() -> dict:
         "copy": [{"key": "copy_bandwidth", "gbps": 3000.0, "median_ms": 0.7,
                   "tensor_bytes": 2**30}],
         "backends": [{"eager": {"available": True}, "triton": {"available": True},
-                      "cuda": {"available": False, "why": "not built"}}],
+                      "ext": {"available": False, "why": "not built"}}],
         "ops": ops,
         "optimizer_step": [
             {"key": "s1", "shapes": "resnet50", "base": "SGD", "optimizer": "SAM",
