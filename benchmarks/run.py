@@ -105,9 +105,7 @@ def make_config(args: argparse.Namespace) -> dict[str, Any]:
         "dtypes": (args.dtypes or ("fp32" if args.quick or args.smoke else "fp32,bf16")).split(","),
         # the smoke keeps Triton out (its CPU interpreter is slow); "ext" is the compiled
         # extension, whose C++ ops also run on CPU tensors when it is built
-        "providers": ["loop", "eager", "ext"]
-        if args.smoke
-        else ["loop", "eager", "triton", "ext"],
+        "providers": ["loop", "eager", "ext"] if args.smoke else ["loop", "eager", "triton", "ext"],
         "ops": args.ops.split(",") if args.ops else None,
         "optimizers": args.optimizers.split(",") if args.optimizers else None,
         "threads": args.threads or (1 if args.smoke else None),
