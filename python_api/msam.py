@@ -14,11 +14,13 @@ Implementation: composed from the package's fused multi-tensor ops (:mod:`sam_ke
 no host read in a step; per step, over the parameters that have a gradient:
 
 1. ``sk.grad_norm(g)``: the finite flag ``ok`` (a non-finite gradient skips the step on the
-   device);
+   device) and, with ``max_grad_norm``, the clip coefficient
+   ``c = min(1, max_grad_norm / (||g|| + 1e-6))`` (a device scalar, from the same norm);
 2. ``sk.lincomb_``: move up, ``w = w~ + ok * s_old * v``;
 3. the fused SGD step (``sk.sgd_step_``, the weight decay on ``w~`` folded in as a
    :class:`sam_kernels.LinComb`) or AdamW step (``sk.adamw_step_``, weight decay 0), gated by
-   ``ok``;
+   ``ok``; the clip coefficient ``c`` is a coefficient of the gradient's term there (no pass of
+   its own);
 4. ``sk.grad_norm(v)``: ``s_new = rho / (||v|| + 1e-12)``;
 5. ``sk.lincomb_``: move down, ``w~ = decay * w - ok * s_new * v`` (AdamW's decoupled decay here,
    where the reference applies it).
@@ -35,7 +37,14 @@ import torch
 from torch.optim import Optimizer
 
 import sam_kernels as sk
-from python_api._base import NonFiniteError, ascent_inv, check_nonneg, check_range, finite01
+from python_api._base import (
+    NonFiniteError,
+    ascent_inv,
+    check_max_grad_norm,
+    check_nonneg,
+    check_range,
+    finite01,
+)
 from sam_kernels.ops._common import sanitize, select_
 
 __all__ = ["MSAM", "AdamWMSAM"]
@@ -75,7 +84,9 @@ class _MomentumSAM(Optimizer):
         *,
         on_nonfinite: str,
         backend: str | None,
+        max_grad_norm: float | None = None,
     ) -> None:
+        check_max_grad_norm(max_grad_norm)
         if on_nonfinite not in _ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}, got {on_nonfinite!r}")
         sk.requested_backend(backend)  # validates the name early
@@ -86,6 +97,7 @@ class _MomentumSAM(Optimizer):
             self._validate_group(group, i)
         self.on_nonfinite = on_nonfinite
         self.backend = backend
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         device = next(
             (p.device for g in self.param_groups for p in g["params"]), torch.device("cpu")
         )
@@ -211,7 +223,10 @@ class _MomentumSAM(Optimizer):
         c_up: torch.Tensor,
         consts: torch.Tensor,
         ok: torch.Tensor,
+        clip: torch.Tensor | None,
     ) -> None:
+        """The SGD/AdamW update of every group; ``clip``: the 0-d clip coefficient (dtype of
+        ``consts``) the gradient is multiplied by, or None (no clipping)."""
         raise NotImplementedError
 
     def _down_decay(self, consts: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -253,7 +268,8 @@ class _MomentumSAM(Optimizer):
         dirs = [self.state[p][self._dir_key] for p in ps]
         scales = [self.state[p][SCALE_KEY] for p in ps]
 
-        ok = finite01(sk.grad_norm(grads, backend=self.backend))
+        g_norm = sk.grad_norm(grads, backend=self.backend)
+        ok = finite01(g_norm)
         if self.on_nonfinite == "raise" and not bool(ok.item()):
             raise NonFiniteError(
                 f"{type(self).__name__}: non-finite gradient; weights and optimizer state are "
@@ -264,7 +280,13 @@ class _MomentumSAM(Optimizer):
         c_up = c_old * ok.to(cdt)
         # move up to w (a skipped step adds 0 * v: the weights keep their bits)
         sk.lincomb_(ps, (ps, dirs), torch.stack([ones, c_up]), backend=self.backend)
-        self._update(active, grads, c_up, consts, ok)
+        clip = None
+        if self.max_grad_norm is not None:
+            # torch's clip_grad_norm_ on g: min(1, max / (||g|| + 1e-6)), from the norm above;
+            # a non-finite norm skips the step (ok = 0), its coefficient is made harmless
+            clip = (self.max_grad_norm / (g_norm + 1e-6)).clamp(max=1.0)
+            clip = torch.nan_to_num(clip, nan=0.0, posinf=0.0, neginf=0.0).to(cdt)
+        self._update(active, grads, c_up, consts, ok, clip)
         # s = rho / (||v|| + 1e-12) over every parameter with a gradient, all groups together
         c_raw = consts[1] * ascent_inv(sk.grad_norm(dirs, backend=self.backend)).to(cdt)
         c_new = c_raw * ok.to(cdt)
@@ -342,13 +364,19 @@ class _MomentumSAM(Optimizer):
         if self._saved is not None:
             raise RuntimeError(f"cannot copy or pickle {type(self).__name__} inside unperturbed()")
         st = super().__getstate__()
-        st.update(on_nonfinite=self.on_nonfinite, backend=self.backend, _counters=self._counters)
+        st.update(
+            on_nonfinite=self.on_nonfinite,
+            backend=self.backend,
+            max_grad_norm=self.max_grad_norm,
+            _counters=self._counters,
+        )
         return st
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("on_nonfinite", "skip")
         self.__dict__.setdefault("backend", None)
+        self.__dict__.setdefault("max_grad_norm", None)
         if "_counters" not in self.__dict__:
             self._counters = torch.zeros(2, dtype=torch.float32)
         self._saved = None
@@ -481,6 +509,13 @@ class MSAM(_MomentumSAM):
         on_nonfinite: ``"skip"`` (default: the step changes nothing, decided on the device) or
             ``"raise"`` (one host read per step, then :class:`NonFiniteError`).
         backend: force ``"eager"``, ``"triton"`` or ``"cuda"`` for the fused ops.
+        max_grad_norm: None (default, no clipping) or a finite number > 0: the gradient ``g``
+            the step uses (``p.grad`` at ``w~``, before the weight decay is added) is
+            multiplied by ``min(1, max_grad_norm / (||g|| + 1e-6))``, ``||g||`` the global norm
+            over every parameter with a gradient (all groups), as
+            ``torch.nn.utils.clip_grad_norm_`` applied to ``p.grad`` before the step would;
+            computed on the device from the finite check's norm and folded into the fused
+            step (no extra pass, no host read; ``p.grad`` is not modified).
 
     State per parameter: ``momentum_buffer`` (parameter-sized), ``step`` and ``ascent_scale``
     (0-d). Use :meth:`unperturbed` to evaluate at ``w`` and :meth:`finalize` at the end of
@@ -501,11 +536,15 @@ class MSAM(_MomentumSAM):
         *,
         on_nonfinite: str = "skip",
         backend: str | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, rho=rho
         )
-        super().__init__(params, defaults, on_nonfinite=on_nonfinite, backend=backend)
+        super().__init__(
+            params, defaults, on_nonfinite=on_nonfinite, backend=backend,
+            max_grad_norm=max_grad_norm,
+        )  # fmt: skip
 
     def _check_hparams(self, group: dict[str, Any]) -> None:
         super()._check_hparams(group)
@@ -517,10 +556,11 @@ class MSAM(_MomentumSAM):
                 "MSAM refuses it rather than silently running without Nesterov momentum"
             )
 
-    def _update(self, active, grads, c_up, consts, ok) -> None:
+    def _update(self, active, grads, c_up, consts, ok, clip) -> None:
         wd_row = consts[2]
-        # d = g + wd * w~ with w~ = w - c_up * v (the parameters hold w after the move up)
-        comb_coefs = torch.stack([consts[0], wd_row, -wd_row * c_up])
+        g_row = consts[0] if clip is None else consts[0] * clip  # the clipped gradient's factor
+        # d = c * g + wd * w~ with w~ = w - c_up * v (the parameters hold w after the move up)
+        comb_coefs = torch.stack([g_row, wd_row, -wd_row * c_up])
         start = 0
         for group, ps in active:
             n = len(ps)
@@ -535,6 +575,8 @@ class MSAM(_MomentumSAM):
             d: list[torch.Tensor] | sk.LinComb = gs
             if wd != 0.0:
                 d = sk.LinComb((gs, ps, bufs), comb_coefs[:, start:end])
+            elif clip is not None:
+                d = sk.LinComb((gs,), g_row[start:end].unsqueeze(0))
             if mu != 0.0:
                 sk.sgd_step_(
                     ps, d, bufs, steps, lr=lr, momentum=mu, weight_decay=0.0, ok=ok,
@@ -586,7 +628,8 @@ class AdamWMSAM(_MomentumSAM):
         eps: added to the denominator (>= 0).
         weight_decay: decoupled weight decay (>= 0; default 1e-2 as the reference).
         rho: perturbation radius (>= 0; default 1.0 as the reference).
-        on_nonfinite, backend: as :class:`MSAM`.
+        on_nonfinite, backend, max_grad_norm: as :class:`MSAM` (the clipped ``g`` enters both
+            moments).
 
     State per parameter: ``exp_avg``, ``exp_avg_sq`` (parameter-sized), ``step`` and
     ``ascent_scale`` (0-d).
@@ -606,9 +649,13 @@ class AdamWMSAM(_MomentumSAM):
         *,
         on_nonfinite: str = "skip",
         backend: str | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rho=rho)
-        super().__init__(params, defaults, on_nonfinite=on_nonfinite, backend=backend)
+        super().__init__(
+            params, defaults, on_nonfinite=on_nonfinite, backend=backend,
+            max_grad_norm=max_grad_norm,
+        )  # fmt: skip
 
     def _check_hparams(self, group: dict[str, Any]) -> None:
         super()._check_hparams(group)
@@ -621,7 +668,7 @@ class AdamWMSAM(_MomentumSAM):
         if not math.isfinite(group["eps"]):
             raise ValueError(f"eps must be finite, got {group['eps']!r}")
 
-    def _update(self, active, grads, c_up, consts, ok) -> None:
+    def _update(self, active, grads, c_up, consts, ok, clip) -> None:
         start = 0
         for group, ps in active:
             n = len(ps)
@@ -630,8 +677,11 @@ class AdamWMSAM(_MomentumSAM):
             end = start + n
             st = [self.state[p] for p in ps]
             beta1, beta2 = group["betas"]
+            g: list[torch.Tensor] | sk.LinComb = grads[start:end]
+            if clip is not None:
+                g = sk.LinComb((g,), clip.reshape(1))
             sk.adamw_step_(
-                ps, grads[start:end], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
+                ps, g, [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
                 [], [s["step"] for s in st], lr=group["lr"], beta1=beta1, beta2=beta2,
                 eps=group["eps"], weight_decay=0.0, ok=ok, backend=self.backend,
             )  # fmt: skip
