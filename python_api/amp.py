@@ -52,10 +52,10 @@ rate by ``S``. A disabled scaler (``GradScaler(enabled=False)``) gives a plain s
 training loop serves both precisions.
 
 Do not call ``scaler.unscale_(opt)`` before the step (the step unscales every pass itself;
-that order is refused). Gradient clipping: without a scaler, clip inside the closure after the
-backward (SAM's ``e`` is invariant to a global-norm clip of ``g0``, so this clips the final
-gradient); under a scaler the closure sees scaled gradients, so clipping there is not
-supported.
+that order is refused). Gradient clipping: pass ``max_grad_norm=`` to the optimizer; it clips
+the base step's gradient after the step has unscaled it, so the norm is the unscaled one
+(tests/test_clipping.py). Clipping inside the closure is not supported under a scaler (the
+closure sees scaled gradients).
 
 bf16
 ----

@@ -8,7 +8,9 @@ the wrapper steps with its own ``step()`` after putting the gradient in ``p.grad
 optimizer taken before the step) run from the same state on the same batch; the clipped run's
 gradient must be ``clip_grad_norm_`` of the twin's. The fused SGD/AdamW path (the coefficient
 folded into the fused step) then agrees with the generic path, and a bound above every norm
-changes nothing bit for bit.
+changes nothing bit for bit. Under a ``torch.amp.GradScaler`` the norm is of the unscaled
+gradients (the clipped gradient is ``clip_grad_norm_`` of the unscaled twin's; the scaled step
+equals the unscaled one bit for bit). DDP and FSDP2: tests/test_clipping_dist.py.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 import torch
 from test_optim_common import (
     BASES,
+    FORWARD_ONLY,
     NAMES,
     SPECS,
     Net,
@@ -240,3 +243,81 @@ def test_every_class_takes_max_grad_norm():
         sig = inspect.signature(opt_class(n).__init__).parameters
         assert "max_grad_norm" in sig and sig["max_grad_norm"].default is None, n
         assert sig["max_grad_norm"].kind is inspect.Parameter.KEYWORD_ONLY, n
+
+
+# ----------------------------------------------------------------- under a GradScaler
+#: a power-of-two scale: unscaling is exact, so scaled and unscaled runs can agree bit for bit;
+#: the norm of the scaled gradients would be 4096 times the unscaled one
+AMP_SCALE = 2.0**12
+
+
+def scaled_closure(name, model, x, y, scaler):
+    """The closure under a scaler: each backward scaled (ESAM: the optimizer scales its own)."""
+    if name in FORWARD_ONLY:
+        return make_closure(name, model, x, y)
+
+    def closure():
+        loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        return loss
+
+    return closure
+
+
+def _scaler():
+    return torch.amp.GradScaler("cpu", init_scale=AMP_SCALE, growth_interval=1000)
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_clipping_under_grad_scaler_is_of_unscaled_gradients(name, base):
+    """The gradient the base step receives under a scaler is ``clip_grad_norm_`` (by hand) of
+    the gradient of an unclipped twin stepped without a scaler: the norm is the unscaled one."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = build(name, base, model, generic=True, max_grad_norm=CLIP)
+    scaler = _scaler()
+    worst = 0.0
+    for x, y in batches(4):
+        twin_model, twin = copy.deepcopy((model, opt))
+        twin.max_grad_norm = None
+        opt.base_optimizer.seen = []
+        twin.base_optimizer.seen = []
+        rng = torch.get_rng_state()
+        one_step(name, twin_model, twin, x, y)
+        torch.set_rng_state(rng)
+        opt.zero_grad()
+        opt.step(scaled_closure(name, model, x, y, scaler), scaler=scaler)
+        scaler.update()
+        assert scaler.get_scale() == AMP_SCALE and opt.skipped_steps == 0
+        assert len(opt.base_optimizer.seen) == len(twin.base_optimizer.seen) == 1
+        want, total = clip_by_hand(twin.base_optimizer.seen[0], CLIP)
+        assert total > CLIP
+        got = opt.base_optimizer.seen[0]
+        got_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in got))
+        assert got_norm == pytest.approx(CLIP, rel=1e-5)
+        worst = max(worst, rel_err(got, want))
+    assert worst < 1e-6, worst
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_fused_clipped_step_under_grad_scaler_equals_the_unscaled_one(name, base):
+    """Fused path, 5 clipped steps: with a scaler (every pass scaled by 2^12) the weights are
+    bit for bit those of the same run without one."""
+    data = batches(5)
+    torch.manual_seed(5)
+    m_s = Net()
+    m_p = copy.deepcopy(m_s)
+    o_s = build(name, base, m_s, max_grad_norm=CLIP)
+    o_p = build(name, base, m_p, max_grad_norm=CLIP)
+    assert o_s._fused is not None
+    scaler = _scaler()
+    torch.manual_seed(6)
+    for x, y in data:
+        o_s.zero_grad()
+        o_s.step(scaled_closure(name, m_s, x, y, scaler), scaler=scaler)
+        scaler.update()
+    assert scaler.get_scale() == AMP_SCALE and o_s.skipped_steps == 0
+    torch.manual_seed(6)
+    run_steps(name, m_p, o_p, data)
+    for p, q in zip(m_s.parameters(), m_p.parameters()):
+        assert torch.equal(p, q)
