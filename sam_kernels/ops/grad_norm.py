@@ -118,11 +118,15 @@ def _cpu_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     ``vector_norm`` per batch; the batches' norms are combined in fp64. A fixed number of ops
     per batch: the ops of a call grow with its elements / CPU_BLOCK, not with its tensors.
     """
-    parts: list[torch.Tensor] = []
+    parts: list[torch.Tensor] = []  # 1-D where the tensor allows (no view per block then)
     for t in grads:
-        if t.numel() > CPU_BLOCK:
-            parts.extend(t.reshape(-1).split(CPU_BLOCK))
-        elif t.numel():
+        n = t.numel()
+        if not n:
+            continue
+        if t.is_contiguous() or n > CPU_BLOCK:  # reshape: a view, or (strided) a copy
+            flat = t.reshape(-1)
+            parts.extend(flat.split(CPU_BLOCK) if n > CPU_BLOCK else (flat,))
+        else:
             parts.append(t)
     if not parts:
         return torch.zeros((), dtype=torch.float64)
@@ -134,8 +138,12 @@ def _cpu_norm(grads: list[torch.Tensor]) -> torch.Tensor:
         while j < len(parts) and size + parts[j].numel() <= CPU_BLOCK:
             size += parts[j].numel()
             j += 1
-        views = scratch[:size].split([t.numel() for t in parts[i:j]])
-        torch._foreach_copy_([v.view(t.shape) for v, t in zip(views, parts[i:j])], parts[i:j])
+        if j == i + 1:
+            views = (scratch[:size],)
+        else:
+            views = scratch[:size].split([t.numel() for t in parts[i:j]])
+        dst = [v if t.dim() == 1 else v.view(t.shape) for v, t in zip(views, parts[i:j])]
+        torch._foreach_copy_(dst, parts[i:j])
         norms.append(torch.linalg.vector_norm(scratch[:size]))
         i = j
     return torch.linalg.vector_norm(torch.stack(norms))
