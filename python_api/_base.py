@@ -792,7 +792,8 @@ class SAMFamily(Optimizer):
                 grad_of(gp.params) if grad_of is not None else _dense_grads(self, gp.params)
                 for gp in plan.groups
             ]
-            if clip is not None and plan.groups:
+            # a rank without a gradient still joins the sharded norm's all-reduce (no hang)
+            if clip is not None and (plan.groups or self._dist is not None):
                 scale, ok = self._clip_scale(grads, ok, norm)
                 grads = [_scaled(g, scale) for g in grads]
             launches = [gp.launch(g, ok, self.backend) for gp, g in zip(plan.groups, grads)]
@@ -849,7 +850,9 @@ class SAMFamily(Optimizer):
                 with sk.prevalidated():  # the parameters' gradients: checked by the plan
                     norms.append(sk.grad_norm(plain, backend=self.backend))
             norms.extend(self._lincomb_norm(g) for g in grads if isinstance(g, sk.LinComb))
-            if len(norms) == 1:
+            if not norms:  # nothing stepped on this rank: its part of the norm is 0
+                norm = torch.zeros((), dtype=torch.float32, device=self._device)
+            elif len(norms) == 1:
                 norm = norms[0]
             else:  # combined in fp64 (no overflow of the squares)
                 n64 = torch.stack([n.to(self._device, torch.float64) for n in norms])
