@@ -29,14 +29,6 @@ M_KEY = "m"
 #: key of the per-parameter "m holds a value" flags in the algorithm's scalars
 INIT_KEY = "m_initialized"
 
-#: the integer dtype of each float dtype's bits (same element size)
-_BITS = {
-    torch.float32: torch.int32,
-    torch.float64: torch.int64,
-    torch.bfloat16: torch.int16,
-    torch.float16: torch.int16,
-}
-
 
 def _check_sigma(value: Any) -> None:
     check_nonneg("sigma", value)
@@ -46,17 +38,6 @@ def _check_sigma(value: Any) -> None:
 
 def _check_lmbda(value: Any) -> None:
     check_range("lmbda", value, 0.0, 1.0, False, True)
-
-
-def _zero_unless_(tensors: Sequence[torch.Tensor], ok: torch.Tensor) -> None:
-    """``t = t if ok else +0`` in place, exactly, whatever the values (inf and NaN included):
-    the bits times an integer 0 or 1 (one multi-tensor op, no host read)."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        if t.numel():
-            by_dtype.setdefault(_BITS[t.dtype], []).append(t.view(_BITS[t.dtype]))
-    for idt, bits in by_dtype.items():
-        torch._foreach_mul_(bits, ok.to(idt))
 
 
 class FriendlySAM(SAMFamily):
@@ -288,7 +269,7 @@ class FriendlySAM(SAMFamily):
         coefs_m = torch.stack(
             [okd * lmbda * first_done + keep, okd * (1.0 - lmbda * first_done)]
         ).to(cdtype)
-        _zero_unless_(g0, ok)
+        sk.sanitize_(g0, ok)  # g0 = g0 if ok else +0, bit for bit (NaN and inf too)
         sk.lincomb_(m, (m, g0), coefs_m, backend=self.backend)
         self._m_init.index_copy_(0, idx, torch.maximum(first_done.to(torch.float32), ok))
         return l0 if l0 is not None else l1

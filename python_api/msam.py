@@ -45,7 +45,6 @@ from python_api._base import (
     check_range,
     finite01,
 )
-from sam_kernels.ops._common import sanitize, select_
 
 __all__ = ["MSAM", "AdamWMSAM"]
 
@@ -589,7 +588,7 @@ class MSAM(_MomentumSAM):
                     sk.lincomb_(new, d.terms, d.coefs, backend=self.backend)
                 else:
                     torch._foreach_copy_(new, gs)
-                select_(bufs, sanitize(new, ok), ok)
+                sk.select_(bufs, sk.sanitize(new, ok), ok)
                 sk.sgd_step_(
                     ps, bufs, [], steps, lr=lr, momentum=0.0, weight_decay=0.0, ok=ok,
                     backend=self.backend,

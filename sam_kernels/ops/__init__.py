@@ -5,7 +5,14 @@ backend chooser (:mod:`sam_kernels._backend`) picks. Every op has an eager refer
 ``torch._foreach_*`` in the same file; other backends register under the same op name.
 """
 
-from sam_kernels.ops._common import check_lists, check_no_overlap, prevalidated
+from sam_kernels.ops._common import (
+    check_lists,
+    check_no_overlap,
+    prevalidated,
+    sanitize,
+    sanitize_,
+    select_,
+)
 from sam_kernels.ops.adamw_step import adamw_step_
 from sam_kernels.ops.aesam_stats import (
     DECISION_ERM,
@@ -45,6 +52,9 @@ __all__ = [
     "perturb_",
     "prevalidated",
     "restore_",
+    "sanitize",
+    "sanitize_",
+    "select_",
     "sgd_step_",
     "uniform_threshold",
 ]
