@@ -188,9 +188,18 @@ def resolve(
             f"sam_kernels backend {name!r} was requested for op {op!r} but cannot run: "
             + why_unavailable(name, device)
         )
-    # Backends may implement only part of the op set while they are being built: an op a
-    # backend lacks runs on the reference implementation.
-    return impls.get(name, impls["eager"])
+    # Backends may implement only part of the op set: an op a backend lacks runs, on CUDA
+    # tensors, on the other fused backend when it has the op and can run (the extension has no
+    # ``dot``: Triton's one kernel instead of eager's loop of per-tensor ops), else on the
+    # reference implementation.
+    impl = impls.get(name)
+    if impl is not None:
+        return impl
+    if device.type == "cuda":
+        for other in ("triton", "ext"):
+            if other != name and other in impls and available(other, device):
+                return impls[other]
+    return impls["eager"]
 
 
 def backend_name(device: torch.device | str, backend: str | None = None) -> str:
@@ -216,7 +225,8 @@ def has_implementation(op: str, backend: str) -> bool:
 
 def runs_on(op: str, tensors: Sequence[torch.Tensor], backend: str | None = None) -> str:
     """The backend whose implementation of ``op`` runs for ``tensors`` (as :func:`resolve`
-    picks it: ``"eager"`` where a fused backend lacks the op or a dtype is not fused)."""
+    picks it: on CUDA tensors the other fused backend where the chosen one lacks the op, and
+    ``"eager"`` where no fused backend has it or a dtype is not fused)."""
     device = tensors[0].device if len(tensors) else None
     fusable = all(t.dtype in FUSED_DTYPES for t in tensors)
     impl = resolve(op, device, backend, fusable)

@@ -230,11 +230,13 @@ def test_exported():
     assert sk.has_implementation("dot", "eager")
     if sk.available("triton", DEVICE):
         assert sk.has_implementation("dot", "triton")
-    if sk.available("cuda", DEVICE):
-        # the compiled extension has no dot: the chooser runs the eager reference for it
+    if sk.available("ext", DEVICE):
+        # the compiled extension has no dot: the chooser runs Triton's on CUDA tensors (when it
+        # can run), else the eager reference
         x = [torch.ones(3, device=DEVICE)]
-        assert not sk.has_implementation("dot", "cuda")
-        assert sk.runs_on("dot", x, "cuda") == "eager"
+        assert not sk.has_implementation("dot", "ext")
+        on_cuda = DEVICE == "cuda" and sk.available("triton", DEVICE)
+        assert sk.runs_on("dot", x, "ext") == ("triton" if on_cuda else "eager")
 
 
 # ------------------------------------------------------------------------ host reads

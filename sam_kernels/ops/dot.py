@@ -21,7 +21,8 @@ backend multiplies and sums in fp64:
   error ~6e-8 per term); this reference does not: it is finite and accurate wherever the fp64
   sum is, like the Triton kernels.
 - the compiled extension (``"ext"`` backend) does not implement ``dot``: the backend chooser
-  (:func:`sam_kernels._backend.resolve`) runs an op a backend lacks on the eager reference.
+  (:func:`sam_kernels._backend.resolve`) runs it on Triton for CUDA tensors (when Triton can
+  run), else on the eager reference.
 
 fp64 inputs always run on the eager reference (as every op's do). The result is ``inf`` or
 ``nan`` when some element is not finite (``inf * 0`` and ``inf - inf`` give ``nan``), which is
@@ -45,7 +46,7 @@ def dot(a: TensorList, b: TensorList, *, backend: str | None = None) -> torch.Te
     Returns a 0-d float64 tensor on the tensors' device (0 for empty lists; never read on the
     host). Products and sums are in fp64 on every backend (see the module docstring); ``nan`` or
     ``inf`` when an element is not finite. The ``"ext"`` backend (the compiled extension) has
-    no kernel for it and runs the eager reference.
+    no kernel for it (Triton runs it on CUDA tensors, eager on others).
 
     Raises ``ValueError`` (naming the argument and index) when the lists differ in length, a
     pair of tensors differs in shape, or the tensors are on more than one device.
