@@ -556,34 +556,46 @@ void dispatch_terms(const StepInputs& s, const F& f) {
   }
 }
 
-// o is taken by value: a local the compiler knows no store through p/buf can change
-// p == w: the step updates the weights in place; p != w: it restores them from the backup w
-// first, so p is written without being read (streaming stores, see store_block)
-template <typename T, int K, bool kBuf>
-SK_KERNEL void sgd_chunk(T* p, const T* w, T* buf, const T* const* gp_in, const float* co_in, int64_t n,
-               float coef, const SgdParams o) {
-  const T* gp[3] = {gp_in[0], gp_in[1], gp_in[2]};
-  const float co[3] = {co_in[0], co_in[1], co_in[2]};
+// The step kernels' loop. p == w: the step updates the weights in place; p != w: it restores
+// them from the backup w first, so p is written without being read (each block computed into a
+// stack buffer and written out with streaming stores, see store_block). Per block of kBlock
+// elements, pf(i0) issues the prefetches of the kernel's own streams and body(i) computes
+// element i, updates its state and returns the new weight.
+template <typename T, typename PF, typename F>
+inline void step_blocks(T* p, const T* w, int64_t n, const PF& pf, const F& body) {
   const bool stream = w != p;
   alignas(64) T out[kBlock];
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
     const int64_t m = std::min(n - i0, kBlock);
     prefetch(w, i0);
-    for (int k = 0; k < (K == 0 ? 1 : K); ++k) prefetch(gp[k], i0);
-    if constexpr (kBuf) prefetch(buf, i0);
+    pf(i0);
     T* dst = stream ? out : p + i0;
     SK_SIMD
-    for (int64_t j = 0; j < m; ++j) {
-      const int64_t i = i0 + j;
-      const float g = grad_at<T, K>(gp, co, i);
-      float b = kBuf ? f32(buf[i]) : 0.0f;
-      const float nw = sgd_value(f32(w[i]), g, &b, coef, o);
-      dst[j] = static_cast<T>(nw);
-      if constexpr (kBuf) buf[i] = static_cast<T>(b);
-    }
+    for (int64_t j = 0; j < m; ++j) dst[j] = body(i0 + j);
     if (stream) store_block(p + i0, out, m);
   }
   if (stream) store_fence();
+}
+
+// o is taken by value: a local the compiler knows no store through p/buf can change
+template <typename T, int K, bool kBuf>
+SK_KERNEL void sgd_chunk(T* p, const T* w, T* buf, const T* const* gp_in, const float* co_in, int64_t n,
+               float coef, const SgdParams o) {
+  const T* gp[3] = {gp_in[0], gp_in[1], gp_in[2]};
+  const float co[3] = {co_in[0], co_in[1], co_in[2]};
+  step_blocks(
+      p, w, n,
+      [&](int64_t i0) {
+        for (int k = 0; k < (K == 0 ? 1 : K); ++k) prefetch(gp[k], i0);
+        if constexpr (kBuf) prefetch(buf, i0);
+      },
+      [&](int64_t i) {
+        const float g = grad_at<T, K>(gp, co, i);
+        float b = kBuf ? f32(buf[i]) : 0.0f;
+        const float nw = sgd_value(f32(w[i]), g, &b, coef, o);
+        if constexpr (kBuf) buf[i] = static_cast<T>(b);
+        return static_cast<T>(nw);
+      });
 }
 
 template <typename T, int K, bool kAms>
@@ -591,30 +603,23 @@ SK_KERNEL void adamw_chunk(T* p, const T* w, T* m, T* v, T* x, const T* const* g
                  int64_t n, const AdamWBias bias, const AdamWParams o) {
   const T* gp[3] = {gp_in[0], gp_in[1], gp_in[2]};
   const float co[3] = {co_in[0], co_in[1], co_in[2]};
-  const bool stream = w != p;
-  alignas(64) T out[kBlock];
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    const int64_t len = std::min(n - i0, kBlock);
-    prefetch(w, i0);
-    for (int k = 0; k < (K == 0 ? 1 : K); ++k) prefetch(gp[k], i0);
-    prefetch(m, i0);
-    prefetch(v, i0);
-    if constexpr (kAms) prefetch(x, i0);
-    T* dst = stream ? out : p + i0;
-    SK_SIMD
-    for (int64_t j = 0; j < len; ++j) {
-      const int64_t i = i0 + j;
-      const float g = grad_at<T, K>(gp, co, i);
-      float mv = f32(m[i]), vv = f32(v[i]), xv = kAms ? f32(x[i]) : 0.0f;
-      const float nw = adamw_value(f32(w[i]), g, &mv, &vv, &xv, bias, o);
-      dst[j] = static_cast<T>(nw);
-      m[i] = static_cast<T>(mv);
-      v[i] = static_cast<T>(vv);
-      if constexpr (kAms) x[i] = static_cast<T>(xv);
-    }
-    if (stream) store_block(p + i0, out, len);
-  }
-  if (stream) store_fence();
+  step_blocks(
+      p, w, n,
+      [&](int64_t i0) {
+        for (int k = 0; k < (K == 0 ? 1 : K); ++k) prefetch(gp[k], i0);
+        prefetch(m, i0);
+        prefetch(v, i0);
+        if constexpr (kAms) prefetch(x, i0);
+      },
+      [&](int64_t i) {
+        const float g = grad_at<T, K>(gp, co, i);
+        float mv = f32(m[i]), vv = f32(v[i]), xv = kAms ? f32(x[i]) : 0.0f;
+        const float nw = adamw_value(f32(w[i]), g, &mv, &vv, &xv, bias, o);
+        m[i] = static_cast<T>(mv);
+        v[i] = static_cast<T>(vv);
+        if constexpr (kAms) x[i] = static_cast<T>(xv);
+        return static_cast<T>(nw);
+      });
 }
 
 void bump_steps(at::TensorList steps, float ok) {
