@@ -446,7 +446,7 @@ def _fsdp2_run(rank: int, base: str, out_dir: str) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     from python_api import SAM
-    from python_api._state import sharded_checkpoint
+    from python_api._sharded_checkpoint import sharded_checkpoint
     from python_api.sharded import FSDP2SAMStep, LocalShards
 
     cls, hp = BASES[base]
