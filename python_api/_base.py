@@ -23,7 +23,6 @@ import functools
 import math
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -32,6 +31,10 @@ from torch.optim import Optimizer
 
 import sam_kernels as sk
 from python_api import _conventions, _state
+from python_api._hooks import HookCalls
+from python_api._hooks import _all_reduce_min as _all_reduce_min  # re-exported
+from python_api._hooks import _distributed as _distributed  # re-exported
+from python_api.amp import with_scaler_kwarg
 from python_api.batchnorm import BNStatsKeeper, preserve_bn_stats
 
 Closure = Callable[[], Any]
@@ -109,7 +112,7 @@ def _fused_kind(base: Optimizer) -> str | None:
     return kind
 
 
-class SAMFamily(Optimizer):
+class SAMFamily(HookCalls, Optimizer):
     """Base class: wrapping, closures, BN handling, the fused base step and non-finite skips.
 
     Subclasses implement :meth:`step` with the helpers below.
@@ -148,16 +151,14 @@ class SAMFamily(Optimizer):
     #: supported form (``opt.step(closure, scaler=scaler)``, :mod:`python_api.amp`), so a scaled
     #: second pass is never applied unscaled by mistake
     _step_supports_amp_scaling = True
-    #: per-step hooks set by :mod:`python_api.amp` and :mod:`python_api.distributed`
-    _amp: Any = None
-    _dist: Any = None
+    # per-step hooks (``_amp``, ``_dist``) set by :mod:`python_api.amp`,
+    # :mod:`python_api.distributed` and :mod:`python_api.sharded`: see :mod:`python_api._hooks`
+    # (the protocol, and the HookCalls methods through which the core calls them)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "step" in cls.__dict__:
             # every algorithm's step accepts ``scaler=`` (GradScaler), see python_api.amp
-            from python_api.amp import with_scaler_kwarg
-
             cls.step = with_scaler_kwarg(_guard_step(cls.__dict__["step"]))
             # torch.distributed.checkpoint's state initialisation (step(None), lr 0)
             cls.step = _state.recognise_init_step(cls.step)
@@ -362,8 +363,7 @@ class SAMFamily(Optimizer):
         with torch.enable_grad(), preserve_bn_stats(self._bn if perturbed else None):
             with self._eval_context(what):
                 loss = closure()
-        if self._amp is not None:  # GradScaler: this evaluation's gradients, unscaled in place
-            self._amp.unscale_grads(self)
+        self._after_eval()  # GradScaler: this evaluation's gradients, unscaled in place
         if loss is None:
             if need_loss:
                 raise TypeError(
@@ -407,8 +407,7 @@ class SAMFamily(Optimizer):
         given = self._as_loss(loss) if loss is not None else None  # checked in every case
         have_grads = self._fresh_grads()
         if have_grads and (given is not None or not need_loss):
-            if self._amp is not None:  # the user's own (scaled) first backward
-                self._amp.unscale_grads(self)
+            self._after_eval()  # the user's own (scaled) first backward
             return given, False
         if have_grads:
             self.zero_grad(set_to_none=True)
@@ -490,7 +489,7 @@ class SAMFamily(Optimizer):
 
     def _check_raise(self, ok: torch.Tensor, what: str, backups_of: Sequence | None = None):
         """``on_nonfinite="raise"``: one host read; restore weights, then raise."""
-        if self.on_nonfinite != "raise" or self._amp is not None:
+        if self.on_nonfinite != "raise" or self._nonfinite_is_routine:
             # under a GradScaler an overflow is routine: skip and let the scaler back off
             return
         if not bool(ok.item()):
@@ -500,44 +499,6 @@ class SAMFamily(Optimizer):
                 f"{type(self).__name__}: non-finite loss or gradient at {what}; weights and "
                 "optimizer state are unchanged"
             )
-
-    # ----------------------------------------------------------------- setup hooks
-    def _eval_context(self, what: str):
-        """Context of one closure evaluation (``what == "w"``: the first one, at ``w``).
-
-        Per-replica DDP (:mod:`python_api.distributed`) runs the evaluation at ``w`` under
-        ``model.no_sync()``; otherwise nothing.
-        """
-        return self._dist.eval_context(what) if self._dist is not None else nullcontext()
-
-    def _gate_ok(self, ok: torch.Tensor) -> torch.Tensor:
-        """The finite flag of the step as the base step uses it (device ops, no host read).
-
-        Under a GradScaler (:mod:`python_api.amp`): also 0 if any unscaled evaluation found a
-        non-finite gradient. Under the DDP helper: the minimum over the ranks (one scalar
-        all-reduce), so every replica skips or steps together.
-        """
-        if self._amp is not None:
-            ok = self._amp.gate(ok)
-        if self._dist is not None:
-            ok = self._dist.gate(ok)
-        elif _distributed():
-            # plain DDP (no helper): the gradients are all-reduced, but a loss is each rank's
-            # own; a rank that skipped alone would leave the replicas apart. MIN over the
-            # ranks: one scalar all-reduce on the device, no host read
-            ok = _all_reduce_min(ok, self.process_group)
-        return ok
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        """``loss.backward()`` for algorithms that run the backward themselves (ESAM).
-
-        Under a GradScaler the loss is scaled and the new gradients are unscaled in place.
-        """
-        if self._amp is not None:
-            self._amp.scaler.scale(loss).backward()
-            self._amp.unscale_grads(self)
-        else:
-            loss.backward()
 
     # ----------------------------------------------------------------- perturbation
     def _perturbed_groups(self) -> list[tuple[dict, list[torch.Tensor]]]:
@@ -698,7 +659,7 @@ class SAMFamily(Optimizer):
         else:
             n = _combine_norms(norms, self._device)
         # sharded parameters (python_api.sharded): sqrt of the all-reduced squared local norms
-        return self._dist.reduce_norm(n) if self._dist is not None else n
+        return self._reduce_norm(n)
 
     def _finite_flag(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """1.0 if every gradient of ``grads`` (this step's, of planned parameters) is finite,
@@ -793,7 +754,7 @@ class SAMFamily(Optimizer):
                 for gp in plan.groups
             ]
             # a rank without a gradient still joins the sharded norm's all-reduce (no hang)
-            if clip is not None and (plan.groups or self._dist is not None):
+            if clip is not None and (plan.groups or self._ranks_agree):
                 scale, ok = self._clip_scale(grads, ok, norm)
                 grads = [_scaled(g, scale) for g in grads]
             launches = [gp.launch(g, ok, self.backend) for gp, g in zip(plan.groups, grads)]
@@ -858,8 +819,7 @@ class SAMFamily(Optimizer):
                 n64 = torch.stack([n.to(self._device, torch.float64) for n in norms])
                 norm = torch.linalg.vector_norm(n64).to(norms[0].dtype)
         norm = norm.to(self._device)
-        if self._dist is not None:  # sharded parameters: the global norm over the shards
-            norm = self._dist.reduce_norm(norm)
+        norm = self._reduce_norm(norm)  # sharded parameters: the global norm over the shards
         ok = ok * finite01(norm)
         scale = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         # a non-finite norm skips the step (ok = 0); its scale is made harmless
@@ -1239,22 +1199,6 @@ def _flatten_params(params: Iterable) -> list[torch.Tensor]:
         else:
             out.append(item)
     return out
-
-
-def _distributed() -> bool:
-    """torch.distributed is initialized (every rank runs the step)."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_reduce_min(flag: torch.Tensor, group: Any = None) -> torch.Tensor:
-    """The minimum of a 0-d flag over the ranks of ``group`` (device op, no host read)."""
-    import torch.distributed as dist
-
-    flag = flag.detach().clone()
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-    return flag
 
 
 def _scaled(grad: Any, scale: torch.Tensor) -> sk.LinComb:

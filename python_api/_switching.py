@@ -157,20 +157,20 @@ class SwitchingSAM(SAMFamily):
             code = self._decide(ps)
             if l0 is not None:
                 l0_ok = torch.isfinite(l0.reshape(()).to(code.device))
-                if self._dist is None and _distributed():
+                if not self._ranks_agree and _distributed():
                     l0_gate = l0_ok.to(torch.float32)
                 else:
                     code = torch.where(l0_ok, code, DECISION_NONFINITE)
-            if self._dist is not None:
+            if self._ranks_agree:
                 # data-parallel helper: every replica takes the same branch (MIN: a replica
                 # that saw a non-finite value makes all skip; otherwise the cheap step wins)
-                code = self._dist.gate(code.to(torch.float32)).to(torch.int32)
+                code = self._vote(code.to(torch.float32)).to(torch.int32)
             decision = int(code.item())  # the one host read of the step
         self.last_decision = decision
         if decision == DECISION_NONFINITE:
             self._undo()
             self._norm0 = None
-            if self.on_nonfinite == "raise" and self._amp is None:  # a scaler's overflow: skip
+            if self.on_nonfinite == "raise" and not self._nonfinite_is_routine:  # overflow: skip
                 raise NonFiniteError(
                     f"{type(self).__name__}: non-finite loss or gradient at w (the first "
                     "evaluation); weights and optimizer state are unchanged"

@@ -81,7 +81,7 @@ class _AEDecision:
         # passes c to its kernel as a float (a host read), so that case runs on eager.
         backend = "eager" if isinstance(c, torch.Tensor) else self.backend
         grads = [p.grad for p in params]
-        if getattr(self._dist, "sharded", False):
+        if self._on_shards:
             # local shards (python_api.sharded): s = ||g||^2 of the whole gradient, from the
             # norm all-reduced over the ranks (the norm of a one-element tensor is its value)
             grads = [self._grad_norm(params).reshape(1)]

@@ -73,6 +73,8 @@ from typing import Any
 
 import torch
 
+from python_api._hooks import StepHooks, installed
+
 __all__ = ["AmpStep", "with_scaler_kwarg"]
 
 
@@ -110,12 +112,16 @@ class _FoundInfReport:
             raise
 
 
-class AmpStep:
+class AmpStep(StepHooks):
     """The GradScaler state of one step, installed on the optimizer as ``opt._amp``.
 
-    Used by :class:`python_api._base.SAMFamily`: ``unscale_grads`` after each evaluation,
-    ``gate`` on the base step's finite flag, and :meth:`report` to the scaler at the end.
+    Its :class:`python_api._hooks.StepHooks`: :meth:`after_eval` unscales the gradients of
+    each evaluation, :meth:`scale_loss` scales a backward the step runs itself, :meth:`gate`
+    folds found-inf into the base step's finite flag, and an overflow is routine (skip, never
+    raise). :meth:`report` hands the flag to the scaler at the end.
     """
+
+    nonfinite_is_routine = True
 
     def __init__(self, scaler: Any, device: torch.device) -> None:
         self.scaler = scaler
@@ -155,6 +161,12 @@ class AmpStep:
                 if p.grad is not None:
                     self._done[id(p)] = (weakref.ref(p.grad), p.grad._version)
 
+    def after_eval(self, opt: Any) -> None:
+        self.unscale_grads(opt)
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss)
+
     def gate(self, ok: torch.Tensor) -> torch.Tensor:
         """``ok`` and no non-finite gradient found by any unscale of this step."""
         return ok * (1.0 - self.found_inf.to(ok.device).clamp(max=1.0))
@@ -163,13 +175,13 @@ class AmpStep:
         """Hand the step's found-inf flag to the scaler (for its ``update``).
 
         Under a distributed helper (``opt._dist``) the flag is first made the same on every
-        rank (max over the group: its ``gate`` is a min of ``1 - found``), so every rank's
+        rank (max over the group: ``opt._vote`` is a min of ``1 - found``), so every rank's
         scaler backs off together and the scales, which the second pass's all-reduce mixes,
         stay equal: a per-replica first pass or a gradient shard can overflow on one rank only.
         """
         found = self.found_inf
-        if opt._dist is not None:
-            found = 1.0 - opt._dist.gate(1.0 - found.clamp(max=1.0))
+        if opt._ranks_agree:
+            found = 1.0 - opt._vote(1.0 - found.clamp(max=1.0))
         rep = opt.__dict__.get("_amp_report")
         if rep is None:
             rep = opt._amp_report = _FoundInfReport()
@@ -223,11 +235,8 @@ def with_scaler_kwarg(step):
                 "step unscales every pass itself (the gradients would be unscaled twice)"
             )
         amp = AmpStep(scaler, self._device)
-        self._amp = amp
-        try:
+        with installed(self, "_amp", amp):
             out = step(self, *args, **kwargs)
-        finally:
-            self._amp = None
         amp.report(self)
         return out
 

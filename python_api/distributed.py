@@ -52,15 +52,18 @@ from typing import Any
 
 import torch
 
-from python_api._base import _all_reduce_min, _distributed
+from python_api._base import SAMFamily
+from python_api._hooks import StepHooks, _all_reduce_min, _distributed, installed
 
 __all__ = ["MODES", "SAMDDPStep", "sam_ddp_step"]
 
 MODES = ("global", "per_replica")
 
 
-class _DDPHook:
+class _DDPHook(StepHooks):
     """Installed as ``opt._dist`` for one step: the first pass's context and the skip vote."""
+
+    spans_ranks = True
 
     def __init__(self, model: Any, mode: str, group: Any) -> None:
         self.model, self.mode, self.group = model, mode, group
@@ -70,11 +73,12 @@ class _DDPHook:
             return self.model.no_sync()
         return nullcontext()
 
-    def reduce_norm(self, norm: torch.Tensor) -> torch.Tensor:
-        return norm  # DDP: every replica holds whole gradients
+    # reduce_norm: the default (every replica holds whole gradients)
 
-    def gate(self, ok: torch.Tensor) -> torch.Tensor:
-        return _all_reduce_min(ok, self.group) if _distributed() else ok
+    def vote(self, x: torch.Tensor) -> torch.Tensor:
+        return _all_reduce_min(x, self.group) if _distributed() else x
+
+    gate = vote  # the skip vote: a replica never steps while another skips
 
 
 class SAMDDPStep:
@@ -92,8 +96,6 @@ class SAMDDPStep:
     def __init__(
         self, model: Any, optimizer: Any, mode: str = "global", *, process_group: Any = None
     ) -> None:
-        from python_api._base import SAMFamily
-
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not isinstance(optimizer, SAMFamily):
@@ -133,11 +135,8 @@ class SAMDDPStep:
         if opt._dist is not None:
             raise RuntimeError("a SAMDDPStep is already running on this optimizer")
         opt.zero_grad(set_to_none=True)
-        opt._dist = self._hook
-        try:
+        with installed(opt, "_dist", self._hook):
             return opt.step(closure, **step_kwargs)
-        finally:
-            opt._dist = None
 
     def __enter__(self) -> SAMDDPStep:
         return self

@@ -53,7 +53,8 @@ import torch
 from torch import nn
 
 import sam_kernels as sk
-from python_api._base import _all_reduce_min, _distributed
+from python_api._base import SAMFamily
+from python_api._hooks import StepHooks, _all_reduce_min, _distributed, installed
 
 __all__ = ["FSDP2SAMStep", "LocalShards", "sharded_grad_norm"]
 
@@ -161,25 +162,23 @@ class LocalShards:
             loc.grad = None
 
 
-class _ShardHook:
+class _ShardHook(StepHooks):
     """Installed as ``opt._dist`` for one step: global norm and the skip vote over the group."""
 
     #: the optimizer holds shards: a global scalar must come from :meth:`reduce_norm`
     sharded = True
+    spans_ranks = True
 
     def __init__(self, group: Any) -> None:
         self.group = group
 
-    def eval_context(self, what: str):
-        from contextlib import nullcontext
-
-        return nullcontext()
-
     def reduce_norm(self, norm: torch.Tensor) -> torch.Tensor:
         return _all_reduce_norm(norm, self.group)
 
-    def gate(self, ok: torch.Tensor) -> torch.Tensor:
-        return _all_reduce_min(ok, self.group) if _distributed() else ok
+    def vote(self, x: torch.Tensor) -> torch.Tensor:
+        return _all_reduce_min(x, self.group) if _distributed() else x
+
+    gate = vote  # the skip vote: a rank never steps while another skips
 
 
 class FSDP2SAMStep:
@@ -199,8 +198,6 @@ class FSDP2SAMStep:
     def __init__(
         self, model: nn.Module, optimizer: Any, shards: LocalShards, *, process_group: Any = None
     ) -> None:
-        from python_api._base import SAMFamily
-
         if not isinstance(optimizer, SAMFamily):
             raise TypeError(f"optimizer must be a SAMFamily optimizer, got {type(optimizer)}")
         if not optimizer.sharded_safe:
@@ -231,8 +228,5 @@ class FSDP2SAMStep:
             self.shards.move_grads()
             return loss
 
-        opt._dist = self._hook
-        try:
+        with installed(opt, "_dist", self._hook):
             return opt.step(local_closure, **step_kwargs)
-        finally:
-            opt._dist = None
