@@ -1,4 +1,5 @@
-"""What the optimizer tests share: the awkward model, data, bases and the comparison helpers."""
+"""What the optimizer tests share: the awkward model, data and bases (the comparison helpers
+are in _helpers.py)."""
 
 from __future__ import annotations
 
@@ -84,26 +85,10 @@ BASES = {
 }
 
 
-def rel_err(a, b):
-    if b.numel() == 0:
-        return 0.0
-    return ((a - b).double().norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 def snapshot(model, opt):
     sd = copy.deepcopy(opt.state_dict())
     sd["param_groups"][0]["sam_state"].pop("counters")
     return [p.detach().clone() for p in model.parameters()], sd
-
-
-def same(a, b):
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
-    return a == b
 
 
 def poisoned_closure(model, x, y, call, kind):

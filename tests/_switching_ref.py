@@ -1,10 +1,10 @@
 """Test scaffolding shared by the AE-SAM, LookSAM, SS-SAM and ESAM tests.
 
 Everything here is independent of sam_kernels: a small model with every awkward parameter
-kind, float64 per-parameter references of SGD-momentum and AdamW and of the SAM ascent, a
-plain-Python copy of the documented counter-based generator, a host-read spy, and the
-behaviour checks every host-decision optimizer must pass (exact restore, non-finite steps
-leaving no trace, host reads, batch norm, resume).
+kind, float64 per-parameter references of the SAM ascent (over _helpers.py's float64 base
+steps), a plain-Python copy of the documented counter-based generator, and the behaviour checks
+every host-decision optimizer must pass (exact restore, non-finite steps leaving no trace, host
+reads, batch norm, resume).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import math
 from collections.abc import Callable
 
 import torch
+from _helpers import SCALAR_READS, HostReads, RefBase, same
 from _models import AwkwardNet
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 RHOS = (0.05, 0.2, 0.0)
 GROUP_NAMES = (("w1", "b1", "unused"), ("w2t", "empty"), ("b2",))
@@ -62,12 +62,6 @@ def loss_fn(model, x, y, reduction: str = "mean"):
     return nn.functional.cross_entropy(model(x.to(model.w1.dtype)), y, reduction=reduction)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    if b.numel() == 0:
-        return 0.0
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 # ---------------------------------------------------------------- float64 references
 def grads_at(model: Net, params, loss_of: Callable[[], torch.Tensor]):
     """``(loss, [grad or None])`` of ``loss_of()`` w.r.t. ``params`` (no .grad touched)."""
@@ -102,30 +96,6 @@ def restore(saved: dict) -> None:
 
 def global_norm(g0: dict) -> float:
     return math.sqrt(sum(float((g.double() ** 2).sum()) for g in g0.values() if g is not None))
-
-
-class RefBase:
-    """Per-parameter float64 SGD-momentum (with weight decay) or AdamW, as torch defines them."""
-
-    def __init__(self, base: str, hp: dict) -> None:
-        self.base, self.hp, self.state = base, hp, {}
-
-    @torch.no_grad()
-    def step(self, p: torch.Tensor, g: torch.Tensor) -> None:
-        hp, st = self.hp, self.state.setdefault(p, {})
-        if self.base == "sgd":
-            d = g + hp["weight_decay"] * p
-            st["buf"] = d.clone() if "buf" not in st else hp["momentum"] * st["buf"] + d
-            p.sub_(hp["lr"] * st["buf"])
-        else:
-            b1, b2 = hp["betas"]
-            st["t"] = st.get("t", 0) + 1
-            st["m"] = b1 * st.get("m", torch.zeros_like(p)) + (1 - b1) * g
-            st["v"] = b2 * st.get("v", torch.zeros_like(p)) + (1 - b2) * g * g
-            p.mul_(1 - hp["lr"] * hp["weight_decay"])
-            mhat = st["m"] / (1 - b1 ** st["t"])
-            vhat = st["v"] / (1 - b2 ** st["t"])
-            p.sub_(hp["lr"] * mhat / (vhat.sqrt() + hp["eps"]))
 
 
 class RefSwitching:
@@ -241,44 +211,10 @@ def make_closure(model, x, y, poison: str | None = None, calls: list | None = No
     return closure
 
 
-#: metadata-only ops (a view and the detach the dispatch mode sees with it): no kernel, no
-#: memory pass; left out of the "ops per call do not grow with the tensor count" counts
-METADATA_OPS = (torch.ops.aten.view, torch.ops.aten.detach)
-
-
-class HostReads(TorchDispatchMode):
-    """Counts host reads (``aten._local_scalar_dense``) and the ops dispatched inside.
-
-    ``ops`` leaves out :data:`METADATA_OPS` (no kernel: the eager skip views each gradient's
-    bits as integers, see ``sam_kernels.ops._common.sanitize``).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads = 0
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += func.overloadpacket not in METADATA_OPS
-        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.item):
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
-
-
 def state_without_counters(opt) -> dict:
     sd = copy.deepcopy(opt.state_dict())
     sd["param_groups"][0]["sam_state"].pop("counters")
     return sd
-
-
-def same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def weights(model) -> list[torch.Tensor]:
@@ -319,13 +255,13 @@ def check_no_trace(factory, batches, poison: str, at: int, step=run_step) -> int
             step(model, opt, x, y, poison=poison)
             decision = opt.last_decision if hasattr(opt, "last_decision") else None
             after = (weights(model), state_without_counters(opt))
-            assert same(before, after), f"a step poisoned at {poison} changed something"
+            assert same(before, after, dtype=True), f"a step poisoned at {poison} changed something"
             assert opt.skipped_steps == 1
             continue
         step(model, opt, x, y)
         step(clean_model, clean_opt, x, y)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), clean_model.parameters()))
-    assert same(state_without_counters(opt), state_without_counters(clean_opt))
+    assert same(state_without_counters(opt), state_without_counters(clean_opt), dtype=True)
     assert opt.steps_taken == clean_opt.steps_taken == len(batches) - 1
     return decision
 
@@ -337,7 +273,7 @@ def check_host_reads(model, opt, batches, generic: bool, closure_of=make_closure
     for x, y in batches:
         closure = closure_of(model, x, y)
         opt.zero_grad()
-        with HostReads() as spy:
+        with HostReads(SCALAR_READS) as spy:
             opt.step(closure)
         decision = getattr(opt, "last_decision", None)
         decisions.append(decision)
@@ -346,7 +282,7 @@ def check_host_reads(model, opt, batches, generic: bool, closure_of=make_closure
         else:
             allowed = 1 if generic else 0
         assert spy.reads <= allowed, (spy.reads, decision)
-        assert spy.ops > 10  # the spy saw the step
+        assert spy.kernels() > 10  # the spy saw the step
     return decisions
 
 
@@ -390,4 +326,4 @@ def check_resume(factory, batches, stop: int, step=run_step) -> None:
     for x, y in batches[stop:]:
         step(fresh_model, fresh_opt, x, y)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh_model.parameters()))
-    assert same(opt.state_dict(), fresh_opt.state_dict())
+    assert same(opt.state_dict(), fresh_opt.state_dict(), dtype=True)

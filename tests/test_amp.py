@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from _helpers import HostReads, same
 from torch import nn
 
 from python_api import SAM
@@ -60,16 +61,6 @@ def state_snapshot(model, opt):
     params = [p.detach().clone() for p in model.parameters()]
     st = copy.deepcopy(opt.base_optimizer.state_dict()["state"])
     return params, st
-
-
-def same(a, b):
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
@@ -211,17 +202,6 @@ def test_raise_mode_does_not_raise_under_a_scaler_and_missing_update_is_caught()
 
 
 def test_no_host_read_in_scaled_step():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Spy(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     model = make_model()
     scaler = torch.amp.GradScaler("cpu")
     x, y = batch(0)
@@ -230,7 +210,7 @@ def test_no_host_read_in_scaled_step():
         for _ in range(2):
             opt.zero_grad()
             closure = scaled_closure(model, x, y, scaler)
-            with Spy() as spy:
+            with HostReads() as spy:
                 opt.step(closure, scaler=scaler)
             scaler.update()
             assert "aten._local_scalar_dense" not in spy.ops

@@ -16,6 +16,7 @@ import copy
 
 import pytest
 import torch
+from _helpers import SCALAR_AND_NONZERO, HostReads
 from torch import nn
 
 from python_api import SAM
@@ -136,31 +137,6 @@ def test_tensor_lr_equals_float_lr_and_follows_in_place_changes(base):
 
 
 # ----------------------------------------------------------------- no host reads
-class _Spy:
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        spy = self
-        self.ops: list[str] = []
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                spy.ops.append(str(func.overloadpacket))
-                return func(*args, **(kwargs or {}))
-
-        self.mode = Mode()
-
-    def __enter__(self):
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.mode.__exit__(*exc)
-
-
-HOST_READS = {"aten._local_scalar_dense", "aten.item", "aten.nonzero"}
-
-
 @pytest.mark.parametrize("cls", SYNC_FREE, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
@@ -172,9 +148,9 @@ def test_no_host_read_in_step(cls, base, tensor_lr):
     for _ in range(2):  # the first step creates the state; the second is the steady state
         opt.zero_grad()
         closure = closure_for(model, x, y)
-        with _Spy() as spy:
+        with HostReads(SCALAR_AND_NONZERO) as spy:
             opt.step(closure)
-        bad = HOST_READS & set(spy.ops)
+        bad = spy.found
         assert not bad, f"{cls.__name__} over {base}: host reads {bad}"
         assert len(spy.ops) > 10
 
@@ -186,9 +162,9 @@ def test_no_host_read_in_asam_step_with_tensor_lr():
     for _ in range(2):
         opt.zero_grad()
         closure = closure_for(model, x, y)
-        with _Spy() as spy:
+        with HostReads(SCALAR_AND_NONZERO) as spy:
             opt.step(closure)
-        assert not HOST_READS & set(spy.ops)
+        assert not spy.found
 
 
 # ----------------------------------------------------------------- GPU only

@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from _helpers import OP_TOL, close
 from torch import nn
 
 import sam_kernels as sk
@@ -44,7 +45,6 @@ DEVICES = [pytest.param("cpu", id="cpu")] + [
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [[0], [1], [17], [4097], [3, 5, 0, 1, 33], [7] * 40, [65539, 31, 0, 2049]]
-TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 NAN = float("nan")
 
 pytestmark = needs_ext
@@ -69,22 +69,10 @@ def clones(ts):
     return [t.clone() for t in ts]
 
 
-def close(a: torch.Tensor, b: torch.Tensor, dtype, tol_mul=1.0, ref_finite_only=False) -> None:
-    assert a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-    a64, b64 = a.double(), b.double()
-    assert torch.isfinite(a64).all(), "output has non-finite values (not fully written?)"
-    if ref_finite_only:  # compare where the reference is finite
-        keep = torch.isfinite(b64)
-        a64, b64 = a64[keep], b64[keep]
-    err = (a64 - b64).abs().max().item() if a.numel() else 0.0
-    scale = max(b64.abs().max().item() if b.numel() else 0.0, 1.0)
-    assert err <= TOL[dtype] * tol_mul * scale, f"max abs err {err} (scale {scale})"
-
-
 def all_close(xs, ys, dtype, tol_mul=1.0, ref_finite_only=False):
     assert len(xs) == len(ys)
     for a, b in zip(xs, ys):
-        close(a, b, dtype, tol_mul, ref_finite_only)
+        close(a, b, dtype, tol_mul, ref_finite_only, alike=True)
 
 
 # ------------------------------------------------------------------------------ loading, chooser
@@ -143,7 +131,7 @@ def test_grad_norm(device, sizes, dtype, adaptive):
     ref = ref**0.5
     assert abs(got.item() - ref) <= 5e-6 * ref + 1e-30
     # against eager, which accumulates in fp32 and rounds T(p)*g to the dtype before squaring
-    tol = TOL[dtype] if adaptive and dtype != torch.float32 else 2e-5
+    tol = OP_TOL[dtype] if adaptive and dtype != torch.float32 else 2e-5
     assert abs(got.item() - want.item()) <= tol * max(want.item(), 1e-30) + 1e-30
 
 
@@ -216,7 +204,7 @@ def test_perturb_and_restore(device, sizes, dtype, adaptive, per_tensor):
     for i, (p, q, g) in enumerate(zip(ps, p0, gs)):
         s = (scale[i] if per_tensor else scale).double()
         t2 = (q.double().abs() + eta) ** 2 if adaptive else 1.0
-        close(p, (q.double() + s * t2 * g.double()).to(dtype), dtype)
+        close(p, (q.double() + s * t2 * g.double()).to(dtype), dtype, alike=True)
     all_close(ps, ref_ps, dtype, tol_mul=1.0 if dtype == torch.float32 or not adaptive else 4.0)
     sk.restore_(ps, backups, backend="cuda")
     for p, q in zip(ps, p0):
@@ -529,7 +517,7 @@ def test_mixed_layouts_and_dtypes(device):
     sk.perturb_(ps, gs, backups, scale, backend="cuda")
     sk.perturb_(ref, gs, ref_backups, scale, backend="eager")
     for a, b in zip(ps, ref):
-        close(a, b, a.dtype)
+        close(a, b, a.dtype, alike=True)
     assert ps[0].is_contiguous(memory_format=torch.channels_last)
     assert all(torch.equal(a, b) for a, b in zip(backups, ref_backups))
 

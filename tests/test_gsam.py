@@ -13,6 +13,7 @@ import io
 
 import pytest
 import torch
+from _helpers import RefBase, rel_err, same
 from _models import (
     BASES,
     STEPS,
@@ -22,8 +23,6 @@ from _models import (
     eval_grads,
     loss_fn,
     poisoned_closure,
-    rel_err,
-    same,
     snapshot,
 )
 from torch import nn
@@ -61,7 +60,7 @@ class RefGSAM:
         self.adaptive = adaptive
         self.rho, self.rho_min, self.lr_max, self.lr_min = rho, rho_min, lr_max, lr_min
         self.groups = list(zip(rhos, model.group_params()))
-        self.state = {}
+        self.ref_base = RefBase(base, hp)
 
     def rho_scale(self, lr):
         if self.rho_min is None:
@@ -95,24 +94,8 @@ class RefGSAM:
         cos = dot / (n1 * n0p + EPS)
         for p in ps:
             vertical = g0[p] - cos * n0p * g1[p] / (n1 + EPS)
-            self._base(p, g1[p] - self.alpha * vertical, lr)
+            self.ref_base.step(p, g1[p] - self.alpha * vertical, lr)
         return l0
-
-    def _base(self, p, g, lr):
-        hp, st = self.hp, self.state.setdefault(p, {})
-        if self.base == "sgd":
-            d = g + hp["weight_decay"] * p
-            st["buf"] = d.clone() if "buf" not in st else hp["momentum"] * st["buf"] + d
-            p.sub_(lr * st["buf"])
-        else:
-            b1, b2 = hp["betas"]
-            st["t"] = st.get("t", 0) + 1
-            st["m"] = b1 * st.get("m", torch.zeros_like(p)) + (1 - b1) * g
-            st["v"] = b2 * st.get("v", torch.zeros_like(p)) + (1 - b2) * g * g
-            p.mul_(1 - lr * hp["weight_decay"])
-            mhat = st["m"] / (1 - b1 ** st["t"])
-            vhat = st["v"] / (1 - b2 ** st["t"])
-            p.sub_(lr * mhat / (vhat.sqrt() + hp["eps"]))
 
 
 def opt_step(opt, model, x, y, form):

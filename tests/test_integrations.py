@@ -18,7 +18,8 @@ import warnings
 
 import pytest
 import torch
-from test_optim_common import NAMES, Net, _same, batches, build, make_closure, opt_class
+from _helpers import same
+from test_optim_common import NAMES, Net, batches, build, make_closure, opt_class
 from torch.nn import functional as F
 from torch.optim.lr_scheduler import StepLR
 
@@ -264,7 +265,7 @@ def test_accelerate_training_and_resume_equal_plain_loop(name, tmp_path):
     torch.manual_seed(456)  # and another RNG state
     opt2 = accelerate_run(name, resumed, data, start=2, load_dir=tmp_path / "ckpt")
     same_model(resumed, net)
-    assert _same(opt.state_dict(), opt2.state_dict())
+    assert same(opt.state_dict(), opt2.state_dict())
 
 
 # ----------------------------------------------------------------- timm

@@ -14,8 +14,8 @@ import io
 
 import pytest
 import torch
+from _helpers import HostReads, same
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import sam_kernels as sk
 from python_api.optimizer_table import OPTIMIZERS
@@ -157,16 +157,6 @@ def _state(model, opt):
     return [p.detach().clone() for p in model.parameters()], copy.deepcopy(sd)
 
 
-def _same(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 @pytest.mark.parametrize("at", ["first", "later"])
 def test_nonfinite_step_leaves_no_trace(name, base, at):
@@ -212,15 +202,15 @@ def test_nonfinite_step_leaves_no_trace(name, base, at):
     if at == "later" and len(calls) == 1:
         pytest.skip("this step was a one-pass (ERM/reuse) step: no later evaluation to poison")
     after = _state(model, opt)
-    assert _same(snap[0], after[0]), "weights changed"
-    assert _same(snap[1]["state"], after[1]["state"]), "per-parameter state changed"
+    assert same(snap[0], after[0]), "weights changed"
+    assert same(snap[1]["state"], after[1]["state"]), "per-parameter state changed"
     extras = [sd["param_groups"][0].pop("sam_state") for sd in (snap[1], after[1])]
-    assert _same(snap[1]["param_groups"], after[1]["param_groups"]), "groups changed"
+    assert same(snap[1]["param_groups"], after[1]["param_groups"]), "groups changed"
     own = ("counters",)
     if name in SEEDED:  # their own generators advance by the step's draws
         own += ("generator", "rng", "gen")
     keep = lambda d: {k: v for k, v in d.items() if not any(o in k for o in own)}  # noqa: E731
-    assert _same(keep(extras[0]), keep(extras[1])), "algorithm state changed"
+    assert same(keep(extras[0]), keep(extras[1])), "algorithm state changed"
     assert opt.skipped_steps == 1
     if name in SEEDED:
         return  # the generator moved on, so later draws differ from the clean run by design
@@ -230,21 +220,6 @@ def test_nonfinite_step_leaves_no_trace(name, base, at):
     steps(clean, opt_clean, slice(3, 6))
     for p, q in zip(model.parameters(), clean.parameters()):
         assert torch.equal(p, q)
-
-
-class HostReads(TorchDispatchMode):
-    READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.item", "aten.masked_select"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.total += 1
-        if str(func.overloadpacket) in self.READS:
-            self.n += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("clip", [None, 0.02], ids=["plain", "clipped"])
@@ -260,8 +235,8 @@ def test_host_reads_per_step(name, base, clip):
         closure = make_closure(name, model, x, y)
         with HostReads() as spy:
             opt.step(closure)
-        assert spy.total > 10
-        assert spy.n <= allowed, f"{spy.n} host reads in one step (allowed {allowed})"
+        assert len(spy.ops) > 10
+        assert spy.reads <= allowed, f"{spy.reads} host reads in one step (allowed {allowed})"
 
 
 @pytest.mark.parametrize("base", ["sgd", "adamw"])

@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from _helpers import SCALAR_AND_NONZERO, HostReads, RefBase, rel_err, same
 from _models import AwkwardNet
 from torch import nn
 
@@ -48,7 +49,7 @@ class RefSAM:
         self.model, self.adaptive, self.eta, self.base, self.hp = model, adaptive, eta, base, hp
         names = [["w1", "b1", "unused"], ["w2t", "empty"], ["b2"]]
         self.groups = [(rho, [getattr(model, n) for n in ns]) for rho, ns in zip(rhos, names)]
-        self.state = {}
+        self.ref_base = RefBase(base, hp)
 
     def _grads(self, x, y):
         self.model.zero_grad(set_to_none=True)
@@ -74,37 +75,14 @@ class RefSAM:
         for p in ps:
             p.copy_(saved[p])
         for p in ps:
-            self._base(p, p.grad)
+            self.ref_base.step(p, p.grad)
         return loss
-
-    def _base(self, p, g):
-        hp, st = self.hp, self.state.setdefault(p, {})
-        if self.base == "sgd":
-            d = g + hp["weight_decay"] * p
-            if "buf" not in st:
-                st["buf"] = d.clone()
-            else:
-                st["buf"] = hp["momentum"] * st["buf"] + d
-            p.sub_(hp["lr"] * st["buf"])
-        else:
-            b1, b2 = hp["betas"]
-            st["t"] = st.get("t", 0) + 1
-            st["m"] = b1 * st.get("m", torch.zeros_like(p)) + (1 - b1) * g
-            st["v"] = b2 * st.get("v", torch.zeros_like(p)) + (1 - b2) * g * g
-            p.mul_(1 - hp["lr"] * hp["weight_decay"])
-            mhat = st["m"] / (1 - b1 ** st["t"])
-            vhat = st["v"] / (1 - b2 ** st["t"])
-            p.sub_(hp["lr"] * mhat / (vhat.sqrt() + hp["eps"]))
 
 
 BASES = {
     "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
     "adamw": (torch.optim.AdamW, dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)),
 }
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if b.numel() else 0.0
 
 
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
@@ -247,16 +225,6 @@ def _snapshot(model, opt):
     )
 
 
-def _same(a, b):
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 @pytest.mark.parametrize("where", ["loss_w", "grad_w", "grad_w_e", "loss_w_e"])
 def test_nonfinite_step_leaves_no_trace(base, where):
@@ -298,7 +266,7 @@ def test_nonfinite_step_leaves_no_trace(base, where):
     snap = _snapshot(model, opt)
     run(model, opt, *batches[2], poison=where)
     after = _snapshot(model, opt)
-    assert _same(snap, after), "a skipped step must change nothing"
+    assert same(snap, after), "a skipped step must change nothing"
     assert opt.skipped_steps == 1 and opt.steps_taken == 2
     for s in range(3, 6):
         run(model, opt, *batches[s])
@@ -328,17 +296,6 @@ def test_on_nonfinite_raise():
 
 
 def test_no_host_reads_in_step():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Spy(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     model = Net()
     x, y = data()
     for kw in (dict(), dict(adaptive=True, eta=0.01)):
@@ -346,9 +303,9 @@ def test_no_host_reads_in_step():
             opt = SAM(model.groups(), cls, **kw, **hp)
             for _ in range(2):
                 opt.zero_grad()
-                with Spy() as spy:
+                with HostReads(SCALAR_AND_NONZERO) as spy:
                     opt.step(lambda: _bw(loss_fn(model, x.float(), y)))
-                bad = {"aten._local_scalar_dense", "aten.nonzero", "aten.item"} & set(spy.ops)
+                bad = spy.found
                 assert not bad, bad
                 assert len(spy.ops) > 10  # the spy saw the step
 
