@@ -18,12 +18,12 @@ import copy
 
 import pytest
 import torch
+from _helpers import same
 from test_optim_common import (
     BASES,
     NAMES,
     SPECS,
     Net,
-    _same,
     batches,
     build,
     make_closure,
@@ -188,7 +188,7 @@ def _step_raises(name, model, opt, data, match):
         opt.step(make_closure(name, model, x, y))
     after = _snapshot(model, opt)
     for key in ("w", "base", "own", "algo"):
-        assert _same(before[key], after[key]), f"{key} changed by a step that raised"
+        assert same(before[key], after[key]), f"{key} changed by a step that raised"
 
 
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
