@@ -1,0 +1,80 @@
+"""Small checks shared by the family: validators, the finite flag, the ascent scale, and the
+gradient helpers every algorithm uses (dense gradients, norms combined in fp64)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+_EPS = 1e-12
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised with ``on_nonfinite="raise"`` when a loss or gradient is not finite."""
+
+
+def finite01(x: torch.Tensor) -> torch.Tensor:
+    """1.0 where ``x`` is finite, else 0.0, as float32 (``x - x`` is 0 exactly for every finite
+    value and NaN for inf/NaN): two dispatched ops where ``isfinite`` decomposes into four."""
+    return ((x - x) == 0).to(torch.float32)
+
+
+def ascent_inv(norm: torch.Tensor) -> torch.Tensor:
+    """``1 / (norm + 1e-12)``, or 0 where ``norm`` is not finite (then no non-finite value
+    reaches the weights): the same values as a ``where`` on ``isfinite``, in three ops."""
+    return torch.nan_to_num(torch.reciprocal(norm + _EPS), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def check_nonneg(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0.0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+def check_max_grad_norm(value: float | None) -> None:
+    """``max_grad_norm``: None (no clipping) or a finite number > 0."""
+    if value is None:
+        return
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not (value > 0.0 and math.isfinite(value))
+    ):
+        raise ValueError(f"max_grad_norm must be None or a finite number > 0, got {value!r}")
+
+
+def check_range(name: str, value: float, lo: float, hi: float, lo_open: bool, hi_open: bool):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value!r}")
+
+
+def _dense_grads(opt: Any, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``[p.grad for p in params]``, refusing sparse gradients (the one per-step check the ops
+    skip under ``sk.prevalidated()``: torch keeps a gradient's device, shape and dtype, not its
+    layout)."""
+    return _check_dense(opt, [p.grad for p in params])
+
+
+def _check_dense(opt: Any, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``grads``, after refusing a sparse one (a clear error naming the class)."""
+    for g in grads:
+        if g.layout is not torch.strided:
+            raise ValueError(
+                f"{type(opt).__name__} does not support sparse gradients (layout {g.layout})"
+            )
+    return grads
+
+
+def _combine_norms(norms: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``sqrt(sum n_i^2)`` of partial norms, on ``device``, in the first one's dtype: combined in
+    fp64, so partial norms near the fp32 limit do not overflow here."""
+    if len(norms) == 1:
+        return norms[0]
+    n64 = torch.stack([n.to(device, torch.float64) for n in norms])
+    return torch.linalg.vector_norm(n64).to(norms[0].dtype)

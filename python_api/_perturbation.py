@@ -1,0 +1,222 @@
+"""The ascent of the family: perturbed groups, backups and buffers, the global gradient norm,
+the SAM/ASAM perturbation and the exact restore.
+
+:class:`Perturbation` is a part of :class:`python_api._base.SAMFamily`; the norm's and the
+ascent's parameter lists come from the cached :class:`python_api._plans._ModePlan`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+import sam_kernels as sk
+from python_api._checks import _combine_norms, _dense_grads, ascent_inv
+from python_api._plans import _ModePlan
+
+
+class Perturbation:
+    """Perturbation, backups, the gradient norm and the restore (a part of ``SAMFamily``)."""
+
+    # ----------------------------------------------------------------- perturbation
+    def _perturbed_groups(self) -> list[tuple[dict, list[torch.Tensor]]]:
+        out = []
+        for g in self.param_groups:
+            if g.get("rho", 0.0) == 0.0 or g.get("sam", True) is False:
+                continue
+            ps = [p for p in g["params"] if p.grad is not None]
+            if ps:
+                out.append((g, ps))
+        return out
+
+    def _buffers(self, params: Sequence[torch.Tensor], key: str) -> list[torch.Tensor]:
+        """Per-parameter scratch buffers ``state[p][key]`` shaped like ``p`` (allocated once).
+
+        Add ``key`` to :attr:`_transient_state` when the buffer is valid only inside a step.
+        A buffer needed only inside a step is better a step-local :meth:`_scratch` (not kept
+        between steps), or a gradient kept with :meth:`_take_grads` (no buffer at all).
+        """
+        out = []
+        for p in params:
+            st = self.state[p]
+            b = st.get(key)
+            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                b = torch.empty_like(p, memory_format=torch.preserve_format)
+                st[key] = b
+            out.append(b)
+        return out
+
+    @staticmethod
+    def _scratch(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Step-local buffers shaped like ``params`` (uninitialised), held only by the caller's
+        locals: freed when the step returns or raises, never in ``state`` or a cached plan."""
+        return [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+
+    @staticmethod
+    def _take_grads(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The current gradients of ``params``, kept for the rest of the step without a copy.
+
+        A step that needs a gradient after the next evaluation (CR-SAM's ``g0`` and ``g+``,
+        the universal class's ``g0``) keeps the tensor itself: the next evaluation starts from
+        ``p.grad = None`` (``zero_grad(set_to_none=True)``), so autograd writes a new tensor and
+        the kept one is never written again; the step only reads it. A gradient that is a view
+        (DDP's ``gradient_as_bucket_view``: the next backward writes the same bucket) is copied
+        into a step-local buffer instead.
+        """
+        out = []
+        for p in params:
+            g = p.grad
+            if g._base is not None:
+                g = torch.empty_like(p, memory_format=torch.preserve_format).copy_(g)
+            out.append(g)
+        return out
+
+    def _collect_grads(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The gradients of ``params`` after an extra evaluation of the closure.
+
+        ``params`` are the parameters that had a gradient at ``w`` (this step's set). One that
+        got none at the new point gets zeros (the loss does not depend on it there); a parameter
+        outside the set that got one has it dropped (``p.grad = None``), so every later pass and
+        the base step see exactly the set.
+        """
+        keep = {id(p) for p in params}
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None and id(p) not in keep:
+                    p.grad = None
+        out = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
+            out.append(p.grad)
+        return out
+
+    def _backups(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for p in params:
+            st = self.state[p]
+            b = st.get("backup")
+            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                b = torch.empty_like(p, memory_format=torch.preserve_format)
+                st["backup"] = b
+            out.append(b)
+        return out
+
+    def _rho_vector(self, groups: list[tuple[dict, list[torch.Tensor]]]) -> torch.Tensor:
+        """Per-tensor rho as a device tensor, rebuilt only when a group's rho changes."""
+        key = tuple((id(g), float(g["rho"]), len(ps)) for g, ps in groups)
+        if self._rho_cache is None or self._rho_cache[0] != key:
+            vals = [float(g["rho"]) for g, ps in groups for _ in ps]
+            # fp64 scales for fp64 parameters, so fp64 runs are exact to fp64 rounding
+            f64 = any(p.dtype == torch.float64 for _, ps in groups for p in ps)
+            dtype = torch.float64 if f64 else torch.float32
+            self._rho_cache = (key, torch.tensor(vals, dtype=dtype, device=self._device))
+        return self._rho_cache[1]
+
+    def _modes(self) -> _ModePlan:
+        """Parameters with a gradient by (adaptive, eta), for the norm and the ascent (cached).
+
+        Keyed on the groups, the gradients present and each group's rho/sam/adaptive/eta, so
+        a rho schedule or a parameter losing its gradient rebuilds it; a step only gathers the
+        gradients. One launch per (adaptive, eta) setting over all groups: normally one.
+        """
+        groups = self.param_groups
+        key = (
+            tuple(map(id, groups)),
+            tuple(p.grad is not None for g in groups for p in g["params"]),
+            tuple(
+                (g.get("rho", 0.0), g.get("sam", True), g.get("adaptive", False), g.get("eta", 0.0))
+                for g in groups
+            ),
+        )
+        plan = self._mode_plan
+        if plan is not None and plan.key == key:
+            return plan
+        norm: dict[tuple[bool, float], list[torch.Tensor]] = {}
+        for g in groups:
+            ps = [p for p in g["params"] if p.grad is not None]
+            if ps:
+                norm.setdefault((bool(g.get("adaptive", False)), float(g.get("eta", 0.0))), [])
+                norm[(bool(g.get("adaptive", False)), float(g.get("eta", 0.0)))].extend(ps)
+        pert_groups = self._perturbed_groups()
+        # per-tensor rho, and for each (adaptive, eta) setting the indices into it
+        flat: list[torch.Tensor] = []
+        by_mode: dict[tuple[bool, float], list[int]] = {}
+        for g, ps in pert_groups:
+            idx = by_mode.setdefault((bool(g.get("adaptive", False)), float(g.get("eta", 0.0))), [])
+            idx.extend(range(len(flat), len(flat) + len(ps)))
+            flat.extend(ps)
+        rho = self._rho_vector(pert_groups) if pert_groups else None
+        pert = []
+        for (adaptive, eta), idx in by_mode.items():
+            sel = None if len(idx) == len(flat) else torch.tensor(idx, device=self._device)
+            pert.append((adaptive, eta, [flat[i] for i in idx], sel))
+        # once per plan: every parameter with a gradient on one device, dense (the norm and
+        # the ascent then run under sk.prevalidated())
+        sk.check_lists(("params",), [p for ps in norm.values() for p in ps])
+        plan = self._mode_plan = _ModePlan(key, list(norm.items()), pert, rho, self)
+        return plan
+
+    def _grad_norm(self, params: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Global norm ``||T(p) * g||`` over every parameter with a gradient (all groups)."""
+        if params is not None:
+            keep = {id(p) for p in params}
+            modes = [(m, [p for p in ps if id(p) in keep]) for m, ps in self._modes().norm]
+        else:
+            modes = self._modes().norm
+        with sk.prevalidated():  # the plan checked the lists (_modes)
+            norms = [
+                sk.grad_norm(
+                    _dense_grads(self, ps), ps if adaptive else None, eta=eta, backend=self.backend
+                )
+                for (adaptive, eta), ps in modes
+                if ps
+            ]
+        if not norms:
+            n = torch.zeros((), dtype=torch.float32, device=self._device)
+        else:
+            n = _combine_norms(norms, self._device)
+        # sharded parameters (python_api.sharded): sqrt of the all-reduced squared local norms
+        return self._reduce_norm(n)
+
+    def _perturb_along_grad(
+        self, norm: torch.Tensor, factor: float | torch.Tensor = 1.0
+    ) -> list[torch.Tensor]:
+        """SAM/ASAM ascent: ``p += factor * rho/(norm + 1e-12) * T(p)^2 * g``, exact backups.
+
+        ``factor`` scales every group's rho (GSAM's schedule, ``rho_t / rho``). A non-finite
+        norm gives a zero scale, so no non-finite value reaches the weights. Returns the
+        perturbed parameters (the ones to restore).
+        """
+        plan = self._modes()
+        if not plan.pert:
+            return []
+        inv = ascent_inv(norm)
+        if isinstance(factor, torch.Tensor) or factor != 1.0:
+            inv = inv * factor
+        scale = plan.rho * inv
+        perturbed: list[torch.Tensor] = []
+        for (adaptive, eta, ps, sel), backups in zip(plan.pert, plan.backups(self)):
+            with sk.prevalidated():  # checked with the plan's backups
+                sk.perturb_(
+                    ps,
+                    [p.grad for p in ps],
+                    backups,
+                    scale if sel is None else scale[sel],
+                    adaptive=adaptive,
+                    eta=eta,
+                    backend=self.backend,
+                )
+            self._live.extend(ps)
+            perturbed.extend(ps)
+        return perturbed
+
+    def _restore(self, params: Sequence[torch.Tensor]) -> None:
+        if params:
+            with torch.no_grad():  # also called from error paths outside no_grad
+                sk.restore_(
+                    list(params),
+                    [self.state[p]["backup"] for p in params],
+                    backend=self.backend,
+                )
