@@ -54,8 +54,8 @@ class Quadratic(nn.Module):
         return 0.5 * torch.einsum("bi,ij,bj->b", d, self.a, d)
 
 
-def rotated(lams: list[float]) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(len(lams), len(lams), dtype=F64))
+def rotated(lams: list[float], generator: torch.Generator | None = None) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(len(lams), len(lams), dtype=F64, generator=generator))
     return q @ torch.diag(torch.tensor(lams, dtype=F64)) @ q.T
 
 
@@ -135,9 +135,16 @@ def test_chosen_spectrum_trace_frobenius_power_iteration():
 
     eig = top_hessian_eigenvalue(model, mean_loss, (x, x), tol=1e-12, max_iter=300, seed=5)
     assert eig.converged and eig.estimate == pytest.approx(4.0, abs=1e-9)
-    # the default tolerance already gives the eigenvalue to about 1e-3
-    eig = top_hessian_eigenvalue(model, mean_loss, (x, x))
+    # the default tolerance already gives the eigenvalue to about 1e-3 when the start vector is
+    # not nearly orthogonal to the top eigenvector. The stopping rule is PyHessian's (relative
+    # change of lambda), so for about one rotation in 300 the iteration stalls near 2.5 and stops
+    # there; the rotation is fixed here so the claim is about one known matrix, and the residual
+    # bound below holds for every rotation.
+    fixed = Quadratic(rotated(lams, torch.Generator().manual_seed(0)))
+    eig = top_hessian_eigenvalue(fixed, mean_loss, (x, x))
     assert eig.converged and eig.estimate == pytest.approx(4.0, rel=3e-3)
+    eig = top_hessian_eigenvalue(model, mean_loss, (x, x))
+    assert min(abs(eig.estimate - v) for v in lams) <= eig.residual + 1e-12
 
     # the eigenvalue of largest magnitude, sign included (PyHessian's convention)
     neg = Quadratic(rotated([-5.0, 2.0, 1.0]))
