@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from python_api._state import _SHAPED, _param_order
+from python_api._state_format import _SHAPED, _param_order
 
 
 class _ShardView(torch.nn.Module):
