@@ -47,8 +47,33 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
 fi
 echo "== build (limit ${BUILD_S}s, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})" | tee -a "$LOG"
 BUILD_STATUS="failed"
-if timeout -k 10 "$BUILD_S" python3 setup.py build_ext --inplace >>"$LOG" 2>&1; then
+# The 2026-12-04 H200 build linked by /opt/gcc's g++ carried a static libstdc++ (no libstdc++ in
+# `ldd`), and every error the extension raised segfaulted the process. Link with the system g++
+# first (libstdc++ shared with torch's), the default toolchain only if that build fails.
+if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then
+  echo "build: trying CXX=/usr/bin/g++ ($(/usr/bin/g++ -dumpfullversion 2>/dev/null))" | tee -a "$LOG"
+  if CXX=/usr/bin/g++ CC=/usr/bin/gcc timeout -k 10 "$BUILD_S" \
+      python3 setup.py build_ext --inplace >>"$LOG" 2>&1; then
+    BUILD_STATUS="ok (system g++)"
+  fi
+fi
+if [ "$BUILD_STATUS" = "failed" ] && \
+    timeout -k 10 "$BUILD_S" python3 setup.py build_ext --inplace >>"$LOG" 2>&1; then
   BUILD_STATUS="ok"
+fi
+# does an error raised by the extension reach Python as an exception (not a crash)?
+SO=$(ls sam_kernels/_C*.so 2>/dev/null | head -1)
+if [ -n "$SO" ]; then
+  { echo "== ldd $SO"; ldd "$SO" | grep -E "stdc|gcc_s|torch" ; } >>"$LOG" 2>&1
+  python3 - >>"$LOG" 2>&1 <<'PY'
+import torch, sam_kernels.cuda_ext  # noqa: F401  (loads the library)
+try:
+    torch.ops.sam_kernels_C.restore_([torch.zeros(2)], [torch.zeros(3)])
+    print("error probe: no error raised (unexpected)")
+except RuntimeError as e:
+    print("error probe: raised cleanly:", str(e).splitlines()[0][:120])
+PY
+  echo "error probe exit code: $? (139 = segfault)" | tee -a "$LOG"
 fi
 BACKENDS=$(python3 -c '
 import torch, sam_kernels as sk

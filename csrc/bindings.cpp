@@ -9,6 +9,8 @@
 // tensors.
 #include <torch/library.h>
 
+#include "step_plan.h"
+
 TORCH_LIBRARY(sam_kernels_C, m) {
   m.def("grad_norm(Tensor[] grads, Tensor[] params, float eta) -> Tensor");
   m.def("aesam_stats_(Tensor[] grads, Tensor(a!) stats, float delta, float c) -> Tensor");
@@ -31,6 +33,26 @@ TORCH_LIBRARY(sam_kernels_C, m) {
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, "
       "Tensor[] backups, Tensor? lr_tensor, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool amsgrad, bool maximize, Tensor? ok) -> ()");
+  // the cached SAM step plan (step_plan.h): built once, then two calls per step
+  m.class_<sam_kernels::SamStepPlan>("SamStepPlan")
+      .def(torch::init<>())
+      .def("set_watch", &sam_kernels::SamStepPlan::set_watch)
+      .def("set_ascent", &sam_kernels::SamStepPlan::set_ascent)
+      .def("add_sgd_group", &sam_kernels::SamStepPlan::add_sgd_group)
+      .def("add_adamw_group", &sam_kernels::SamStepPlan::add_adamw_group)
+      .def("num_groups", &sam_kernels::SamStepPlan::num_groups)
+      .def("matches", &sam_kernels::SamStepPlan::matches)
+      .def("mark", &sam_kernels::SamStepPlan::mark)
+      .def("drop_stale", &sam_kernels::SamStepPlan::drop_stale)
+      .def("drop_stale_watched", &sam_kernels::SamStepPlan::drop_stale_watched)
+      .def("same_params", &sam_kernels::SamStepPlan::same_params)
+      .def("drop_grads", &sam_kernels::SamStepPlan::drop_grads);
+  m.def(
+      "plan_ascent(Tensor counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan plan, "
+      "Tensor? loss) -> Tensor[]");
+  m.def(
+      "plan_descent(Tensor(a!) counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan plan, "
+      "Tensor ok, Tensor? loss, float[] hyper) -> bool");
   // test hook: one Philox4x32-10 block (CPU)
   m.def("_philox4x32_10(Tensor(a!) out, int[] counter, int[] key) -> ()");
 }

@@ -102,7 +102,8 @@ class ClosureContract:
         Returns ``(L0 or None, evaluated)``. With ``need_loss`` and gradients present but no
         ``loss=`` given, the closure is evaluated once more at ``w``.
         """
-        self._follow_device()
+        if not self._params_as_planned():
+            self._follow_device()
         given = self._as_loss(loss) if loss is not None else None  # checked in every case
         have_grads = self._fresh_grads()
         if have_grads and (given is not None or not need_loss):
@@ -123,6 +124,15 @@ class ClosureContract:
     # tensor (after ``set_to_none``) or accumulates in place after such a zeroing (two writes).
     # No host read; one attribute read per parameter per step. Kept out of dynamo's graphs
     # (a traced ``_version`` would be a constant of the trace).
+    def _plan_marks(self) -> Any:
+        """The marks of a step that a step plan ran, recorded by it (None: marked here)."""
+        return None
+
+    def _params_as_planned(self) -> bool:
+        """True when a step plan vouches that no parameter was re-typed or moved since it was
+        built (then :meth:`_follow_device` has nothing to do)."""
+        return False
+
     def _abort_step(self) -> None:
         """Undo a step that raised: restore the weights it perturbed (idempotent)."""
         live, self._live = self._live, []
@@ -132,6 +142,10 @@ class ClosureContract:
     @torch._dynamo.disable
     def _mark_grads(self) -> None:
         """Remember the gradients this step leaves behind (they are stale for the next step)."""
+        planned = self._plan_marks()
+        if planned is not None:  # recorded in C++ by the step plan (python_api._step_plan)
+            self._grad_marks = planned
+            return
         marks: dict[torch.Tensor, tuple[weakref.ref, int]] = {}
         for g in self.param_groups:
             for p in g["params"]:
@@ -144,6 +158,8 @@ class ClosureContract:
     def _fresh_grads(self) -> bool:
         """Drop stale gradients (``p.grad = None``); True if any fresh gradient remains."""
         marks = self._grad_marks
+        if not isinstance(marks, dict):  # a step plan's marks (python_api._step_plan.PlanMarks)
+            return marks.drop_stale(self)
         fresh = False
         for g in self.param_groups:
             for p in g["params"]:

@@ -46,22 +46,26 @@ class BaseStepPlans:
 
     def _base_plan(self, perturbed: Sequence[torch.Tensor]) -> _BasePlan:
         """The fused base step's plan (see :class:`_BasePlan`), rebuilt only when it must be."""
-        groups = self.param_groups
-        mask = tuple(p.grad is not None for g in groups for p in g["params"])
-        key = (
-            tuple(map(id, groups)),
-            tuple(id(g["params"]) for g in groups),
-            mask,
-            tuple(map(id, perturbed)),
-            id(self.base_optimizer.state),
-            id(self.state),
-            tuple(g.get("momentum", 0.0) != 0.0 or g.get("amsgrad", False) for g in groups),
-        )
+        key = self._base_plan_key(perturbed)
         plan = self._plan
         if plan is not None and plan.key == key and plan.intact():
             return plan
         plan = self._plan = self._build_base_plan(key, perturbed)
         return plan
+
+    def _base_plan_key(self, perturbed: Sequence[torch.Tensor]) -> tuple:
+        """What the base plan is keyed on: the groups and their parameter lists, the parameters
+        with a gradient, the perturbed ones, the state dicts, the settings that add state."""
+        groups = self.param_groups
+        return (
+            tuple(map(id, groups)),
+            tuple(id(g["params"]) for g in groups),
+            tuple(p.grad is not None for g in groups for p in g["params"]),
+            tuple(map(id, perturbed)),
+            id(self.base_optimizer.state),
+            id(self.state),
+            tuple(g.get("momentum", 0.0) != 0.0 or g.get("amsgrad", False) for g in groups),
+        )
 
     def _build_base_plan(self, key: tuple, perturbed: Sequence[torch.Tensor]) -> _BasePlan:
         pert = {id(p) for p in perturbed}

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from python_api import _conventions
+from python_api import _conventions, _step_plan
 from python_api._base import Closure, SAMFamily, check_nonneg, finite01
 
 
@@ -57,6 +57,9 @@ class SAM(SAMFamily):
     per_replica_safe = True
     #: one global norm (all-reduced over the shards), then elementwise work
     sharded_safe = True
+    #: run qualifying steps as the compiled extension's cached step plan (python_api._step_plan;
+    #: the same results); False on an instance or the class runs every step unplanned
+    plan_steps = True
 
     def __init__(
         self,
@@ -86,6 +89,12 @@ class SAM(SAMFamily):
         )
         self._perturbed: list[torch.Tensor] = []
         self._ok = torch.ones((), dtype=torch.float32, device=self._device)
+        # the planned step (python_api._step_plan), or the settings under which the step did not
+        # qualify (not tried again until they change), or None (not tried yet)
+        self._step_plan: _step_plan.PlannedStep | _step_plan.Unplanned | None = None
+        self._one = torch.ones((), dtype=torch.float32, device=self._device)
+        # the planned step that ran this step's descent (its plan records the marks)
+        self._marks_by: _step_plan.PlannedStep | None = None
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
@@ -101,7 +110,8 @@ class SAM(SAMFamily):
         """
         self = _conventions.owner(self)  # Lightning's LightningOptimizer: the optimizer itself
         _conventions.step_started(self)
-        self._ok, self._perturbed = self._ascend()
+        planned = self._planned_ascent(None)
+        self._ok, self._perturbed = planned if planned is not None else self._ascend()
         if zero_grad:
             self.zero_grad()
 
@@ -115,8 +125,9 @@ class SAM(SAMFamily):
         self = _conventions.owner(self)
         ok, perturbed = self._ok, self._perturbed
         self._perturbed = []
-        self._ok = torch.ones((), dtype=torch.float32, device=self._device)
-        self._descend(ok, perturbed, loss)
+        self._ok = self._one  # until the next first_step (never written in place)
+        if not self._planned_descent(ok, perturbed, loss):
+            self._descend(ok, perturbed, loss)
         if zero_grad:
             self.zero_grad()
         self._mark_grads()  # the end of a step: what is left is stale for the next one
@@ -132,6 +143,60 @@ class SAM(SAMFamily):
         ok = finite01(norm)
         self._check_raise(ok, "the first evaluation (gradient at w)")
         return ok, self._perturb_along_grad(norm)
+
+    # The planned step (python_api._step_plan): each half one op of the compiled extension, the
+    # same results; None / False where the step runs unplanned (the methods above and below).
+    def _planned_ascent(
+        self, loss: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        # a subclass may change the halves; dynamo traces the unplanned path (the plan's ops take
+        # a C++ object it does not trace)
+        if type(self) is not SAM or not self.plan_steps or torch.compiler.is_compiling():
+            return None
+        plan = self._step_plan
+        if not (isinstance(plan, _step_plan.PlannedStep) and plan.valid(self)):
+            if isinstance(plan, _step_plan.Unplanned) and plan.key == _step_plan.plan_key(self):
+                return None  # did not qualify under these settings: not tried again
+            plan = self._step_plan = _step_plan.build(self)
+            if not isinstance(plan, _step_plan.PlannedStep):
+                return None
+        ok = plan.plan.ascent(loss)
+        if ok is None:  # the gradients or parameters changed: unplanned, plans rebuilt
+            self._step_plan = None
+            return None
+        self._live = list(plan.perturbed)
+        return ok, plan.perturbed
+
+    def _planned_descent(
+        self, ok: torch.Tensor, perturbed: list[torch.Tensor], loss: torch.Tensor | None
+    ) -> bool:
+        plan = self._step_plan
+        if (
+            torch.compiler.is_compiling()
+            or not isinstance(plan, _step_plan.PlannedStep)
+            or perturbed is not plan.perturbed
+            or not plan.valid(self, entries=False)
+        ):
+            return False
+        hyper = plan.hyper()
+        if hyper is None or not plan.plan.descent(ok, hyper, loss):
+            self._step_plan = None
+            return False
+        self._live = []
+        self._marks_by = plan  # this step's stale-gradient marks: recorded by its plan
+        return True
+
+    def _plan_marks(self) -> _step_plan.PlanMarks | None:
+        plan, self._marks_by = self._marks_by, None
+        return _step_plan.PlanMarks(plan) if plan is not None else None
+
+    def _params_as_planned(self) -> bool:
+        plan = self._step_plan
+        return (
+            not torch.compiler.is_compiling()
+            and isinstance(plan, _step_plan.PlannedStep)
+            and plan.params_unchanged(self)
+        )
 
     def _descend(
         self, ok: torch.Tensor, perturbed: list[torch.Tensor], loss: torch.Tensor | None
@@ -156,14 +221,20 @@ class SAM(SAMFamily):
         closure = self._require_closure(closure)
         l0, _ = self._initial_eval(closure, loss, need_loss=False)
         with torch.no_grad():
-            ok, perturbed = self._ascend()
-            if l0 is not None:
-                ok = ok * self._ok_from(l0)
-                self._check_raise(ok, "the loss at w", perturbed)
-            self.zero_grad(set_to_none=True)
+            planned = self._planned_ascent(l0)
+            if planned is not None:  # the loss check folded in (on_nonfinite="skip")
+                ok, perturbed = planned
+                self._step_plan.plan.drop_grads()  # zero_grad(set_to_none=True) of its params
+            else:
+                ok, perturbed = self._ascend()
+                if l0 is not None:
+                    ok = ok * self._ok_from(l0)
+                    self._check_raise(ok, "the loss at w", perturbed)
+                self.zero_grad(set_to_none=True)
         l1 = self._call_closure(
             closure, perturbed=True, need_loss=False, what="w + e", restore=perturbed
         )
         with torch.no_grad():
-            self._descend(ok, perturbed, l1)
+            if not self._planned_descent(ok, perturbed, l1):
+                self._descend(ok, perturbed, l1)
         return l0 if l0 is not None else l1

@@ -1,0 +1,290 @@
+// The cached SAM step plan (see step_plan.h): build-time setters, the per-call check, and the
+// two halves of the step. The extension's own ops run through the dispatcher (CPU or CUDA), so
+// what runs is what the unplanned path runs; the scalar glue is written as the Python code of
+// python_api/sam.py writes it (the same ATen ops, in the same order), for bit-identical results.
+#include "step_plan.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+namespace sam_kernels {
+namespace {
+
+using TL = at::TensorList;
+using OptT = std::optional<at::Tensor>;
+
+// ---------------------------------------------------------------- the extension's ops, typed
+const auto& op_grad_norm() {
+  static auto h = c10::Dispatcher::singleton()
+                      .findSchemaOrThrow("sam_kernels_C::grad_norm", "")
+                      .typed<at::Tensor(TL, TL, double)>();
+  return h;
+}
+
+const auto& op_perturb() {
+  static auto h = c10::Dispatcher::singleton()
+                      .findSchemaOrThrow("sam_kernels_C::perturb_", "")
+                      .typed<void(TL, TL, TL, const at::Tensor&, bool, double)>();
+  return h;
+}
+
+const auto& op_sgd_step() {
+  static auto h =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("sam_kernels_C::sgd_step_", "")
+          .typed<void(TL, TL, const OptT&, TL, TL, TL, const OptT&, double, double, double, bool,
+                      double, bool, const OptT&)>();
+  return h;
+}
+
+const auto& op_adamw_step() {
+  static auto h = c10::Dispatcher::singleton()
+                      .findSchemaOrThrow("sam_kernels_C::adamw_step_", "")
+                      .typed<void(TL, TL, const OptT&, TL, TL, TL, TL, TL, const OptT&, double,
+                                  double, double, double, double, bool, bool, const OptT&)>();
+  return h;
+}
+
+// ---------------------------------------------------------------- the scalar glue
+// python_api._checks.finite01: ((x - x) == 0).to(float32)
+at::Tensor finite01(const at::Tensor& x) { return at::eq(at::sub(x, x), 0).to(at::kFloat); }
+
+// python_api._checks.ascent_inv: nan_to_num(reciprocal(norm + 1e-12), 0, 0, 0)
+at::Tensor ascent_inv(const at::Tensor& norm) {
+  return at::nan_to_num(at::reciprocal(at::add(norm, 1e-12)), 0.0, 0.0, 0.0);
+}
+
+// SAMFamily._ok_from(loss): finite01(loss.reshape(()).to(device))
+at::Tensor loss_ok(const at::Tensor& loss, const at::Device& device) {
+  return finite01(loss.reshape({}).to(device));
+}
+
+std::vector<at::Tensor> grads_of(const std::vector<at::Tensor>& params) {
+  std::vector<at::Tensor> out;
+  out.reserve(params.size());
+  for (const auto& p : params) out.push_back(p.grad());
+  return out;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- building
+void SamStepPlan::set_watch(std::vector<at::Tensor> params, std::vector<int64_t> grads_present) {
+  TORCH_CHECK(params.size() == grads_present.size(), "SamStepPlan.set_watch: ", params.size(),
+              " parameters but ", grads_present.size(), " flags");
+  watch = std::move(params);
+  with_grad.assign(grads_present.begin(), grads_present.end());
+  dtypes.clear();
+  devices.clear();
+  sizes.clear();
+  index.clear();
+  marked.clear();
+  marked_versions.clear();
+  for (const auto& p : watch) {
+    index.emplace(p.unsafeGetTensorImpl(), index.size());
+    dtypes.push_back(p.scalar_type());
+    devices.push_back(p.device());
+    sizes.emplace_back(p.sizes().begin(), p.sizes().end());
+  }
+}
+
+void SamStepPlan::set_ascent(std::vector<at::Tensor> norm_params_, bool adaptive_, double eta_,
+                             std::vector<at::Tensor> pert_params_,
+                             std::vector<at::Tensor> pert_backups_, at::Tensor rho_,
+                             at::Tensor counters_) {
+  TORCH_CHECK(pert_params_.size() == pert_backups_.size(),
+              "SamStepPlan.set_ascent: one backup per perturbed parameter");
+  norm_params = std::move(norm_params_);
+  adaptive = adaptive_;
+  eta = eta_;
+  pert_params = std::move(pert_params_);
+  pert_backups = std::move(pert_backups_);
+  rho = std::move(rho_);
+  counters = std::move(counters_);
+}
+
+void SamStepPlan::add_sgd_group(std::vector<at::Tensor> params, std::vector<at::Tensor> bufs,
+                                std::vector<at::Tensor> steps, std::vector<at::Tensor> backups,
+                                bool has_momentum) {
+  BaseGroupPlan g;
+  g.adamw = false;
+  g.has_momentum = has_momentum;
+  g.params = std::move(params);
+  g.bufs = std::move(bufs);
+  g.steps = std::move(steps);
+  g.backups = std::move(backups);
+  groups.push_back(std::move(g));
+}
+
+void SamStepPlan::add_adamw_group(std::vector<at::Tensor> params,
+                                  std::vector<at::Tensor> exp_avgs,
+                                  std::vector<at::Tensor> exp_avg_sqs,
+                                  std::vector<at::Tensor> max_exp_avg_sqs,
+                                  std::vector<at::Tensor> steps,
+                                  std::vector<at::Tensor> backups, bool amsgrad) {
+  BaseGroupPlan g;
+  g.adamw = true;
+  g.amsgrad = amsgrad;
+  g.params = std::move(params);
+  g.exp_avgs = std::move(exp_avgs);
+  g.exp_avg_sqs = std::move(exp_avg_sqs);
+  g.max_exp_avg_sqs = std::move(max_exp_avg_sqs);
+  g.steps = std::move(steps);
+  g.backups = std::move(backups);
+  groups.push_back(std::move(g));
+}
+
+// ---------------------------------------------------------------- the per-call checks
+bool SamStepPlan::same_params() const {
+  for (size_t i = 0; i < watch.size(); ++i) {
+    const at::Tensor& p = watch[i];
+    if (p.scalar_type() != dtypes[i] || p.device() != devices[i] ||
+        !p.sizes().equals(sizes[i])) {
+      return false;
+    }
+  }
+  return true;
+}
+
+void SamStepPlan::drop_grads() {
+  for (auto& p : watch) {
+    if (p.grad().defined()) p.mutable_grad().reset();
+  }
+}
+
+bool SamStepPlan::matches() const {
+  for (size_t i = 0; i < watch.size(); ++i) {
+    const at::Tensor& p = watch[i];
+    if (p.scalar_type() != dtypes[i] || p.device() != devices[i] ||
+        !p.sizes().equals(sizes[i])) {
+      return false;
+    }
+    const at::Tensor& g = p.grad();
+    if (g.defined() != with_grad[i]) return false;
+    if (g.defined() && (g.layout() != at::kStrided || g.scalar_type() != dtypes[i] ||
+                        g.device() != devices[i] || g.sizes() != p.sizes())) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------- stale-gradient marks
+void SamStepPlan::mark() {
+  marked.clear();
+  marked_versions.assign(watch.size(), 0);
+  marked.reserve(watch.size());
+  for (size_t i = 0; i < watch.size(); ++i) {
+    const at::Tensor& g = watch[i].grad();
+    if (g.defined()) {
+      marked.emplace_back(g.getIntrusivePtr());
+      marked_versions[i] = g._version();
+    } else {
+      marked.emplace_back(c10::intrusive_ptr<c10::TensorImpl>());
+    }
+  }
+}
+
+bool SamStepPlan::drop_stale_watched() { return drop_stale(watch); }
+
+bool SamStepPlan::drop_stale(std::vector<at::Tensor> params) {
+  bool fresh = false;
+  for (auto& p : params) {
+    const at::Tensor& g = p.grad();
+    if (!g.defined()) continue;
+    const auto it = index.find(p.unsafeGetTensorImpl());
+    bool stale = false;
+    if (it != index.end() && it->second < marked.size()) {
+      const auto held = marked[it->second].lock();
+      stale = held && held.get() == g.unsafeGetTensorImpl() &&
+              g._version() - marked_versions[it->second] <= 1;
+    }
+    if (stale) {
+      p.mutable_grad().reset();
+    } else {
+      fresh = true;
+    }
+  }
+  return fresh;
+}
+
+// ---------------------------------------------------------------- the two halves
+// SAM._ascend (+ the loss check of SAM.step): n = ||T(p) g0||, ok = finite(n) [* finite(L0)],
+// backups = w, p += rho / (n + 1e-12) * T(p)^2 * g0. Returns [ok], or [] when the plan does not
+// match the parameters (nothing written).
+std::vector<at::Tensor> plan_ascent(const at::Tensor& counters,
+                                    const c10::intrusive_ptr<SamStepPlan>& plan,
+                                    const std::optional<at::Tensor>& loss) {
+  if (!plan->matches()) return {};
+  // below autograd: the extension's ops then run their kernels unboxed (their autograd key is
+  // torch's boxed not-implemented fallback, which copies every tensor list into IValues)
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto grads = grads_of(plan->norm_params);
+  const std::vector<at::Tensor> none;
+  at::Tensor norm =
+      op_grad_norm().call(grads, plan->adaptive ? TL(plan->norm_params) : TL(none), plan->eta);
+  at::Tensor ok = finite01(norm);
+  if (!plan->pert_params.empty()) {
+    const at::Tensor scale = at::mul(plan->rho, ascent_inv(norm));
+    op_perturb().call(plan->pert_params, grads_of(plan->pert_params), plan->pert_backups, scale,
+                      plan->adaptive, plan->eta);
+  }
+  if (loss.has_value()) ok = at::mul(ok, loss_ok(*loss, counters.device()));
+  return {ok};
+}
+
+// SAM._descend over the fused base step: ok *= finite(||g1||) [* finite(L1)]; per group the
+// fused SGD/AdamW step from the backups (restore fused in), gated by ok; counters += (ok, 1-ok).
+// `hyper`, per group: SGD (lr, momentum, dampening, nesterov, weight_decay, maximize), AdamW
+// (lr, beta1, beta2, eps, weight_decay, maximize). Returns false when the plan does not match
+// the parameters (nothing written).
+bool plan_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
+                  const at::Tensor& ok_in, const std::optional<at::Tensor>& loss,
+                  std::vector<double> hyper) {
+  TORCH_CHECK(hyper.size() == 6 * plan->groups.size(), "plan_descent: ", hyper.size(),
+              " hyper-parameters for ", plan->groups.size(), " groups (6 each)");
+  if (!plan->matches()) return false;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in plan_ascent
+  const std::vector<at::Tensor> none;
+  const at::Tensor n1 = op_grad_norm().call(grads_of(plan->norm_params), none, 0.0);
+  at::Tensor ok = at::mul(ok_in, finite01(n1));
+  if (loss.has_value()) ok = at::mul(ok, loss_ok(*loss, counters.device()));
+  const OptT ok_arg = ok.to(at::kFloat).reshape({});
+  const OptT no_tensor;
+  for (size_t k = 0; k < plan->groups.size(); ++k) {
+    const BaseGroupPlan& g = plan->groups[k];
+    const double* h = hyper.data() + 6 * k;
+    const auto grads = grads_of(g.params);
+    if (!g.adamw) {
+      op_sgd_step().call(g.params, grads, no_tensor, g.has_momentum ? TL(g.bufs) : TL(none),
+                         g.steps, g.backups, no_tensor, h[0], h[1], h[2], h[3] != 0.0, h[4],
+                         h[5] != 0.0, ok_arg);
+    } else {
+      op_adamw_step().call(g.params, grads, no_tensor, g.exp_avgs, g.exp_avg_sqs,
+                           g.amsgrad ? TL(g.max_exp_avg_sqs) : TL(none), g.steps, g.backups,
+                           no_tensor, h[0], h[1], h[2], h[3], h[4], g.amsgrad, h[5] != 0.0,
+                           ok_arg);
+    }
+  }
+  // BaseStep._count: counters += stack([ok, 1.0 - ok])
+  const_cast<at::Tensor&>(counters).add_(at::stack({ok, at::rsub(ok, 1.0)}));
+  // the stale-gradient marks of this step (what SAMFamily._mark_grads records at its end: the
+  // caller changes no gradient in between, or drops them all)
+  plan->mark();
+  return true;
+}
+
+TORCH_LIBRARY_IMPL(sam_kernels_C, CompositeExplicitAutograd, m) {
+  m.impl("plan_ascent", &plan_ascent);
+  m.impl("plan_descent", &plan_descent);
+}
+
+// No autograd formula and nothing to record: the two ops fall through autograd to the kernel
+// above, unboxed (the steps run under no_grad; the plan's tensors are the optimizer's).
+TORCH_LIBRARY_IMPL(sam_kernels_C, Autograd, m) {
+  m.impl("plan_ascent", torch::CppFunction::makeFallthrough());
+  m.impl("plan_descent", torch::CppFunction::makeFallthrough());
+}
+
+}  // namespace sam_kernels

@@ -1,0 +1,97 @@
+// The cached step plan of SAM/ASAM over a fused SGD or AdamW base (issue 14, item 2).
+//
+// Everything of a SAM step that does not change from step to step is held here once: every
+// parameter of every group (with whether its gradient must be present), the norm's and the
+// ascent's lists, the backups, the per-tensor rho vector, each base group's state lists and the
+// step/skip counters. A step then passes no tensor list across the Python boundary: the
+// gradients are read from the parameters themselves (`Tensor::grad()`), and the scalar glue of
+// the two halves (finite flags, the ascent scale, the counters) runs here, as ATen ops on 0-d
+// device tensors, in the order the Python code runs it, so the results are bit-identical to the
+// unplanned path. The plan calls the extension's own ops through the dispatcher, so the CPU and
+// CUDA implementations are the ones the unplanned path runs.
+//
+// A plan only answers for what it can see: before anything is written, every call checks that
+// each parameter's gradient is present exactly where the plan expects it, dense, and shaped,
+// typed and placed like its parameter, and that no parameter changed dtype or device. If not,
+// the call does nothing and says so (`ascent` returns an empty list, `descent` false): the
+// caller drops the plan and runs the unplanned path. What the plan cannot see (groups, hyper-
+// parameters that change the lists, state dicts replaced) is keyed by the Python caller
+// (python_api/_step_plan.py).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+
+#include <optional>
+#include <unordered_map>
+#include <vector>
+
+namespace sam_kernels {
+
+struct BaseGroupPlan {
+  bool adamw = false;
+  bool has_momentum = false;  // SGD: momentum != 0 when the plan was built
+  bool amsgrad = false;       // AdamW
+  std::vector<at::Tensor> params, bufs, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups;
+};
+
+struct SamStepPlan : torch::CustomClassHolder {
+  // every parameter of every group, in order, and whether its gradient must be present
+  std::vector<at::Tensor> watch;
+  std::vector<bool> with_grad;
+  std::vector<at::ScalarType> dtypes;
+  std::vector<at::Device> devices;
+  std::vector<std::vector<int64_t>> sizes;
+  // the norm's parameters (every one with a gradient, group order) and its (adaptive, eta)
+  std::vector<at::Tensor> norm_params;
+  bool adaptive = false;
+  double eta = 0.0;
+  // the ascent: perturbed parameters, their backups, per-tensor rho
+  std::vector<at::Tensor> pert_params, pert_backups;
+  at::Tensor rho;
+  std::vector<BaseGroupPlan> groups;
+  at::Tensor counters;  // [2] float32: steps applied, steps skipped
+
+  void set_watch(std::vector<at::Tensor> params, std::vector<int64_t> with_grad);
+  void set_ascent(std::vector<at::Tensor> norm_params, bool adaptive, double eta,
+                  std::vector<at::Tensor> pert_params, std::vector<at::Tensor> pert_backups,
+                  at::Tensor rho, at::Tensor counters);
+  void add_sgd_group(std::vector<at::Tensor> params, std::vector<at::Tensor> bufs,
+                     std::vector<at::Tensor> steps, std::vector<at::Tensor> backups,
+                     bool has_momentum);
+  void add_adamw_group(std::vector<at::Tensor> params, std::vector<at::Tensor> exp_avgs,
+                       std::vector<at::Tensor> exp_avg_sqs,
+                       std::vector<at::Tensor> max_exp_avg_sqs, std::vector<at::Tensor> steps,
+                       std::vector<at::Tensor> backups, bool amsgrad);
+  int64_t num_groups() const { return static_cast<int64_t>(groups.size()); }
+
+  // true when every gradient and parameter is as the plan expects (nothing is changed)
+  bool matches() const;
+
+  // Stale-gradient marks (python_api/_closures.py): the gradient tensors a planned step leaves
+  // behind, with their version counters, recorded here instead of in Python. `mark` records
+  // them now; `drop_stale(params)` sets to None the gradient of each given parameter that is
+  // still the marked tensor at most one in-place write later, and returns whether any given
+  // parameter keeps a (fresh) gradient.
+  void mark();
+  bool drop_stale(std::vector<at::Tensor> params);
+  bool drop_stale_watched();  // drop_stale over the watched parameters (no list passed)
+  // true when no watched parameter changed dtype, device or shape (gradients not looked at)
+  bool same_params() const;
+  // p.grad = None for every watched parameter (zero_grad(set_to_none=True) of the groups)
+  void drop_grads();
+  std::unordered_map<const c10::TensorImpl*, size_t> index;  // parameter -> its place in watch
+  std::vector<c10::weak_intrusive_ptr<c10::TensorImpl>> marked;
+  std::vector<int64_t> marked_versions;
+};
+
+// The two halves of the step (schemas in bindings.cpp). `counters` is the plan's counter tensor:
+// it gives the op its device for dispatch.
+std::vector<at::Tensor> plan_ascent(const at::Tensor& counters,
+                                    const c10::intrusive_ptr<SamStepPlan>& plan,
+                                    const std::optional<at::Tensor>& loss);
+bool plan_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
+                  const at::Tensor& ok, const std::optional<at::Tensor>& loss,
+                  std::vector<double> hyper);
+
+}  // namespace sam_kernels

@@ -1,0 +1,262 @@
+"""SAM's planned step on the compiled extension: two dispatched ops per step (issue 14, item 2).
+
+:class:`python_api.SAM` (and ASAM) over a fused SGD or AdamW base, on tensors where the compiled
+extension runs every op of the step, builds one :class:`sam_kernels.step_plan.SamStepPlan` from
+its cached plans (:class:`python_api._plans._ModePlan` and ``_BasePlan``, so the lists, their
+checks and the state are the unplanned path's own) and then runs each half of a step as one op.
+The results are bit-identical to the unplanned path (tests/test_step_plan_ext.py).
+
+What is checked where:
+
+- in C++, on every call, before anything is written: each parameter's gradient is present
+  exactly where the plan expects it, dense, shaped, typed and placed like the parameter; no
+  parameter changed dtype, device or shape. Otherwise the call does nothing and the step runs
+  unplanned (and rebuilds its plans as it always does);
+- here, on every call (:meth:`PlannedStep.valid`): the key (the groups, their parameter lists,
+  the hyper-parameters that shape the lists, the backend and the settings that add work to a
+  step: clipping, ``on_nonfinite="raise"``, AMP or DDP hooks), the identity of the optimizer's
+  cached plans and counters (a state dict loaded, parameters moved or re-typed, a first step
+  creating state all drop those), and that no state tensor was replaced behind the plan's back.
+
+Not planned (the unplanned path runs, as before): any other class or base optimizer, Triton or
+eager ops, fp64, a learning rate given as a tensor, several (adaptive, eta) settings in one
+optimizer, a group that is not perturbed while others are, torch.compile tracing, a
+distributed run.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+
+import sam_kernels as sk
+
+_SGD = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
+_ADAMW = ("lr", "beta1", "beta2", "eps", "weight_decay", "maximize")
+
+
+def plan_key(opt: Any) -> tuple:
+    """What the plan depends on that the C++ check does not see (cheap: one tuple per group)."""
+    return (
+        opt.backend,
+        opt._fused,
+        opt.max_grad_norm,
+        opt.on_nonfinite,
+        opt._amp is None and opt._dist is None,
+        id(opt._param_sig),  # replaced when parameters are re-typed or moved (_follow_params)
+        tuple(
+            (
+                id(g),
+                id(g["params"]),
+                len(g["params"]),
+                g.get("rho", 0.0),
+                g.get("sam", True),
+                g.get("adaptive", False),
+                g.get("eta", 0.0),
+                g.get("momentum", 0.0) != 0.0,
+                g.get("amsgrad", False),
+            )
+            for g in opt.param_groups
+        ),
+    )
+
+
+def _none() -> None:
+    return None
+
+
+class _NotCopied:
+    """Copies and pickles of an optimizer start without a plan (it holds C++ objects and the
+    ids of the original's groups): ``copy.deepcopy`` and ``pickle`` give None."""
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self) -> tuple:
+        return (_none, ())
+
+
+class Unplanned(_NotCopied):
+    """The key under which the step did not qualify for a plan (not tried again under it)."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key
+
+
+class PlanMarks:
+    """The stale-gradient marks of a planned step, recorded by its C++ plan at the end of the
+    descent (``_closures``'s ``_fresh_grads`` asks it); a copy or a pickle starts with none."""
+
+    __slots__ = ("_step",)
+
+    def __init__(self, step: PlannedStep) -> None:
+        self._step = step
+
+    def drop_stale(self, opt: Any) -> bool:
+        """Drop the stale gradients of ``opt``'s parameters; True if a fresh one remains."""
+        step = self._step
+        if plan_key(opt) == step.key:  # the same parameters: no list to pass
+            return step.plan.drop_stale_watched()
+        return step.plan.drop_stale([p for g in opt.param_groups for p in g["params"]])
+
+    def __deepcopy__(self, memo: dict) -> dict:
+        return {}
+
+    def __reduce__(self) -> tuple:
+        return (dict, ())
+
+
+class PlannedStep(_NotCopied):
+    """One optimizer's planned SAM step (see the module docstring)."""
+
+    __slots__ = (
+        "key",
+        "plan",
+        "perturbed",
+        "groups",
+        "_modes",
+        "_base",
+        "_counters",
+        "_state",
+        "_dicts",
+        "_keys",
+        "_values",
+        "_keep",
+    )
+
+    def __init__(self, opt: Any, key: tuple, modes: Any, base: Any, perturbed: list) -> None:
+        self.key = key
+        self.perturbed = perturbed
+        self.groups = [(gp.group, _ADAMW if gp.fn == "adamw_step_" else _SGD) for gp in base.groups]
+        self._modes, self._base, self._counters = modes, base, opt._counters
+        self._state = (opt.state, opt.base_optimizer.state)
+        # the state entries the plan holds, checked by identity on every call (a user's edit, a
+        # base optimizer's load_state_dict): the base plan's own list
+        entries = base._entries
+        self._dicts = [d for d, _, _ in entries]
+        self._keys = [k for _, k, _ in entries]
+        self._values = [v for _, _, v in entries]
+        self._keep = tuple(opt.param_groups)  # the ids in the key stay valid
+        plan = self.plan = sk.SamStepPlan(opt._counters)
+        plan.watch([p for g in opt.param_groups for p in g["params"]])
+        (adaptive, eta), norm_params = modes.norm[0]
+        if modes.pert:
+            _, _, pert_params, _ = modes.pert[0]
+            backups = modes.backups(opt)[0]
+        else:
+            pert_params, backups = [], []
+        rho = modes.rho if modes.rho is not None else torch.zeros(0, device=opt._device)
+        plan.ascent_lists(norm_params, adaptive, eta, pert_params, backups, rho)
+        for gp in base.groups:
+            st = gp.state
+            backups = st.get("backups") or []
+            if gp.fn == "sgd_step_":
+                has_m = gp.group["momentum"] != 0.0
+                bufs = st["momentum_buffers"] if has_m else []
+                plan.add_sgd_group(gp.params, bufs, st["steps"], backups, has_m)
+            else:
+                ams = bool(gp.group["amsgrad"])
+                plan.add_adamw_group(
+                    gp.params,
+                    st["exp_avgs"],
+                    st["exp_avg_sqs"],
+                    st["max_exp_avg_sqs"] if ams else [],
+                    st["steps"],
+                    backups,
+                    ams,
+                )
+
+    def valid(self, opt: Any, entries: bool = True) -> bool:
+        """The key, the optimizer's cached plans and counters, and (``entries``) every state
+        entry unchanged. The descent skips the entries: the ascent of the same step checked
+        them, and a state dict loaded in between drops the cached plans (checked here)."""
+        return (
+            opt._plan is self._base
+            and opt._mode_plan is self._modes
+            and opt._counters is self._counters
+            and opt.state is self._state[0]
+            and opt.base_optimizer.state is self._state[1]
+            and plan_key(opt) == self.key
+            and (
+                not entries
+                or all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._values))
+            )
+        )
+
+    def params_unchanged(self, opt: Any) -> bool:
+        """The optimizer's cached plans stand and no parameter was re-typed, moved or
+        reshaped: following the parameters' device (``_follow_device``) would change nothing."""
+        return (
+            opt._plan is self._base
+            and opt._mode_plan is self._modes
+            and plan_key(opt) == self.key
+            and self.plan.same_params()
+        )
+
+    def hyper(self) -> list[float] | None:
+        """Six floats per base group, read now (an LR scheduler changes them); None when one is
+        not a number (a tensor learning rate: the unplanned path takes it)."""
+        out: list[float] = []
+        for g, names in self.groups:
+            beta1, beta2 = g.get("betas", (0.0, 0.0))
+            vals = {"beta1": beta1, "beta2": beta2}
+            for n in names:
+                v = vals[n] if n in vals else g.get(n, False)
+                if isinstance(v, torch.Tensor):
+                    return None
+                out.append(float(v))
+        return out
+
+
+def build(opt: Any) -> PlannedStep | Unplanned | None:
+    """The planned step of ``opt`` now; :class:`Unplanned` where the settings rule it out (not
+    tried again under the same key), None where it may qualify at a later step (a first step
+    creating state, no gradient yet, a tensor learning rate)."""
+    if (
+        opt._fused is None
+        or opt.max_grad_norm is not None
+        or opt.on_nonfinite != "skip"
+        or opt._amp is not None
+        or opt._dist is not None
+        or torch.compiler.is_compiling()
+        or _distributed()
+        or not sk.step_plan_available(opt._device)
+    ):
+        return Unplanned(plan_key(opt))
+    if opt._plan is None or opt._mode_plan is None:
+        return None  # the unplanned step builds (and checks) its plans first
+    opt._follow_device()
+    modes = opt._modes()
+    if not modes.norm:
+        return None  # no gradient yet
+    if len(modes.norm) != 1 or len(modes.pert) > 1 or (modes.pert and modes.pert[0][3] is not None):
+        return Unplanned(plan_key(opt))
+    (_, _), norm_params = modes.norm[0]
+    if any(p.dtype == torch.float64 for p in norm_params):
+        return Unplanned(plan_key(opt))
+    perturbed = list(modes.pert[0][2]) if modes.pert else []
+    modes.backups(opt)
+    base = opt._plan
+    if base is None or base.key != opt._base_plan_key(perturbed) or not base.intact():
+        return None  # the unplanned step rebuilds it (creating state if need be) first
+    if base.restore_first or not base.groups:
+        return None  # a perturbed parameter without a gradient in the second pass
+    if any(gp.state.get("backups") is None for gp in base.groups) and perturbed:
+        return Unplanned(plan_key(opt))  # a group not perturbed while others are
+    ops = ("grad_norm", "perturb", "adamw_step" if opt._fused == "adamw" else "sgd_step")
+    if any(sk.runs_on(op, norm_params, opt.backend) != "ext" for op in ops):
+        return Unplanned(plan_key(opt))
+    step = PlannedStep(opt, plan_key(opt), modes, base, perturbed)
+    return step if step.hyper() is not None else None
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()

@@ -1,0 +1,151 @@
+"""The compiled extension's cached SAM step plan (``csrc/step_plan.h``), from Python.
+
+A :class:`SamStepPlan` holds, once, everything of a SAM/ASAM step over a fused SGD or AdamW base
+that does not change between steps: every parameter (and whether its gradient must be
+present), the norm's and the ascent's lists, the backups, the per-tensor rho vector, the base
+groups' state lists and the step/skip counters. A step is then two dispatched ops that take no
+tensor list (the gradients are read from the parameters in C++):
+
+.. code-block:: text
+
+    ascent:   n = ||T(p) g0||;  ok = finite(n) [* finite(L0)];
+              b = w;  p += rho / (n + 1e-12) * T(p)^2 * g0
+    descent:  ok *= finite(||g1||) [* finite(L1)];  per group: p = b, fused SGD/AdamW step gated
+              by ok;  counters += (ok, 1 - ok);  the gradients marked (stale for the next step)
+
+the same ops, in the same order, as the unplanned path of :class:`python_api.SAM` (so the same
+bits), without its per-step Python (list building, validation, scalar glue). Each call first
+checks that every gradient is present exactly where the plan expects it and that no parameter
+changed dtype, device or shape; if not it changes nothing and returns ``None`` / ``False``, and
+the caller drops the plan.
+
+Available where the extension is built (:func:`available`); import never fails without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from sam_kernels._backend import available as _available
+
+_NS = "sam_kernels_C"
+
+
+def available(device: torch.device | str = "cpu") -> bool:
+    """True when the built extension has the step plan and runs on ``device``'s tensors."""
+    if not _available("ext", device):
+        return False
+    # an extension built before the plan existed has the ops but not these
+    return hasattr(getattr(torch.ops, _NS), "plan_ascent") and hasattr(
+        torch.classes.sam_kernels_C, "SamStepPlan"
+    )
+
+
+class SamStepPlan:
+    """One optimizer's SAM step plan (a thin holder of the C++ object and its two ops).
+
+    Build it with :meth:`watch`, :meth:`ascent_lists` and one ``add_*_group`` per base group;
+    then call :meth:`ascent` and :meth:`descent` once per step.
+    """
+
+    __slots__ = ("_plan", "_counters", "_ascent", "_descent")
+
+    def __init__(self, counters: torch.Tensor) -> None:
+        self._plan = torch.classes.sam_kernels_C.SamStepPlan()
+        self._counters = counters
+        ops = getattr(torch.ops, _NS)
+        # the overloads' C++ callables: OpOverload.__call__ scans the arguments for fake script
+        # objects on every call (torch.compile's tracing of script objects; this plan is never
+        # traced), about as long as the C++ side of a small step
+        self._ascent = ops.plan_ascent.default._op
+        self._descent = ops.plan_descent.default._op
+
+    def watch(self, params: Sequence[torch.Tensor]) -> None:
+        """Every parameter of every group; the gradients present now are the ones expected."""
+        ps = list(params)
+        self._plan.set_watch(ps, [int(p.grad is not None) for p in ps])
+
+    def ascent_lists(
+        self,
+        norm_params: Sequence[torch.Tensor],
+        adaptive: bool,
+        eta: float,
+        pert_params: Sequence[torch.Tensor],
+        backups: Sequence[torch.Tensor],
+        rho: torch.Tensor,
+    ) -> None:
+        """The norm's parameters (every one with a gradient), ASAM's setting, the perturbed
+        parameters with their backups and per-tensor ``rho`` (a device tensor)."""
+        self._plan.set_ascent(
+            list(norm_params),
+            bool(adaptive),
+            float(eta),
+            list(pert_params),
+            list(backups),
+            rho,
+            self._counters,
+        )
+
+    def add_sgd_group(self, params, momentum_buffers, steps, backups, has_momentum: bool) -> None:
+        """A fused SGD group (``momentum_buffers`` empty without momentum, ``backups`` empty
+        when the group is not perturbed)."""
+        self._plan.add_sgd_group(
+            list(params), list(momentum_buffers), list(steps), list(backups), bool(has_momentum)
+        )
+
+    def add_adamw_group(
+        self, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, amsgrad: bool
+    ) -> None:
+        """A fused AdamW group (``max_exp_avg_sqs`` empty without amsgrad)."""
+        self._plan.add_adamw_group(
+            list(params),
+            list(exp_avgs),
+            list(exp_avg_sqs),
+            list(max_exp_avg_sqs),
+            list(steps),
+            list(backups),
+            bool(amsgrad),
+        )
+
+    def matches(self) -> bool:
+        """Whether the gradients and parameters are as the plan expects (no op run)."""
+        return bool(self._plan.matches())
+
+    def mark(self) -> None:
+        """Record the gradients present now with their version counters (stale-gradient
+        marks; :meth:`descent` records them at its end)."""
+        self._plan.mark()
+
+    def drop_stale(self, params: Sequence[torch.Tensor]) -> bool:
+        """Set to None each gradient of ``params`` that is still the tensor :meth:`mark` saw, at
+        most one in-place write later; True if any of ``params`` keeps a gradient."""
+        return bool(self._plan.drop_stale(list(params)))
+
+    def drop_stale_watched(self) -> bool:
+        """:meth:`drop_stale` over every parameter the plan watches."""
+        return bool(self._plan.drop_stale_watched())
+
+    def same_params(self) -> bool:
+        """No watched parameter changed dtype, device or shape since the plan was built."""
+        return bool(self._plan.same_params())
+
+    def drop_grads(self) -> None:
+        """``p.grad = None`` for every watched parameter."""
+        self._plan.drop_grads()
+
+    def ascent(self, loss: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The ascent; returns the step's finite flag ``ok`` (0-d float32), or ``None`` when the
+        plan does not match (nothing was changed)."""
+        out = self._ascent(self._counters, self._plan, loss)
+        return out[0] if out else None
+
+    def descent(
+        self, ok: torch.Tensor, hyper: list[float], loss: torch.Tensor | None = None
+    ) -> bool:
+        """The base step from the backups, gated by ``ok``; ``hyper``: six floats per group
+        (SGD: lr, momentum, dampening, nesterov, weight_decay, maximize; AdamW: lr, beta1,
+        beta2, eps, weight_decay, maximize). False when the plan does not match (nothing was
+        changed)."""
+        return self._descent(self._counters, self._plan, ok, loss, hyper)

@@ -1,0 +1,409 @@
+"""SAM's planned step on the compiled extension (python_api/_step_plan.py, csrc/step_plan.cpp).
+
+Every case runs the same training twice from the same weights, once with planned steps (the
+default) and once with ``plan_steps = False`` (the unplanned path, itself checked against the
+spec's equations in tests/test_sam.py), and requires the weights, the base optimizer's state and
+the counters to be bit-identical after every step. The cases also check that the plan is used
+(two dispatched ops per step), rebuilt when it must be and reused when it may.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import python_api._step_plan as sp
+from python_api import SAM
+from sam_kernels import step_plan
+
+pytestmark = pytest.mark.skipif(
+    not step_plan.available("cpu"),
+    reason="the compiled extension (with its step plan) is not built",
+)
+#: the GPU run checks the plan on CUDA tensors too (the extension is not the default there: asked
+#: for by name)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and step_plan.available("cuda") else [])
+
+SGD = (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3))
+BASES = {
+    "sgd": SGD,
+    "sgd-nesterov": (torch.optim.SGD, dict(lr=0.05, momentum=0.8, nesterov=True)),
+    "sgd-dampening-maximize": (
+        torch.optim.SGD,
+        dict(lr=1e-3, momentum=0.7, dampening=0.3, maximize=True, weight_decay=1e-2),
+    ),
+    "sgd-no-momentum": (torch.optim.SGD, dict(lr=0.1)),
+    "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.01)),
+    "adamw-amsgrad": (torch.optim.AdamW, dict(lr=0.01, betas=(0.8, 0.95), amsgrad=True)),
+}
+
+
+class Net(nn.Module):
+    """Odd shapes, a one-element parameter, an empty one and a non-contiguous one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3)
+        self.fc = nn.Linear(5 * 4 * 4, 7)
+        self.scale = nn.Parameter(torch.ones(1))
+        self.empty = nn.Parameter(torch.zeros(0, 3))
+        self.t = nn.Parameter(torch.randn(7, 3).t())  # a transposed (non-contiguous) weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)).flatten(1)
+        out = self.fc(h) * self.scale
+        return out @ self.t.t() + self.empty.sum()
+
+
+def _data(seed: int, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(6, 3, 6, 6, generator=g).to(dtype), torch.randn(6, 3, generator=g)
+    return x.to(device), y.to(device)
+
+
+def _loss(model: nn.Module, x, y) -> torch.Tensor:
+    x, y = x.to(model.fc.weight.device), y.to(model.fc.weight.device)
+    return (model(x).float() - y).square().mean()
+
+
+def _pair(base: str = "sgd", groups=None, dtype=torch.float32, device="cpu", **kw):
+    """Two identical models and optimizers: planned (default) and unplanned."""
+    torch.manual_seed(0)
+    if device != "cpu":
+        kw.setdefault("backend", "ext")
+    m = Net().to(device, dtype)
+    r = copy.deepcopy(m)
+    cls, hp = BASES[base]
+    opts = []
+    for model in (m, r):
+        params = groups(model) if groups is not None else model.parameters()
+        opts.append(SAM(params, cls, **{**hp, **kw}))
+    opts[1].plan_steps = False
+    return m, r, opts[0], opts[1]
+
+
+def _grads(model, opt, seed, dtype=torch.float32):
+    opt.zero_grad()
+    _loss(model, *_data(seed, dtype)).backward()
+
+
+def _two_call(pairs, seed, dtype=torch.float32):
+    for model, opt in pairs:
+        _grads(model, opt, seed, dtype)
+        opt.first_step(zero_grad=True)
+        _grads(model, opt, seed + 1000, dtype)
+        opt.second_step(zero_grad=True)
+
+
+def _closure_step(pairs, seed, dtype=torch.float32):
+    for model, opt in pairs:
+        x, y = _data(seed, dtype)
+
+        def closure():
+            opt.zero_grad()
+            loss = _loss(model, x, y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+
+def _same(m, r, opt, ref) -> None:
+    for (name, p), q in zip(m.named_parameters(), r.parameters()):
+        assert torch.equal(p, q), name
+    for p, q in zip(m.parameters(), r.parameters()):
+        a, b = opt.base_optimizer.state.get(p, {}), ref.base_optimizer.state.get(q, {})
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert torch.equal(opt._counters, ref._counters)
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _planned(opt) -> bool:
+    return isinstance(opt._step_plan, sp.PlannedStep)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("form", ["two-call", "closure"])
+def test_bit_identical_to_the_unplanned_step(base, form, device):
+    m, r, opt, ref = _pair(base, device=device)
+    run = _two_call if form == "two-call" else _closure_step
+    for s in range(6):
+        run([(m, opt), (r, ref)], s)
+        _same(m, r, opt, ref)
+    assert _planned(opt) and not _planned(ref)
+    assert opt.steps_taken == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_parameters(dtype):
+    m, r, opt, ref = _pair("sgd", dtype=dtype)
+    for s in range(4):
+        _two_call([(m, opt), (r, ref)], s, dtype)
+        _same(m, r, opt, ref)
+    assert _planned(opt)
+
+
+def test_asam_and_groups_with_their_own_settings():
+    def groups(model):
+        return [
+            {"params": [model.conv.weight, model.fc.weight], "rho": 0.5},
+            {"params": [model.conv.bias, model.fc.bias, model.scale], "lr": 0.01, "rho": 0.2},
+            {"params": [model.empty, model.t], "weight_decay": 0.0},
+        ]
+
+    m, r, opt, ref = _pair("sgd", groups=groups, adaptive=True, eta=0.01, rho=0.3)
+    for s in range(5):
+        _two_call([(m, opt), (r, ref)], s)
+        _same(m, r, opt, ref)
+    assert _planned(opt)
+
+
+def test_two_dispatched_ops_per_step():
+    m, r, opt, ref = _pair("sgd")
+    for s in range(3):
+        _two_call([(m, opt)], s)
+    _grads(m, opt, 7)
+    with _Ops() as first:
+        opt.first_step()
+    _grads(m, opt, 8)
+    with _Ops() as second:
+        opt.second_step()
+    assert first.ops == ["sam_kernels_C.plan_ascent.default"]
+    assert second.ops == ["sam_kernels_C.plan_descent.default"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("where", ["g0", "g1", "loss"])
+def test_nonfinite_skips_on_the_device(where, device):
+    m, r, opt, ref = _pair("adamw", device=device)
+    for s in range(3):
+        _closure_step([(m, opt), (r, ref)], s)
+    before = [p.clone() for p in m.parameters()]
+    for model, o in ((m, opt), (r, ref)):
+        x, y = _data(50)
+        calls = [0]
+
+        def closure():
+            o.zero_grad()
+            loss = _loss(model, x, y)
+            loss.backward()
+            calls[0] += 1
+            if where == "g0" and calls[0] == 1 or where == "g1" and calls[0] == 2:
+                model.fc.weight.grad[0, 0] = float("nan")
+            if where == "loss":
+                return loss * float("inf")
+            return loss
+
+        o.step(closure)
+    _same(m, r, opt, ref)
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before))
+    assert opt.skipped_steps == 1 and opt.steps_taken == 3
+    _closure_step([(m, opt), (r, ref)], 60)  # and the next step runs
+    _same(m, r, opt, ref)
+    assert opt.steps_taken == 4
+
+
+def test_a_parameter_losing_then_regaining_its_gradient():
+    m, r, opt, ref = _pair("sgd")
+    for s in range(8):
+        for model, o in ((m, opt), (r, ref)):
+            _grads(model, o, s)
+            if s in (3, 4):
+                model.scale.grad = None  # no gradient in either pass of this step
+            o.first_step(zero_grad=True)
+            _grads(model, o, s + 100)
+            if s in (3, 4):
+                model.scale.grad = None
+            o.second_step(zero_grad=True)
+        _same(m, r, opt, ref)
+    assert _planned(opt)
+
+
+def test_gradient_vanishing_in_the_second_pass_runs_unplanned():
+    m, r, opt, ref = _pair("sgd")
+    for s in range(4):
+        _two_call([(m, opt), (r, ref)], s)
+    for model, o in ((m, opt), (r, ref)):
+        _grads(model, o, 9)
+        o.first_step(zero_grad=True)
+        _grads(model, o, 10)
+        model.fc.bias.grad = None  # perturbed at w, no gradient at w + e: restored, not stepped
+        o.second_step(zero_grad=True)
+    _same(m, r, opt, ref)
+    _two_call([(m, opt), (r, ref)], 11)
+    _same(m, r, opt, ref)
+
+
+def test_reused_across_hyper_parameter_changes_rebuilt_on_rho():
+    m, r, opt, ref = _pair("sgd")
+    scheds = [torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.5) for o in (opt, ref)]
+    for s in range(3):
+        _two_call([(m, opt), (r, ref)], s)
+        for sc in scheds:
+            sc.step()
+    plan = opt._step_plan
+    for s in range(3, 6):
+        for o in (opt, ref):
+            o.param_groups[0]["momentum"] = 0.5 + 0.1 * s  # a value, not the lists' shape
+        _two_call([(m, opt), (r, ref)], s)
+        for sc in scheds:
+            sc.step()
+        _same(m, r, opt, ref)
+    assert opt._step_plan is plan  # lr and momentum are read per step
+    for o in (opt, ref):
+        o.param_groups[0]["rho"] = 0.2  # the rho vector: a new plan
+    _two_call([(m, opt), (r, ref)], 7)
+    _same(m, r, opt, ref)
+    _two_call([(m, opt), (r, ref)], 8)
+    assert _planned(opt) and opt._step_plan is not plan
+
+
+def test_add_param_group_and_load_state_dict():
+    def groups(model):
+        return [p for n, p in model.named_parameters() if n != "scale"]
+
+    m, r, opt, ref = _pair("adamw", groups=groups)
+    for s in range(3):
+        _two_call([(m, opt), (r, ref)], s)
+    opt.add_param_group({"params": [m.scale], "lr": 0.001})
+    ref.add_param_group({"params": [r.scale], "lr": 0.001})
+    for s in range(3, 6):
+        _two_call([(m, opt), (r, ref)], s)
+        _same(m, r, opt, ref)
+    assert _planned(opt)
+    saved = copy.deepcopy(opt.state_dict())
+    plan = opt._step_plan
+    for s in range(6, 8):
+        _two_call([(m, opt), (r, ref)], s)
+    opt.load_state_dict(saved)
+    ref.load_state_dict(saved)
+    for s in range(8, 11):
+        _two_call([(m, opt), (r, ref)], s)
+        _same(m, r, opt, ref)
+    assert _planned(opt) and opt._step_plan is not plan
+
+
+def test_a_replaced_state_tensor_is_the_one_stepped():
+    m, r, opt, ref = _pair("sgd")
+    for s in range(3):
+        _two_call([(m, opt), (r, ref)], s)
+    for model, o in ((m, opt), (r, ref)):
+        st = o.base_optimizer.state[model.fc.weight]
+        st["momentum_buffer"] = torch.full_like(st["momentum_buffer"], 0.25)
+    _two_call([(m, opt), (r, ref)], 3)
+    _same(m, r, opt, ref)
+    assert not torch.equal(
+        opt.base_optimizer.state[m.fc.weight]["momentum_buffer"],
+        torch.full_like(m.fc.weight, 0.25),
+    )
+
+
+def test_parameters_retyped():
+    m, r, opt, ref = _pair("sgd")
+    for s in range(3):
+        _two_call([(m, opt), (r, ref)], s)
+    m.to(torch.bfloat16)
+    r.to(torch.bfloat16)
+    for s in range(3, 7):
+        _two_call([(m, opt), (r, ref)], s, torch.bfloat16)
+        _same(m, r, opt, ref)
+    assert _planned(opt) and m.fc.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(max_grad_norm=1.0),
+        dict(on_nonfinite="raise"),
+        dict(backend="eager"),
+    ],
+    ids=["clipping", "raise", "eager"],
+)
+def test_settings_that_are_not_planned(kw):
+    m, r, opt, ref = _pair("sgd", **kw)
+    for s in range(4):
+        _two_call([(m, opt), (r, ref)], s)
+        _same(m, r, opt, ref)
+    assert isinstance(opt._step_plan, sp.Unplanned)
+    opt.max_grad_norm = None  # settings changed: tried again
+    opt.on_nonfinite = "skip"
+    opt.backend = None
+    for s in range(4, 7):
+        _two_call([(m, opt)], s)
+    assert _planned(opt)
+
+
+def test_fp64_and_other_bases_are_not_planned():
+    m, _, opt, _ = _pair("sgd", dtype=torch.float64)
+    for s in range(3):
+        _two_call([(m, opt)], s, torch.float64)
+    assert not _planned(opt)
+    torch.manual_seed(0)
+    n = Net()
+    opt2 = SAM(n.parameters(), torch.optim.Adam, lr=0.01)
+    for s in range(3):
+        _two_call([(n, opt2)], s)
+    assert not _planned(opt2)
+
+
+def test_copies_and_pickles_start_without_a_plan():
+    m, r, opt, ref = _pair("sgd")
+    for s in range(3):
+        _two_call([(m, opt), (r, ref)], s)
+    assert _planned(opt)
+    bundle = copy.deepcopy({"m": m, "opt": opt})
+    assert bundle["opt"]._step_plan is None
+    again = pickle.loads(pickle.dumps({"m": m, "opt": opt}))
+    assert again["opt"]._step_plan is None
+    m2, opt2 = bundle["m"], bundle["opt"]
+    for s in range(3, 6):
+        _two_call([(m, opt), (r, ref), (m2, opt2)], s)
+        _same(m, r, opt, ref)
+        _same(m2, r, opt2, ref)
+    assert _planned(opt2)
+
+
+def test_compiled_training_step_after_planned_steps():
+    """Eager steps run planned; a ``torch.compile``d step afterwards traces the unplanned path
+    (the plan's ops are not traced) and continues from the same state."""
+    m, r, opt, ref = _pair("sgd")
+    for s in range(3):
+        _closure_step([(m, opt), (r, ref)], s)
+    assert _planned(opt)
+
+    def train(model, o, x, y):
+        def closure():
+            o.zero_grad()
+            loss = _loss(model, x, y)
+            loss.backward()
+            return loss
+
+        return o.step(closure)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(train, backend="eager")
+    for s in range(3, 6):
+        x, y = _data(s)
+        compiled(m, opt, x, y)
+        train(r, ref, x, y)
+        _same(m, r, opt, ref)
+    _closure_step([(m, opt), (r, ref)], 6)  # eager again: planned again
+    _same(m, r, opt, ref)
+    assert _planned(opt)
