@@ -43,6 +43,8 @@ from sam_kernels.ops import (
     sgd_step_,
     uniform_threshold,
 )
+from sam_kernels.step_plan import SamStepPlan
+from sam_kernels.step_plan import available as step_plan_available
 
 __version__ = "0.1.0"  # the distribution's (pyproject.toml); python_api has the same
 
@@ -87,6 +89,7 @@ __all__ = [
     "FUSED_DTYPES",
     "NOISE_KINDS",
     "LinComb",
+    "SamStepPlan",
     "adamw_step_",
     "aesam_stats_",
     "check_lists",
@@ -112,6 +115,7 @@ __all__ = [
     "sanitize_",
     "select_",
     "sgd_step_",
+    "step_plan_available",
     "uniform_threshold",
     "why_unavailable",
 ]
