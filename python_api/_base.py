@@ -16,12 +16,12 @@ Non-finite values (the spec's shared rules): a non-finite loss or gradient at an
 makes the step change nothing and increments :attr:`skipped_steps`; ``on_nonfinite="raise"``
 reads the flag after each evaluation and raises :class:`NonFiniteError` (weights restored first).
 
-Layout: this module holds :class:`SAMFamily` (construction, parameter groups, device following,
-state_dict glue) and the compiled-step guard (:func:`_guard_step`); its parts are
-:mod:`python_api._closures`, :mod:`python_api._perturbation`, :mod:`python_api._base_step`,
-:mod:`python_api._plans` and :mod:`python_api._hooks`, and :mod:`python_api._checks` holds the
-validators and small gradient helpers. Every name those define that was importable from here
-before the split still is (``__all__``).
+Layout: this module holds :class:`SAMFamily` (construction, parameter groups, state_dict glue)
+and the compiled-step guard (:func:`_guard_step`); its parts are :mod:`python_api._closures`,
+:mod:`python_api._perturbation`, :mod:`python_api._base_step`, :mod:`python_api._plans`,
+:mod:`python_api._hooks` and :mod:`python_api._devices` (device following), and
+:mod:`python_api._checks` holds the validators and small gradient helpers. Every name those
+define that was importable from here before the split still is (``__all__``).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from python_api._checks import (
     finite01,
 )
 from python_api._closures import Closure, ClosureContract
+from python_api._devices import DeviceFollowing, _follow
 from python_api._hooks import HookCalls, _all_reduce_min, _distributed
 from python_api._perturbation import Perturbation
 from python_api._plans import (
@@ -105,7 +106,15 @@ _ON_NONFINITE = ("skip", "raise")
 _DYNAMO_REFUSES_STEP_STATE = tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13)
 
 
-class SAMFamily(HookCalls, ClosureContract, Perturbation, BaseStep, BaseStepPlans, Optimizer):
+class SAMFamily(
+    DeviceFollowing,
+    HookCalls,
+    ClosureContract,
+    Perturbation,
+    BaseStep,
+    BaseStepPlans,
+    Optimizer,
+):
     """Base class: wrapping, closures, BN handling, the fused base step and non-finite skips.
 
     Subclasses implement :meth:`step` with the helpers of its parts:
@@ -113,8 +122,9 @@ class SAMFamily(HookCalls, ClosureContract, Perturbation, BaseStep, BaseStepPlan
     flag), :class:`~python_api._perturbation.Perturbation` (norm, ascent, backups, restore),
     :class:`~python_api._base_step.BaseStep` (the base step, clipping, counters) over
     :class:`~python_api._plans.BaseStepPlans`, and :class:`~python_api._hooks.HookCalls` (the
-    AMP / DDP / FSDP2 hooks of a step). This class holds construction, parameter groups,
-    device following, the counters' properties and the state_dict glue.
+    AMP / DDP / FSDP2 hooks of a step), and :class:`~python_api._devices.DeviceFollowing`
+    (device following). This class holds construction, parameter groups, the counters'
+    properties and the state_dict glue.
 
     torch's implementation flags given for a ``torch.optim.SGD``/``AdamW`` base (``foreach=``,
     ``fused=``, ``capturable=``, as keyword arguments or in its groups): ``None`` or ``True``
@@ -259,62 +269,6 @@ class SAMFamily(HookCalls, ClosureContract, Perturbation, BaseStep, BaseStepPlan
         self._check_group(self.param_groups[-1])
         self._rho_cache = None
 
-    def _find_device(self) -> torch.device:
-        for g in self.param_groups:
-            for p in g["params"]:
-                return p.device
-        return torch.device("cpu")
-
-    def _follow_device(self) -> None:
-        """Move the optimizer's own device tensors if the parameters moved since construction.
-
-        Frameworks such as HF accelerate build the optimizer on CPU parameters and move the model
-        afterwards. Counters, statistics, seeds and caches held as tensor attributes (or in
-        tuples/lists of them) follow the parameters; one attribute compare per call otherwise.
-        """
-        self._follow_params()
-        new = self._find_device()
-        old = self._device
-        if new == old:
-            return
-
-        def move(v):
-            if isinstance(v, torch.Tensor) and v.device == old:
-                return v.to(new)
-            if isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in v):
-                return type(v)(move(x) for x in v)
-            return v
-
-        for k, v in list(vars(self).items()):
-            if k not in ("state", "param_groups", "defaults", "base_optimizer", "model"):
-                setattr(self, k, move(v))
-        self._device = new
-
-    def _follow_params(self) -> None:
-        """Cast and move per-parameter state if parameters were re-typed or moved.
-
-        ``model.to(torch.bfloat16)`` or ``.cuda()`` after construction changes the parameters in
-        place; state follows them as torch's ``load_state_dict`` casts it: every floating-point
-        tensor shaped like its parameter (momentum, Adam moments, LookSAM's ``gv``, ...) takes the
-        parameter's dtype and device; step counters keep their dtype and move. One
-        (dtype, device) compare per parameter per step otherwise.
-        """
-        sig = [(p.dtype, p.device) for g in self.param_groups for p in g["params"]]
-        if sig == self._param_sig:
-            return
-        self._param_sig = sig
-        self._rho_cache = None
-        self._plan = None
-        self._mode_plan = None
-        for g in self.param_groups:
-            for p in g["params"]:
-                for states in (self.state, self.base_optimizer.state):
-                    st = states.get(p)
-                    if st:
-                        for k, v in st.items():
-                            if isinstance(v, torch.Tensor):
-                                st[k] = _follow(v, p, k)
-
     @property
     def skipped_steps(self) -> int:
         """Number of steps skipped because a loss or gradient was not finite (host read)."""
@@ -429,15 +383,6 @@ def _guard_step(step: Callable) -> Callable:
         # training step runs the optimizer step eagerly there (a graph break, right results)
         wrapped = torch._dynamo.disable(wrapped)
     return wrapped
-
-
-def _follow(v: torch.Tensor, p: torch.Tensor, key: str) -> torch.Tensor:
-    """State tensor ``v`` of parameter ``p`` cast/moved to follow ``p`` (see _follow_params)."""
-    if key != "step" and v.is_floating_point() and v.shape == p.shape:
-        if v.dtype != p.dtype or v.device != p.device:
-            return v.to(device=p.device, dtype=p.dtype)
-        return v
-    return v if v.device == p.device else v.to(p.device)
 
 
 def _flatten_params(params: Iterable) -> list[torch.Tensor]:
