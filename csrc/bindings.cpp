@@ -52,7 +52,7 @@ TORCH_LIBRARY(sam_kernels_C, m) {
       "Tensor? loss) -> Tensor[]");
   m.def(
       "plan_descent(Tensor(a!) counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan plan, "
-      "Tensor ok, Tensor? loss, float[] hyper) -> bool");
+      "Tensor ok, Tensor? loss, float[] hyper, float max_grad_norm) -> bool");
   // test hook: one Philox4x32-10 block (CPU)
   m.def("_philox4x32_10(Tensor(a!) out, int[] counter, int[] key) -> ()");
 }

@@ -234,14 +234,16 @@ std::vector<at::Tensor> plan_ascent(const at::Tensor& counters,
   return {ok};
 }
 
-// SAM._descend over the fused base step: ok *= finite(||g1||) [* finite(L1)]; per group the
-// fused SGD/AdamW step from the backups (restore fused in), gated by ok; counters += (ok, 1-ok).
+// SAM._descend over the fused base step: ok *= finite(||g1||) [* finite(L1)]; with
+// max_grad_norm > 0 the gradient clipped by its norm (torch's clip_grad_norm_ rule, folded into
+// the step as a coefficient); per group the fused SGD/AdamW step from the backups (restore fused
+// in), gated by ok; counters += (ok, 1-ok).
 // `hyper`, per group: SGD (lr, momentum, dampening, nesterov, weight_decay, maximize), AdamW
 // (lr, beta1, beta2, eps, weight_decay, maximize). Returns false when the plan does not match
 // the parameters (nothing written).
 bool plan_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
                   const at::Tensor& ok_in, const std::optional<at::Tensor>& loss,
-                  std::vector<double> hyper) {
+                  std::vector<double> hyper, double max_grad_norm) {
   TORCH_CHECK(hyper.size() == 6 * plan->groups.size(), "plan_descent: ", hyper.size(),
               " hyper-parameters for ", plan->groups.size(), " groups (6 each)");
   if (!plan->matches()) return false;
@@ -250,6 +252,17 @@ bool plan_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPl
   const at::Tensor n1 = op_grad_norm().call(grads_of(plan->norm_params), none, 0.0);
   at::Tensor ok = at::mul(ok_in, finite01(n1));
   if (loss.has_value()) ok = at::mul(ok, loss_ok(*loss, counters.device()));
+  // BaseStep._clip_scale with the norm of g1 reused: ok *= finite(n1) (again);
+  // scale = nan_to_num(clamp((1 / (n1 + 1e-6)) * max_grad_norm, max=1)), the gradient a
+  // one-term combination with that coefficient (python_api._base_step._scaled)
+  OptT coefs;
+  if (max_grad_norm > 0.0) {
+    ok = at::mul(ok, finite01(n1));
+    const at::Tensor scale = at::nan_to_num(
+        at::clamp(at::mul(at::reciprocal(at::add(n1, 1e-6)), max_grad_norm), std::nullopt, 1.0),
+        0.0, 0.0, 0.0);
+    coefs = scale.to(at::kFloat).reshape({1});
+  }
   const OptT ok_arg = ok.to(at::kFloat).reshape({});
   const OptT no_tensor;
   for (size_t k = 0; k < plan->groups.size(); ++k) {
@@ -257,11 +270,11 @@ bool plan_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPl
     const double* h = hyper.data() + 6 * k;
     const auto grads = grads_of(g.params);
     if (!g.adamw) {
-      op_sgd_step().call(g.params, grads, no_tensor, g.has_momentum ? TL(g.bufs) : TL(none),
+      op_sgd_step().call(g.params, grads, coefs, g.has_momentum ? TL(g.bufs) : TL(none),
                          g.steps, g.backups, no_tensor, h[0], h[1], h[2], h[3] != 0.0, h[4],
                          h[5] != 0.0, ok_arg);
     } else {
-      op_adamw_step().call(g.params, grads, no_tensor, g.exp_avgs, g.exp_avg_sqs,
+      op_adamw_step().call(g.params, grads, coefs, g.exp_avgs, g.exp_avg_sqs,
                            g.amsgrad ? TL(g.max_exp_avg_sqs) : TL(none), g.steps, g.backups,
                            no_tensor, h[0], h[1], h[2], h[3], h[4], g.amsgrad, h[5] != 0.0,
                            ok_arg);

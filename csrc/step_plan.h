@@ -92,6 +92,6 @@ std::vector<at::Tensor> plan_ascent(const at::Tensor& counters,
                                     const std::optional<at::Tensor>& loss);
 bool plan_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
                   const at::Tensor& ok, const std::optional<at::Tensor>& loss,
-                  std::vector<double> hyper);
+                  std::vector<double> hyper, double max_grad_norm);
 
 }  // namespace sam_kernels

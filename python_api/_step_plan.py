@@ -13,10 +13,14 @@ What is checked where:
   parameter changed dtype, device or shape. Otherwise the call does nothing and the step runs
   unplanned (and rebuilds its plans as it always does);
 - here, on every call (:meth:`PlannedStep.valid`): the key (the groups, their parameter lists,
-  the hyper-parameters that shape the lists, the backend and the settings that add work to a
-  step: clipping, ``on_nonfinite="raise"``, AMP or DDP hooks), the identity of the optimizer's
-  cached plans and counters (a state dict loaded, parameters moved or re-typed, a first step
-  creating state all drop those), and that no state tensor was replaced behind the plan's back.
+  the hyper-parameters that shape the lists, the backend, clipping's threshold and the settings
+  that add work to a step: ``on_nonfinite="raise"``, AMP or DDP hooks), the identity of the
+  optimizer's cached plans and counters (a state dict loaded, parameters moved or re-typed, a
+  first step creating state all drop those), and that no state tensor was replaced behind the
+  plan's back.
+
+Gradient clipping (``max_grad_norm``) is planned: the descent reuses the norm of ``g1`` it takes
+for the finite check, as the unplanned path does.
 
 Not planned (the unplanned path runs, as before): any other class or base optimizer, Triton or
 eager ops, fp64, a learning rate given as a tensor, several (adaptive, eta) settings in one
@@ -220,7 +224,6 @@ def build(opt: Any) -> PlannedStep | Unplanned | None:
     creating state, no gradient yet, a tensor learning rate)."""
     if (
         opt._fused is None
-        or opt.max_grad_norm is not None
         or opt.on_nonfinite != "skip"
         or opt._amp is not None
         or opt._dist is not None

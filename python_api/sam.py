@@ -179,7 +179,7 @@ class SAM(SAMFamily):
         ):
             return False
         hyper = plan.hyper()
-        if hyper is None or not plan.plan.descent(ok, hyper, loss):
+        if hyper is None or not plan.plan.descent(ok, hyper, loss, self.max_grad_norm):
             self._step_plan = None
             return False
         self._live = []

@@ -10,8 +10,9 @@ tensor list (the gradients are read from the parameters in C++):
 
     ascent:   n = ||T(p) g0||;  ok = finite(n) [* finite(L0)];
               b = w;  p += rho / (n + 1e-12) * T(p)^2 * g0
-    descent:  ok *= finite(||g1||) [* finite(L1)];  per group: p = b, fused SGD/AdamW step gated
-              by ok;  counters += (ok, 1 - ok);  the gradients marked (stale for the next step)
+    descent:  ok *= finite(||g1||) [* finite(L1)];  [g1 clipped by ||g1||];  per group: p = b,
+              fused SGD/AdamW step gated by ok;  counters += (ok, 1 - ok);  the gradients
+              marked (stale for the next step)
 
 the same ops, in the same order, as the unplanned path of :class:`python_api.SAM` (so the same
 bits), without its per-step Python (list building, validation, scalar glue). Each call first
@@ -142,10 +143,17 @@ class SamStepPlan:
         return out[0] if out else None
 
     def descent(
-        self, ok: torch.Tensor, hyper: list[float], loss: torch.Tensor | None = None
+        self,
+        ok: torch.Tensor,
+        hyper: list[float],
+        loss: torch.Tensor | None = None,
+        max_grad_norm: float | None = None,
     ) -> bool:
         """The base step from the backups, gated by ``ok``; ``hyper``: six floats per group
         (SGD: lr, momentum, dampening, nesterov, weight_decay, maximize; AdamW: lr, beta1,
-        beta2, eps, weight_decay, maximize). False when the plan does not match (nothing was
+        beta2, eps, weight_decay, maximize). ``max_grad_norm``: the gradient clipped by its
+        global norm (``torch.nn.utils.clip_grad_norm_``'s rule, ``min(1, c / (||g1|| + 1e-6))``,
+        a non-finite norm skipping the step). False when the plan does not match (nothing was
         changed)."""
-        return self._descent(self._counters, self._plan, ok, loss, hyper)
+        clip = float(max_grad_norm) if max_grad_norm is not None else 0.0
+        return self._descent(self._counters, self._plan, ok, loss, hyper, clip)

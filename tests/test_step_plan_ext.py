@@ -327,14 +327,25 @@ def test_parameters_retyped():
     assert _planned(opt) and m.fc.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("form", ["two-call", "closure"])
+def test_gradient_clipping(base, form):
+    """Clipped (threshold below the gradient norm) and unclipped (above) steps, and a threshold
+    changed between steps (a new plan)."""
+    m, r, opt, ref = _pair(base, max_grad_norm=0.05)
+    run = _two_call if form == "two-call" else _closure_step
+    for s in range(8):
+        if s == 4:
+            opt.max_grad_norm = ref.max_grad_norm = 100.0
+        run([(m, opt), (r, ref)], s)
+        _same(m, r, opt, ref)
+    assert _planned(opt)
+
+
 @pytest.mark.parametrize(
     "kw",
-    [
-        dict(max_grad_norm=1.0),
-        dict(on_nonfinite="raise"),
-        dict(backend="eager"),
-    ],
-    ids=["clipping", "raise", "eager"],
+    [dict(on_nonfinite="raise"), dict(backend="eager")],
+    ids=["raise", "eager"],
 )
 def test_settings_that_are_not_planned(kw):
     m, r, opt, ref = _pair("sgd", **kw)
@@ -342,8 +353,7 @@ def test_settings_that_are_not_planned(kw):
         _two_call([(m, opt), (r, ref)], s)
         _same(m, r, opt, ref)
     assert isinstance(opt._step_plan, sp.Unplanned)
-    opt.max_grad_norm = None  # settings changed: tried again
-    opt.on_nonfinite = "skip"
+    opt.on_nonfinite = "skip"  # settings changed: tried again
     opt.backend = None
     for s in range(4, 7):
         _two_call([(m, opt)], s)
