@@ -30,6 +30,7 @@ from sam_kernels.ops._common import (
     sanitize_,
     select_,
 )
+from sam_kernels.ops._step_args import step_lists
 from sam_kernels.ops.lincomb import LinComb, materialize
 
 
@@ -56,24 +57,13 @@ def adamw_step_(
 
     ``max_exp_avg_sqs`` may be empty unless ``amsgrad``. ``grads`` may be a :class:`LinComb`.
     """
-    g_lists = grads.terms if isinstance(grads, LinComb) else (grads,)
-    lists = [params, *g_lists, exp_avgs, exp_avg_sqs, steps]
-    names = ["params"] + (
-        [f"grads.terms[{k}]" for k in range(len(g_lists))]
-        if isinstance(grads, LinComb)
-        else ["grads"]
-    )
-    names += ["exp_avgs", "exp_avg_sqs", "steps"]
-    if amsgrad:
-        lists.append(max_exp_avg_sqs)
-        names.append("max_exp_avg_sqs")
-    if backups is not None:
-        lists.append(backups)
-        names.append("backups")
-    outputs = [n for n in names if not n.startswith("grads")]  # backups: kept separate
-    scalars = {"lr": lr, "ok": ok}
-    if isinstance(grads, LinComb):
-        scalars["grads.coefs"] = grads.coefs
+    state = [
+        ("exp_avgs", exp_avgs),
+        ("exp_avg_sqs", exp_avg_sqs),
+        ("steps", steps),
+        ("max_exp_avg_sqs", max_exp_avg_sqs if amsgrad else None),
+    ]
+    names, lists, outputs, scalars = step_lists(params, grads, state, backups, lr, ok)
     pick("adamw_step", backend, names, *lists, outputs=outputs, scalars=scalars)(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, lr, beta1,
         beta2, eps, weight_decay, amsgrad, maximize, ok,

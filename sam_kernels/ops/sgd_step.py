@@ -29,6 +29,7 @@ from sam_kernels.ops._common import (
     sanitize_,
     select_,
 )
+from sam_kernels.ops._step_args import step_lists
 from sam_kernels.ops.lincomb import LinComb, materialize
 
 
@@ -53,27 +54,10 @@ def sgd_step_(
     ``momentum_buffers`` may be empty when ``momentum == 0``. ``grads`` may be a
     :class:`LinComb` (the gradient of CR-SAM / the universal class, combined in the pass).
     """
-    g_lists = grads.terms if isinstance(grads, LinComb) else (grads,)
-    lists = [params, *g_lists, steps]
-    names = (
-        ["params"]
-        + (
-            [f"grads.terms[{k}]" for k in range(len(g_lists))]
-            if isinstance(grads, LinComb)
-            else ["grads"]
-        )
-        + ["steps"]
+    bufs = momentum_buffers if momentum != 0.0 else None
+    names, lists, outputs, scalars = step_lists(
+        params, grads, [("steps", steps), ("momentum_buffers", bufs)], backups, lr, ok
     )
-    if momentum != 0.0:
-        lists.append(momentum_buffers)
-        names.append("momentum_buffers")
-    if backups is not None:
-        lists.append(backups)
-        names.append("backups")
-    outputs = [n for n in names if not n.startswith("grads")]  # backups: kept separate
-    scalars = {"lr": lr, "ok": ok}
-    if isinstance(grads, LinComb):
-        scalars["grads.coefs"] = grads.coefs
     pick("sgd_step", backend, names, *lists, outputs=outputs, scalars=scalars)(
         params, grads, momentum_buffers, steps, backups, lr, momentum, dampening, nesterov,
         weight_decay, maximize, ok,
