@@ -111,3 +111,45 @@ def poisoned_closure(model, x, y, call, kind):
 def bw(loss):
     loss.backward()
     return loss
+
+
+# ---------------------------------------------------------------- the closure forms of a step
+def closure_for(model, x, y):
+    """The standard closure: forward and backward at the current weights; the loss."""
+
+    def closure():
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def opt_step(opt, model, x, y, form="closure", seed=None, **kw):
+    """One step of ``opt`` in one of the closure forms (``kw``: to ``opt.step``).
+
+    ``closure``: no gradients present, the optimizer evaluates at w itself; returns the step's
+    value. ``grads``: the user ran the first backward (davda54/sam's loop); returns that loss.
+    ``grads_loss``: the same, and the loss is passed as ``loss=``: the step must return it.
+    ``grads_only``: the user ran the first backward, no loss passed; returns None.
+    ``seed``: the global generator seeded just before the step (after the user's backward).
+    """
+    closure = closure_for(model, x, y)
+    opt.zero_grad()
+    if form == "closure":
+        if seed is not None:
+            torch.manual_seed(seed)
+        return opt.step(closure, **kw)
+    l0 = closure()
+    if seed is not None:
+        torch.manual_seed(seed)
+    if form == "grads":
+        opt.step(closure, **kw)
+        return l0
+    if form == "grads_loss":
+        got = opt.step(closure, loss=l0, **kw)
+        assert got.item() == l0.item()
+        return got
+    assert form == "grads_only", form
+    opt.step(closure, **kw)  # gradients present, no loss: L0 re-evaluated only where needed
+    return None

@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 from _helpers import HostReads, same
+from _models import closure_for
 from torch import nn
 
 from python_api import SAM
@@ -48,15 +49,6 @@ def scaled_closure(model, x, y, scaler, poison_call=None):
     return closure
 
 
-def plain_closure(model, x, y):
-    def closure():
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
-
-
 def state_snapshot(model, opt):
     params = [p.detach().clone() for p in model.parameters()]
     st = copy.deepcopy(opt.base_optimizer.state_dict()["state"])
@@ -87,7 +79,7 @@ def test_injected_inf_skips_restores_and_backs_off(base, poison_call):
         else:
             assert scaler.get_scale() == scale_before
             ropt.zero_grad()
-            ropt.step(plain_closure(ref, x, y))
+            ropt.step(closure_for(ref, x, y))
             # power-of-two scales: unscaling is exact, so the steps are bit-identical
             for p, q in zip(model.parameters(), ref.parameters()):
                 assert torch.equal(p, q)
@@ -137,7 +129,7 @@ def test_users_first_backward_is_unscaled_too():
         opt.step(scaled_closure(model, x, y, scaler), scaler=scaler)
         scaler.update()
         ropt.zero_grad()
-        ropt.step(plain_closure(ref, x, y))
+        ropt.step(closure_for(ref, x, y))
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
 
@@ -156,7 +148,7 @@ def test_norm_uses_unscaled_gradients():
     x, y = batch(0)
     opt.step(scaled_closure(model, x, y, scaler), scaler=scaler)
     scaler.update()
-    ropt.step(plain_closure(ref, x, y))
+    ropt.step(closure_for(ref, x, y))
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
 
@@ -183,7 +175,7 @@ def test_disabled_scaler_is_a_plain_step():
     x, y = batch(0)
     opt.step(scaled_closure(model, x, y, scaler), scaler=scaler)
     scaler.update()
-    ropt.step(plain_closure(ref, x, y))
+    ropt.step(closure_for(ref, x, y))
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
 
@@ -236,7 +228,7 @@ def test_bf16_autocast(base):
         opt.zero_grad()
         opt.step(closure)
         ropt.zero_grad()
-        ropt.step(plain_closure(ref, x, y))
+        ropt.step(closure_for(ref, x, y))
     for p, q in zip(model.parameters(), ref.parameters()):
         assert p.dtype == torch.float32
         torch.testing.assert_close(p, q, rtol=0.05, atol=0.02)
@@ -250,7 +242,7 @@ def test_bf16_parameters(base):
     x, y = batch(0)
     x = x.to(torch.bfloat16)
     before = [p.detach().clone() for p in model.parameters()]
-    opt.step(plain_closure(model, x, y))
+    opt.step(closure_for(model, x, y))
     after = [p.detach().clone() for p in model.parameters()]
     assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
@@ -293,7 +285,7 @@ def test_family_with_scaler_matches_unscaled(cls):
         scaler.update()
         torch.manual_seed(10 + s)
         ropt.zero_grad()
-        ropt.step(plain_closure(ref, x, y))
+        ropt.step(closure_for(ref, x, y))
         for p, q in zip(model.parameters(), ref.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     before = [p.detach().clone() for p in model.parameters()]

@@ -17,6 +17,7 @@ import copy
 import pytest
 import torch
 from _helpers import SCALAR_AND_NONZERO, HostReads
+from _models import closure_for
 from torch import nn
 
 from python_api import SAM
@@ -32,15 +33,6 @@ def batch(s, n=16, device="cpu"):
     g = torch.Generator().manual_seed(300 + s)
     x, y = torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
     return x.to(device), y.to(device)
-
-
-def closure_for(model, x, y):
-    def closure():
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
 
 
 # the classes of the one optimizer table whose closure runs its own backward (ESAM's

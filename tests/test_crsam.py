@@ -17,6 +17,7 @@ from _models import (
     data,
     eval_grads,
     loss_fn,
+    opt_step,
     poisoned_closure,
     snapshot,
 )
@@ -85,26 +86,6 @@ class RefCRSAM:
             for p, g in final.items():
                 self.ref_base.step(p, g)
         return l0
-
-
-def opt_step(opt, model, x, y, form):
-    """One step in one of the closure forms; returns what the step reports as L0 (or None)."""
-
-    def closure():
-        loss = loss_fn(model, x, y)
-        loss.backward()
-        return loss
-
-    opt.zero_grad()
-    if form == "closure":  # no gradients present: the optimizer evaluates at w itself
-        return opt.step(closure)
-    l0 = closure()  # the user ran the first backward (davda54/sam's loop)
-    if form == "grads_loss":
-        got = opt.step(closure, loss=l0)
-        assert got.item() == l0.item()
-        return got
-    opt.step(closure)  # gradients present, no loss: L0 is re-evaluated where it is needed
-    return None
 
 
 # ---------------------------------------------------------------- exactness vs the reference

@@ -20,9 +20,10 @@ from _models import (
     STEPS,
     GroupedBNNet,
     bn_buffers,
+    closure_for,
     data,
     eval_grads,
-    loss_fn,
+    opt_step,
     poisoned_closure,
     snapshot,
 )
@@ -80,25 +81,6 @@ class RefFriendlySAM:
         for p in ps:
             self.ref_base.step(p, g1[p], lr)
         return l0
-
-
-def closure_for(model, x, y):
-    def closure():
-        loss = loss_fn(model, x, y)
-        loss.backward()
-        return loss
-
-    return closure
-
-
-def opt_step(opt, model, x, y, form):
-    opt.zero_grad()
-    closure = closure_for(model, x, y)
-    if form == "closure":
-        return opt.step(closure)
-    l0 = closure()  # the user ran the first backward (davda54/sam's loop)
-    opt.step(closure)
-    return l0
 
 
 # ---------------------------------------------------------------- exactness vs the reference

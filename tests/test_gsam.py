@@ -22,6 +22,7 @@ from _models import (
     data,
     eval_grads,
     loss_fn,
+    opt_step,
     poisoned_closure,
     snapshot,
 )
@@ -96,20 +97,6 @@ class RefGSAM:
             vertical = g0[p] - cos * n0p * g1[p] / (n1 + EPS)
             self.ref_base.step(p, g1[p] - self.alpha * vertical, lr)
         return l0
-
-
-def opt_step(opt, model, x, y, form):
-    def closure():
-        loss = loss_fn(model, x, y)
-        loss.backward()
-        return loss
-
-    opt.zero_grad()
-    if form == "closure":
-        return opt.step(closure)
-    l0 = closure()  # the user ran the first backward (davda54/sam's loop)
-    opt.step(closure)
-    return l0
 
 
 SCHEDULES = {

@@ -21,6 +21,7 @@ from _models import (
     STEPS,
     GroupedBNNet,
     bn_buffers,
+    closure_for,
     data,
     eval_grads,
     loss_fn,
@@ -97,15 +98,6 @@ class RefRSAM:
         for p in ps:
             self.ref_base.step(p, g1[p], lr)
         return l_d
-
-
-def closure_for(model, x, y):
-    def closure():
-        loss = loss_fn(model, x, y)
-        loss.backward()
-        return loss
-
-    return closure
 
 
 def opt_step(opt, model, x, y, form="closure"):

@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 from _helpers import SCALAR_AND_NONZERO, HostReads, RefBase, rel_err, same
-from _models import AwkwardNet
+from _models import AwkwardNet, opt_step
 from torch import nn
 
 from python_api import SAM, NonFiniteError, disable_running_stats, enable_running_stats
@@ -98,19 +98,10 @@ def test_sam_matches_reference(base, adaptive, eta, form):
     ref = RefSAM(ref_model, rhos, adaptive, eta, base, hp)
     for step in range(20):
         x, y = data(seed=step)
-
-        def closure():
-            loss = loss_fn(model, x, y)
-            loss.backward()
-            return loss
-
-        opt.zero_grad()
-        if form == "closure":
-            got = opt.step(closure)
-        elif form == "grads_present":
-            got = closure()
-            opt.step(closure)
+        if form != "two_step":
+            got = opt_step(opt, model, x, y, "grads" if form == "grads_present" else "closure")
         else:  # davda54/sam's training loop, unchanged
+            opt.zero_grad()
             got = loss_fn(model, x, y)
             got.backward()
             opt.first_step(zero_grad=True)

@@ -23,6 +23,7 @@ from _models import (
     data,
     eval_grads,
     loss_fn,
+    opt_step,
     poisoned_closure,
     snapshot,
 )
@@ -132,30 +133,6 @@ def make_opt(name, net, base, **over):
     kw = dict(hp, model=net, **own)
     kw.update(over)
     return cls(net.groups(rhos), bcls, **kw)
-
-
-def opt_step(opt, model, x, y, form, seed=None, **kw):
-    """One step in one of the closure forms (global generator seeded first if ``seed``)."""
-
-    def closure():
-        loss = loss_fn(model, x, y)
-        loss.backward()
-        return loss
-
-    opt.zero_grad()
-    if form == "closure":  # no gradients present: the optimizer evaluates at w itself
-        if seed is not None:
-            torch.manual_seed(seed)
-        return opt.step(closure, **kw)
-    l0 = closure()  # the user ran the first backward (the reference's step(loss, closure))
-    if seed is not None:
-        torch.manual_seed(seed)
-    if form == "grads_loss":
-        got = opt.step(closure, loss=l0, **kw)
-        assert got.item() == l0.item()
-        return got
-    opt.step(closure, **kw)  # gradients present, no loss: L0 re-evaluated only where needed
-    return None
 
 
 # ---------------------------------------------------------------- exactness vs the reference
