@@ -1,11 +1,12 @@
-"""What the optimizer tests share: the awkward model, data and bases (the comparison helpers
-are in _helpers.py)."""
+"""What the optimizer tests share: the awkward model, data, bases and the closure forms of a
+step (the comparison helpers are in _helpers.py)."""
 
 from __future__ import annotations
 
 import copy
 
 import torch
+from _helpers import HOST_READ_OPS, HostReads
 from torch import nn
 
 
@@ -153,3 +154,18 @@ def opt_step(opt, model, x, y, form="closure", seed=None, **kw):
     assert form == "grads_only", form
     opt.step(closure, **kw)  # gradients present, no loss: L0 re-evaluated only where needed
     return None
+
+
+def spied_step(opt, model, x, y, form="closure", counted=HOST_READ_OPS):
+    """One step in form ``closure`` or ``grads_loss`` (see :func:`opt_step`) with only
+    ``opt.step`` under a :class:`HostReads` spy counting ``counted``; the spy."""
+    closure = closure_for(model, x, y)
+    opt.zero_grad()
+    kw = {}
+    if form == "grads_loss":
+        kw["loss"] = closure()
+    else:
+        assert form == "closure", form
+    with HostReads(counted) as spy:
+        opt.step(closure, **kw)
+    return spy

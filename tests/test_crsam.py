@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from _helpers import SCALAR_AND_NONZERO, HostReads, RefBase, rel_err, same
+from _helpers import SCALAR_AND_NONZERO, RefBase, rel_err, same
 from _models import (
     BASES,
     STEPS,
@@ -20,6 +20,7 @@ from _models import (
     opt_step,
     poisoned_closure,
     snapshot,
+    spied_step,
 )
 from torch import nn
 
@@ -258,14 +259,7 @@ def test_no_host_reads_in_step():
         for cls, hp in BASES.values():
             opt = CRSAM(model.groups(), cls, log_form=log_form, model=model, **hp)
             for form in ("closure", "grads_loss"):
-                opt.zero_grad()
-                if form == "grads_loss":
-                    l0 = bw(loss_fn(model, x, y))
-                with HostReads(SCALAR_AND_NONZERO) as spy:
-                    if form == "closure":
-                        opt.step(lambda: bw(loss_fn(model, x, y)))
-                    else:
-                        opt.step(lambda: bw(loss_fn(model, x, y)), loss=l0)
+                spy = spied_step(opt, model, x, y, form, SCALAR_AND_NONZERO)
                 bad = spy.found
                 assert not bad, bad
                 assert spy.ops.count("aten._foreach_copy_") >= 2  # the spy saw the step

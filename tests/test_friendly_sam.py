@@ -14,18 +14,18 @@ import io
 
 import pytest
 import torch
-from _helpers import HostReads, RefBase, rel_err, same
+from _helpers import RefBase, rel_err, same
 from _models import (
     BASES,
     STEPS,
     GroupedBNNet,
     bn_buffers,
-    closure_for,
     data,
     eval_grads,
     opt_step,
     poisoned_closure,
     snapshot,
+    spied_step,
 )
 from torch import nn
 
@@ -420,11 +420,7 @@ def test_no_host_reads(base, clip):
     cls, hp = BASES[base]
     opt = FriendlySAM(model.groups(), cls, model=model, max_grad_norm=clip, **hp)
     for step in range(3):
-        x, y = data(seed=step, dtype=torch.float32)
-        opt.zero_grad()
-        closure = closure_for(model, x, y)
-        with HostReads() as spy:
-            opt.step(closure)
+        spy = spied_step(opt, model, *data(seed=step, dtype=torch.float32))
         assert len(spy.ops) > 10
         assert spy.reads == 0, f"{spy.reads} host reads in step {step}"
 

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from _helpers import SCALAR_AND_NONZERO, HostReads, RefBase, rel_err, same
+from _helpers import SCALAR_AND_NONZERO, RefBase, rel_err, same
 from _models import (
     BASES,
     STEPS,
@@ -26,6 +26,7 @@ from _models import (
     opt_step,
     poisoned_closure,
     snapshot,
+    spied_step,
 )
 from torch import nn
 
@@ -318,14 +319,7 @@ def test_no_host_reads_in_step():
         for base in BASES:
             opt = make_opt(name, model, base)
             for form in ("closure", "grads_loss"):
-                opt.zero_grad()
-                if form == "grads_loss":
-                    l0 = bw(loss_fn(model, x, y))
-                with HostReads(SCALAR_AND_NONZERO) as spy:
-                    if form == "closure":
-                        opt.step(lambda: bw(loss_fn(model, x, y)))
-                    else:
-                        opt.step(lambda: bw(loss_fn(model, x, y)), loss=l0)
+                spy = spied_step(opt, model, x, y, form, SCALAR_AND_NONZERO)
                 bad = spy.found
                 assert not bad, (name, base, bad)
                 assert "aten._foreach_copy_" in spy.ops  # the spy saw the step
