@@ -16,15 +16,11 @@ from collections.abc import Callable
 
 import torch
 from _helpers import SCALAR_READS, HostReads, RefBase, same
-from _models import AwkwardNet
+from _models import BASES, AwkwardNet  # noqa: F401  (BASES: the switching tests import it here)
 from torch import nn
 
 RHOS = (0.05, 0.2, 0.0)
 GROUP_NAMES = (("w1", "b1", "unused"), ("w2t", "empty"), ("b2",))
-BASES = {
-    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
-    "adamw": (torch.optim.AdamW, dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)),
-}
 POISONS = ("loss_w", "grad_w", "loss_w_e", "grad_w_e")
 
 

@@ -6,15 +6,11 @@ import contextlib
 
 import pytest
 import torch
+from _models import BASES, bw
 from torch import nn
 
 from python_api import SAM
 from python_api.recipes import accumulate_closure
-
-BASES = {
-    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
-    "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05)),
-}
 
 
 def make_model(seed=0):
@@ -106,13 +102,8 @@ def test_helper_with_grad_scaler():
         opt.step(closure, scaler=scaler)
         scaler.update()
         ropt.zero_grad()
-        ropt.step(lambda: _bw(nn.functional.cross_entropy(ref(x), y)))
+        ropt.step(lambda: bw(nn.functional.cross_entropy(ref(x), y)))
     assert max_diff(model, ref) < 1e-6
-
-
-def _bw(loss):
-    loss.backward()
-    return loss
 
 
 def test_helper_no_sync_all_but_last():

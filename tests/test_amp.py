@@ -11,16 +11,11 @@ import copy
 import pytest
 import torch
 from _helpers import HostReads, same
-from _models import closure_for
+from _models import BASES, closure_for
 from torch import nn
 
 from python_api import SAM
 from python_api.optimizer_table import BY_ID, OPTIMIZERS, classes
-
-BASES = {
-    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
-    "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05)),
-}
 
 
 def make_model(seed=0, bn=False):

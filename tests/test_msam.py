@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 from _helpers import METADATA_OPS, HostReads, rel_err, same
-from _models import STEPS, GroupedBNNet, data, loss_fn
+from _models import STEPS, GroupedBNNet, data, loss_fn, snapshot
 
 from python_api._base import NonFiniteError
 from python_api.msam import MSAM, AdamWMSAM
@@ -122,12 +122,6 @@ def backward(model, x, y, drop=()):
 
 def batch(i, dtype=torch.float64):
     return data(seed=i, dtype=dtype)
-
-
-def snapshot(model, opt):
-    sd = copy.deepcopy(opt.state_dict())
-    sd["param_groups"][0]["sam_state"].pop("counters")
-    return [p.detach().clone() for p in model.parameters()], sd
 
 
 def run(model, opt, steps, dtype=torch.float64, drop_at=None):

@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 from _helpers import SCALAR_AND_NONZERO, HostReads, RefBase, rel_err, same
-from _models import AwkwardNet, check_sparse_refused, opt_step
+from _models import BASES, GroupedBNNet, bw, check_sparse_refused, data, loss_fn, opt_step
 from torch import nn
 
 from python_api import SAM, NonFiniteError, disable_running_stats, enable_running_stats
@@ -16,29 +16,11 @@ from python_api import SAM, NonFiniteError, disable_running_stats, enable_runnin
 torch.set_default_dtype(torch.float32)
 
 
-class Net(AwkwardNet):
-    """The shared awkward model, groups for SAM."""
+class Net(GroupedBNNet):
+    """The shared awkward model with its three groups, without batch norm unless asked."""
 
     def __init__(self, bn: bool = False) -> None:
         super().__init__(bn)
-
-    def groups(self, rhos=(0.05, 0.2, 0.0)):
-        return [
-            {"params": [self.w1, self.b1, self.unused], "rho": rhos[0]},
-            {"params": [self.w2t, self.empty], "rho": rhos[1]},
-            {"params": [self.b2], "rho": rhos[2]},
-        ]
-
-
-def data(n=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(
-        0, 3, (n,), generator=g
-    )
-
-
-def loss_fn(model, x, y):
-    return nn.functional.cross_entropy(model(x), y)
 
 
 # ---------------------------------------------------------------- the independent reference
@@ -77,12 +59,6 @@ class RefSAM:
         for p in ps:
             self.ref_base.step(p, p.grad)
         return loss
-
-
-BASES = {
-    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
-    "adamw": (torch.optim.AdamW, dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)),
-}
 
 
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
@@ -125,15 +101,10 @@ def test_sam_fp32_matches_reference_loosely():
     for step in range(20):
         x, y = data(seed=step)
         opt.zero_grad()
-        opt.step(lambda: _bw(loss_fn(model, x.float(), y)))
+        opt.step(lambda: bw(loss_fn(model, x.float(), y)))
         ref.step(x, y)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         assert rel_err(p.detach().double(), q.detach()) < 1e-4
-
-
-def _bw(loss):
-    loss.backward()
-    return loss
 
 
 def test_base_optimizer_instance_and_generic_base():
@@ -147,7 +118,7 @@ def test_base_optimizer_instance_and_generic_base():
         x, y = data(seed=step)
         for m, o in ((m1, o1), (m2, o2)):
             o.zero_grad()
-            o.step(lambda m=m: _bw(loss_fn(m, x, y)))
+            o.step(lambda m=m: bw(loss_fn(m, x, y)))
     for p, q in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(p, q)
     assert o1.base_optimizer.state  # RMSprop's own state was used
@@ -163,7 +134,7 @@ def test_param_groups_shared_with_scheduler():
     x, y = data()
     for _ in range(2):
         opt.zero_grad()
-        opt.step(lambda: _bw(loss_fn(model, x.float(), y)))
+        opt.step(lambda: bw(loss_fn(model, x.float(), y)))
         sched.step()
     assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
     opt.add_param_group({"params": [nn.Parameter(torch.randn(2))], "rho": 0.3})
@@ -179,7 +150,7 @@ def test_bn_stats_only_updated_at_w():
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, model=model)
     x, y = data()
     opt.zero_grad()
-    opt.step(lambda: _bw(loss_fn(model, x, y)))
+    opt.step(lambda: bw(loss_fn(model, x, y)))
     loss_fn(ref, x, y)  # one forward at w: what the statistics must show
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(model.bn, name), getattr(ref.bn, name)), name
@@ -205,7 +176,7 @@ def test_exact_restore(base):
     x, y = data()
     for _ in range(5):
         opt.zero_grad()
-        opt.step(lambda: _bw(loss_fn(model, x.float(), y)))
+        opt.step(lambda: bw(loss_fn(model, x.float(), y)))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -295,7 +266,7 @@ def test_no_host_reads_in_step():
             for _ in range(2):
                 opt.zero_grad()
                 with HostReads(SCALAR_AND_NONZERO) as spy:
-                    opt.step(lambda: _bw(loss_fn(model, x.float(), y)))
+                    opt.step(lambda: bw(loss_fn(model, x.float(), y)))
                 bad = spy.found
                 assert not bad, bad
                 assert len(spy.ops) > 10  # the spy saw the step
@@ -328,7 +299,7 @@ def test_mixed_devices_error():
     opt = SAM([a, b], torch.optim.SGD, lr=0.1)
     before = a.detach().clone(), b.detach().clone()
     with pytest.raises(ValueError, match="different devices"):
-        opt.step(lambda: _bw(a.sum() + b.sum().cpu()))
+        opt.step(lambda: bw(a.sum() + b.sum().cpu()))
     assert torch.equal(before[0], a) and torch.equal(before[1], b)
 
 
@@ -342,7 +313,7 @@ def test_resume_bit_identical(base):
 
     def step(m, o, x, y):
         o.zero_grad()
-        o.step(lambda: _bw(loss_fn(m, x.float(), y)))
+        o.step(lambda: bw(loss_fn(m, x.float(), y)))
 
     for s in range(3):
         step(model, opt, *batches[s])
