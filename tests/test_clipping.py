@@ -21,6 +21,7 @@ import math
 
 import pytest
 import torch
+from _clip_ref import clip_by_hand, recording
 from test_optim_common import (
     BASES,
     FORWARD_ONLY,
@@ -38,25 +39,7 @@ from torch import nn
 CLIP = 0.02
 
 
-def _recording(cls: type) -> type:
-    class Recording(cls):  # type: ignore[misc, valid-type]
-        """A generic base (not the exact SGD/AdamW type): records ``p.grad`` at its step."""
-
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self.seen: list[list[torch.Tensor]] = []
-
-        @torch.no_grad()
-        def step(self, closure=None):
-            ps = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            self.seen.append([p.grad.clone() for p in ps])
-            return super().step(closure)
-
-    Recording.__name__ = f"Recording{cls.__name__}"
-    return Recording
-
-
-RECORDING = {base: _recording(cls) for base, (cls, _) in BASES.items()}
+RECORDING = {base: recording(cls) for base, (cls, _) in BASES.items()}
 
 
 def build(name, base, model, generic=False, **extra):
@@ -70,17 +53,6 @@ def build(name, base, model, generic=False, **extra):
 def one_step(name, model, opt, x, y):
     opt.zero_grad()
     opt.step(make_closure(name, model, x, y))
-
-
-def clip_by_hand(grads: list[torch.Tensor], max_norm: float):
-    """``torch.nn.utils.clip_grad_norm_`` applied to ``grads`` (copies); and the total norm."""
-    holders = []
-    for g in grads:
-        t = torch.zeros_like(g)
-        t.grad = g.clone()
-        holders.append(t)
-    total = torch.nn.utils.clip_grad_norm_(holders, max_norm)
-    return [t.grad for t in holders], float(total)
 
 
 def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

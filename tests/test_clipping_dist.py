@@ -17,6 +17,7 @@ import sys
 import _gloo
 import pytest
 import torch
+from _clip_ref import clip_by_hand
 from _gloo import WORLD
 from test_ddp import HP, _bw, _max_diff, batch, groups, loss_fn, make_model, shard, snapshot
 
@@ -170,15 +171,11 @@ def _hand_m_sharpness_clipped():
                 for p, wi in zip(params, w):
                     p.copy_(wi)
             g_sum = [a + b for a, b in zip(g_sum, g1)]
-        holders = []
-        for p, gs in zip(params, g_sum):
-            t = torch.zeros_like(p)
-            t.grad = gs / WORLD
-            holders.append(t)
-        totals.append(float(torch.nn.utils.clip_grad_norm_(holders, CLIP)))
+        clipped, total = clip_by_hand([gs / WORLD for gs in g_sum], CLIP)
+        totals.append(total)
         with torch.no_grad():
-            for i, (p, h) in enumerate(zip(params, holders)):
-                d = h.grad + HP["weight_decay"] * p
+            for i, (p, g) in enumerate(zip(params, clipped)):
+                d = g + HP["weight_decay"] * p
                 bufs[i] = d.clone() if bufs[i] is None else HP["momentum"] * bufs[i] + d
                 p.sub_(HP["lr"] * bufs[i])
     return snapshot(model), totals

@@ -14,6 +14,7 @@ import io
 
 import pytest
 import torch
+from _clip_ref import clip_by_hand, clip_grads, recording
 from _helpers import RefBase, rel_err, same
 from _models import (
     BASES,
@@ -74,10 +75,7 @@ class RefFriendlySAM:
         _, g1 = eval_grads(self.model, self.groups, x, y, keep_bn=True)
         for p in ps:
             p.copy_(w[p])
-        if self.clip is not None:
-            total = torch.sqrt(sum((g1[p] ** 2).sum() for p in ps))
-            coef = min(1.0, self.clip / (float(total) + 1e-6))
-            g1 = {p: g1[p] * coef for p in ps}
+        g1 = clip_grads(g1, ps, self.clip)
         for p in ps:
             self.ref_base.step(p, g1[p], lr)
         return l0
@@ -232,20 +230,11 @@ def test_clipped_gradient_equals_clip_grad_norm_applied_by_hand():
     """Through a generic base (its own step sees p.grad): the gradient it gets is
     ``clip_grad_norm_`` of the unclipped twin's."""
 
-    class Recording(torch.optim.SGD):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.seen = []
-
-        @torch.no_grad()
-        def step(self, closure=None):
-            ps = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            self.seen.append([p.grad.clone() for p in ps])
-            return super().step(closure)
-
     torch.manual_seed(5)
     model = Net().double()
-    opt = FriendlySAM(model.groups(), Recording, model=model, max_grad_norm=0.05, lr=0.1)
+    opt = FriendlySAM(
+        model.groups(), recording(torch.optim.SGD), model=model, max_grad_norm=0.05, lr=0.1
+    )
     for step in range(4):
         x, y = data(seed=step)
         twin_model, twin = copy.deepcopy((model, opt))
@@ -254,15 +243,10 @@ def test_clipped_gradient_equals_clip_grad_norm_applied_by_hand():
         opt.base_optimizer.seen = []
         opt_step(twin, twin_model, x, y, "closure")
         opt_step(opt, model, x, y, "closure")
-        holders = []
-        for g in twin.base_optimizer.seen[0]:
-            t = torch.zeros_like(g)
-            t.grad = g.clone()
-            holders.append(t)
-        total = torch.nn.utils.clip_grad_norm_(holders, 0.05)
-        assert float(total) > 0.05
-        for got, h in zip(opt.base_optimizer.seen[0], holders):
-            assert torch.allclose(got, h.grad, rtol=1e-12, atol=1e-15)
+        clipped, total = clip_by_hand(twin.base_optimizer.seen[0], 0.05)
+        assert total > 0.05
+        for got, want in zip(opt.base_optimizer.seen[0], clipped):
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-15)
 
 
 def test_bn_stats_only_updated_at_w():

@@ -15,6 +15,7 @@ import io
 
 import pytest
 import torch
+from _clip_ref import clip_by_hand, clip_grads, recording
 from _helpers import RefBase, rel_err, same
 from _models import (
     BASES,
@@ -92,10 +93,7 @@ class RefRSAM:
         _, g1 = eval_grads(self.model, groups, x, y, keep_bn=True)
         for p in ps:
             p.copy_(w[p])
-        if self.clip is not None:
-            total = torch.sqrt(sum((g1[p] ** 2).sum() for p in ps))
-            coef = min(1.0, self.clip / (float(total) + 1e-6))
-            g1 = {p: g1[p] * coef for p in ps}
+        g1 = clip_grads(g1, ps, self.clip)
         for p in ps:
             self.ref_base.step(p, g1[p], lr)
         return l_d
@@ -238,20 +236,11 @@ def test_clipping_matches_clip_grad_norm_rule(base):
 
 
 def test_clipped_gradient_equals_clip_grad_norm_applied_by_hand():
-    class Recording(torch.optim.SGD):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.seen = []
-
-        @torch.no_grad()
-        def step(self, closure=None):
-            ps = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            self.seen.append([p.grad.clone() for p in ps])
-            return super().step(closure)
-
     torch.manual_seed(5)
     model = Net().double()
-    opt = RSAM(groups_of(model), Recording, model=model, max_grad_norm=0.05, lr=0.1)
+    opt = RSAM(
+        groups_of(model), recording(torch.optim.SGD), model=model, max_grad_norm=0.05, lr=0.1
+    )
     for step in range(4):
         x, y = data(seed=step)
         twin_model, twin = copy.deepcopy((model, opt))
@@ -262,15 +251,10 @@ def test_clipped_gradient_equals_clip_grad_norm_applied_by_hand():
         opt_step(twin, twin_model, x, y)
         torch.manual_seed(step)
         opt_step(opt, model, x, y)
-        holders = []
-        for g in twin.base_optimizer.seen[0]:
-            t = torch.zeros_like(g)
-            t.grad = g.clone()
-            holders.append(t)
-        total = torch.nn.utils.clip_grad_norm_(holders, 0.05)
-        assert float(total) > 0.05
-        for got, h in zip(opt.base_optimizer.seen[0], holders):
-            assert torch.allclose(got, h.grad, rtol=1e-12, atol=1e-15)
+        clipped, total = clip_by_hand(twin.base_optimizer.seen[0], 0.05)
+        assert total > 0.05
+        for got, want in zip(opt.base_optimizer.seen[0], clipped):
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
