@@ -1,10 +1,10 @@
 """Test scaffolding shared by the AE-SAM, LookSAM, SS-SAM and ESAM tests.
 
-Everything here is independent of sam_kernels: a small model with every awkward parameter
-kind, float64 per-parameter references of the SAM ascent (over _helpers.py's float64 base
-steps), a plain-Python copy of the documented counter-based generator, and the behaviour checks
-every host-decision optimizer must pass (exact restore, non-finite steps leaving no trace, host
-reads, batch norm, resume).
+The references are independent of sam_kernels: a small model with every awkward parameter
+kind (and a factory of it with the optimizer under test), float64 per-parameter references of
+the SAM ascent (over _helpers.py's float64 base steps), a plain-Python copy of the documented
+counter-based generator, and the behaviour checks every host-decision optimizer must pass
+(exact restore, non-finite steps leaving no trace or raising, host reads, batch norm, resume).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import io
 import math
 from collections.abc import Callable
 
+import pytest
 import torch
 from _helpers import SCALAR_READS, HostReads, RefBase, same
-from _models import BASES, AwkwardNet  # noqa: F401  (BASES: the switching tests import it here)
+from _models import BASES, AwkwardNet
 from torch import nn
 
 RHOS = (0.05, 0.2, 0.0)
@@ -44,6 +45,23 @@ def make_net(seed: int, bn: bool = False, dtype=torch.float64) -> Net:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return Net(bn=bn).to(dtype)
+
+
+def factory_of(cls, base: str = "sgd", lr=None, **kw):
+    """``make(init_seed=0) -> (model, optimizer)``: a fresh net and ``cls`` over its groups and
+    ``BASES[base]`` (``lr``: that rate, no weight decay) with ``kw``; ``model="bn"``: a net
+    with batch norm, given to the optimizer as ``model=``."""
+    base_cls, hp = BASES[base]
+    hp = dict(hp, **({} if lr is None else dict(lr=lr, weight_decay=0.0)))
+
+    def make(init_seed=0):
+        model = make_net(init_seed, bn=kw.get("model") == "bn")
+        extra = dict(kw)
+        if extra.pop("model", None) == "bn":
+            extra["model"] = model
+        return model, cls(model.groups(), base_cls, **extra, **hp)
+
+    return make
 
 
 def data(n: int = 16, seed: int = 0, dtype=torch.float64):
@@ -260,6 +278,18 @@ def check_no_trace(factory, batches, poison: str, at: int, step=run_step) -> int
     assert same(state_without_counters(opt), state_without_counters(clean_opt), dtype=True)
     assert opt.steps_taken == clean_opt.steps_taken == len(batches) - 1
     return decision
+
+
+def check_raise_leaves_no_trace(model, opt, batch, cases, step=run_step) -> None:
+    """``on_nonfinite="raise"``: each ``(poison, match)`` of ``cases`` raises NonFiniteError
+    matching ``match`` and leaves the weights and the state as they were."""
+    from python_api import NonFiniteError
+
+    for poison, match in cases:
+        before = (weights(model), state_without_counters(opt))
+        with pytest.raises(NonFiniteError, match=match):
+            step(model, opt, *batch, poison=poison)
+        assert same(before, (weights(model), state_without_counters(opt)), dtype=True)
 
 
 def check_host_reads(model, opt, batches, generic: bool, closure_of=make_closure) -> list:
