@@ -30,19 +30,25 @@ class Perturbation:
                 out.append((g, ps))
         return out
 
-    def _buffers(self, params: Sequence[torch.Tensor], key: str) -> list[torch.Tensor]:
-        """Per-parameter scratch buffers ``state[p][key]`` shaped like ``p`` (allocated once).
+    def _buffers(
+        self, params: Sequence[torch.Tensor], key: str, *, zeros: bool = False
+    ) -> list[torch.Tensor]:
+        """Per-parameter buffers ``state[p][key]`` shaped like ``p`` (allocated once).
 
+        A missing entry, or one whose shape, dtype or device is not the parameter's, is
+        replaced by a new buffer: uninitialised, or zero with ``zeros`` (the backups of ``w``
+        are the former, FriendlySAM's moving averages the latter).
         Add ``key`` to :attr:`_transient_state` when the buffer is valid only inside a step.
         A buffer needed only inside a step is better a step-local :meth:`_scratch` (not kept
         between steps), or a gradient kept with :meth:`_take_grads` (no buffer at all).
         """
+        new = torch.zeros_like if zeros else torch.empty_like
         out = []
         for p in params:
             st = self.state[p]
             b = st.get(key)
             if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-                b = torch.empty_like(p, memory_format=torch.preserve_format)
+                b = new(p, memory_format=torch.preserve_format)
                 st[key] = b
             out.append(b)
         return out
@@ -93,15 +99,8 @@ class Perturbation:
         return out
 
     def _backups(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        out = []
-        for p in params:
-            st = self.state[p]
-            b = st.get("backup")
-            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-                b = torch.empty_like(p, memory_format=torch.preserve_format)
-                st["backup"] = b
-            out.append(b)
-        return out
+        """The exact copies of ``w`` the ascent writes and the restore reads (``"backup"``)."""
+        return self._buffers(params, "backup")
 
     def _rho_vector(self, groups: list[tuple[dict, list[torch.Tensor]]]) -> torch.Tensor:
         """Per-tensor rho as a device tensor, rebuilt only when a group's rho changes."""

@@ -174,15 +174,7 @@ class FriendlySAM(SAMFamily):
     def _moving_averages(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``state[p]["m"]`` of ``params``, zero-initialised where missing (a zero ``m`` with
         its flag at 0 is exactly "no m yet": the coefficients then ignore it)."""
-        out = []
-        for p in params:
-            st = self.state[p]
-            m = st.get(M_KEY)
-            if m is None or m.shape != p.shape or m.dtype != p.dtype or m.device != p.device:
-                m = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st[M_KEY] = m
-            out.append(m)
-        return out
+        return self._buffers(params, M_KEY, zeros=True)
 
     # ----------------------------------------------------------------- per-tensor scalars
     def _index(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
