@@ -179,12 +179,8 @@ class CRSAM(SAMFamily):
         closure = self._require_closure(closure)
         check_nonneg("alpha", self.alpha)  # attributes: a user may have changed them
         check_nonneg("beta", self.beta)
-        l0, _ = self._initial_eval(closure, loss, need_loss=self.log_form)
-        ps = self._params_with_grad()
-        ok = self._ok_from(l0)
-        if not ps:
-            self._check_raise(ok, "the loss at w")
-            self._base_step(ok)
+        l0, ps, ok = self._evaluate_w(closure, loss, need_loss=self.log_form)
+        if not ps:  # nothing to perturb: the base step has been taken
             return l0
 
         # g0 kept (the gradient tensors themselves, no copy); e = rho * g0 / (||g0|| + 1e-12)

@@ -191,12 +191,8 @@ class GSAM(SAMFamily):
         closure = self._require_closure(closure)
         factor = self._rho_factor()  # checks the configuration first
         alpha = self.alpha
-        l0, _ = self._initial_eval(closure, loss, need_loss=False)
-        ps = self._params_with_grad()
-        ok = self._ok_from(l0)
-        if not ps:
-            self._check_raise(ok, "the loss at w")
-            self._base_step(ok)
+        l0, ps, ok = self._evaluate_w(closure, loss, need_loss=False)
+        if not ps:  # nothing to perturb: the base step has been taken
             return l0
 
         # g0: the gradient tensors themselves, kept (not copied) until the base step; the next
