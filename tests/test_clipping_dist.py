@@ -18,8 +18,22 @@ import _gloo
 import pytest
 import torch
 from _clip_ref import clip_by_hand
+from _dist_setup import (
+    HP,
+    batch,
+    ddp_sam,
+    fsdp2_model,
+    groups,
+    m_sharpness_grads,
+    make_model,
+    max_diff,
+    shard,
+    snapshot,
+    table_closure,
+    table_opt,
+)
 from _gloo import WORLD
-from test_ddp import HP, _bw, _max_diff, batch, groups, loss_fn, make_model, shard, snapshot
+from _models import bw, loss_fn
 
 STEPS = 3
 #: below every gradient norm of the runs here (asserted), so every step is clipped
@@ -36,18 +50,6 @@ def _ddp_names():
     return [n for n in NAMES if n != "ESAM"]
 
 
-def _table_opt(name, params, base=torch.optim.SGD, **extra):
-    from test_optim_common import SPECS, opt_class
-
-    return opt_class(name)(params, base, **{**SPECS[name][2], **HP, **extra})
-
-
-def _closure(name, model, x, y):
-    from test_optim_common import make_closure
-
-    return make_closure(name, model, x, y)
-
-
 # ----------------------------------------------------------------- worker scenarios
 def _scenario_ddp_global(rank: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -57,50 +59,39 @@ def _scenario_ddp_global(rank: int) -> dict:
     out = {}
     for name in _ddp_names():
         model = DDP(make_model())
-        opt = _table_opt(name, groups(model.module), max_grad_norm=CLIP)
+        opt = table_opt(name, groups(model.module), max_grad_norm=CLIP)
         step = SAMDDPStep(model, opt, mode="global")
         torch.manual_seed(1)  # the classes that draw noise draw the same on every rank
         for s in range(STEPS):
             x, y = shard(*batch(s), rank)
-            step(_closure(name, model, x, y))
+            step(table_closure(name, model, x, y))
         out[name] = {"params": snapshot(model.module), "taken": opt.steps_taken}
     return out
 
 
 def _scenario_ddp_per_replica(rank: int) -> dict:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from python_api import SAM
-    from python_api.distributed import SAMDDPStep
-
-    model = DDP(make_model())
-    opt = SAM(groups(model.module), torch.optim.SGD, **HP, max_grad_norm=CLIP)
-    step = SAMDDPStep(model, opt, mode="per_replica")
+    model, opt, step = ddp_sam("per_replica", max_grad_norm=CLIP)
     for s in range(STEPS):
         x, y = shard(*batch(s), rank)
-        step(lambda: _bw(loss_fn(model, x, y)))
+        step(lambda: bw(loss_fn(model, x, y)))
     return {"params": snapshot(model.module), "taken": opt.steps_taken}
 
 
 def _scenario_fsdp2(rank: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     from python_api.sharded import FSDP2SAMStep, LocalShards
 
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
     out = {}
     for name in SHARDED:
-        model = make_model()
-        fully_shard(model[0], mesh=mesh)
-        fully_shard(model[2], mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = fsdp2_model(mesh)
         shards = LocalShards(model)
-        opt = _table_opt(name, shards.param_groups(groups(model)), max_grad_norm=CLIP)
+        opt = table_opt(name, shards.param_groups(groups(model)), max_grad_norm=CLIP)
         step = FSDP2SAMStep(model, opt, shards)
         for s in range(STEPS):
             x, y = shard(*batch(s), rank)
-            step(_closure(name, model, x, y))
+            step(table_closure(name, model, x, y))
         full = [p.full_tensor().detach().clone() for p in model.parameters()]
         out[name] = {"params": full, "taken": opt.steps_taken}
     return out
@@ -136,13 +127,13 @@ class ClipByHandSGD(torch.optim.SGD):
 def _single_process(name):
     """``name`` on the whole batch, one process, clipped by hand: (weights, clip norms)."""
     model = make_model()
-    opt = _table_opt(name, groups(model), base=ClipByHandSGD)
+    opt = table_opt(name, groups(model), base=ClipByHandSGD)
     assert opt._fused is None  # stepped generically: the by-hand clip sees the final gradient
     torch.manual_seed(1)
     for s in range(STEPS):
         x, y = batch(s)
         opt.zero_grad()
-        opt.step(_closure(name, model, x, y))
+        opt.step(table_closure(name, model, x, y))
     assert opt.steps_taken == STEPS
     return snapshot(model), opt.base_optimizer.totals
 
@@ -156,21 +147,7 @@ def _hand_m_sharpness_clipped():
     bufs = [None] * len(params)
     totals = []
     for s in range(STEPS):
-        x, y = batch(s)
-        w = [p.detach().clone() for p in params]
-        g_sum = [torch.zeros_like(p) for p in params]
-        for r in range(WORLD):
-            xr, yr = shard(x, y, r)
-            g0 = torch.autograd.grad(loss_fn(model, xr, yr), params)
-            norm = torch.sqrt(sum((g * g).sum() for g in g0))
-            with torch.no_grad():
-                for p, wi, gi, rho in zip(params, w, g0, rho_of):
-                    p.copy_(wi + rho / (norm + 1e-12) * gi)
-            g1 = torch.autograd.grad(loss_fn(model, xr, yr), params)
-            with torch.no_grad():
-                for p, wi in zip(params, w):
-                    p.copy_(wi)
-            g_sum = [a + b for a, b in zip(g_sum, g1)]
+        g_sum = m_sharpness_grads(model, params, *batch(s), rho_of)
         clipped, total = clip_by_hand([gs / WORLD for gs in g_sum], CLIP)
         totals.append(total)
         with torch.no_grad():
@@ -183,12 +160,12 @@ def _hand_m_sharpness_clipped():
 
 def _unclipped(name):
     model = make_model()
-    opt = _table_opt(name, groups(model))
+    opt = table_opt(name, groups(model))
     torch.manual_seed(1)
     for s in range(STEPS):
         x, y = batch(s)
         opt.zero_grad()
-        opt.step(_closure(name, model, x, y))
+        opt.step(table_closure(name, model, x, y))
     return snapshot(model)
 
 
@@ -196,14 +173,14 @@ def _check(results, scenario, names, figures):
     r0, r1 = (_gloo.results_of(results, scenario)[r] for r in range(WORLD))
     for name in names:
         assert r0[name]["taken"] == r1[name]["taken"] == STEPS, name
-        assert _max_diff(r0[name]["params"], r1[name]["params"]) == 0.0, name
+        assert max_diff(r0[name]["params"], r1[name]["params"]) == 0.0, name
         want, totals = _single_process(name)
         assert min(totals) > 2 * CLIP, (name, totals)  # every step clipped
-        err = _max_diff(r0[name]["params"], want)
+        err = max_diff(r0[name]["params"], want)
         figures[name] = err
         assert err < 1e-6, (name, err)
         # the bound acts: clipped and unclipped training differ far beyond that tolerance
-        assert _max_diff(want, _unclipped(name)) > 1e-3, name
+        assert max_diff(want, _unclipped(name)) > 1e-3, name
 
 
 # ----------------------------------------------------------------- tests
@@ -221,10 +198,10 @@ def test_ddp_per_replica_clip_norm_is_of_the_all_reduced_gradients(dist_results)
     average of the replicas' g1; it is clipped by that average's norm (by hand here)."""
     r0, r1 = _gloo.results_of(dist_results, "ddp_per_replica")
     assert r0["taken"] == r1["taken"] == STEPS
-    assert _max_diff(r0["params"], r1["params"]) == 0.0
+    assert max_diff(r0["params"], r1["params"]) == 0.0
     want, totals = _hand_m_sharpness_clipped()
     assert min(totals) > 2 * CLIP, totals
-    err = _max_diff(r0["params"], want)
+    err = max_diff(r0["params"], want)
     print("ddp per-replica, max |difference| to the hand computation:", err)
     assert err < 1e-6, err
 

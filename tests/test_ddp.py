@@ -20,59 +20,35 @@ import sys
 import _gloo
 import pytest
 import torch
+from _dist_setup import (
+    HP,
+    RHOS,
+    batch,
+    ddp_sam,
+    fsdp2_model,
+    groups,
+    m_sharpness_grads,
+    make_model,
+    max_diff,
+    shard,
+    snapshot,
+    table_closure,
+    table_opt,
+)
 from _gloo import WORLD
+from _models import bw, loss_fn
 from torch import nn
 
 STEPS_GLOBAL = 10
 STEPS_PER_REPLICA = 3
-HP = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
-RHOS = (0.05, 0.1)
-
-
-# ----------------------------------------------------------------- shared by workers and tests
-def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
-def groups(model: nn.Module, rhos=RHOS) -> list[dict]:
-    return [
-        {"params": list(model[0].parameters()), "rho": rhos[0]},
-        {"params": list(model[2].parameters()), "rho": rhos[1]},
-    ]
-
-
-def batch(step: int, n: int = 16):
-    g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
-
-
-def shard(x, y, rank: int):
-    k = x.shape[0] // WORLD
-    return x[rank * k : (rank + 1) * k], y[rank * k : (rank + 1) * k]
-
-
-def loss_fn(model, x, y):
-    return nn.functional.cross_entropy(model(x), y)
-
-
-def snapshot(model) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
 
 
 # ----------------------------------------------------------------- worker scenarios
 def _scenario_global(rank: int) -> dict:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from python_api import SAM
-    from python_api.distributed import SAMDDPStep
-
-    model = DDP(make_model())
-    opt = SAM(groups(model.module), torch.optim.SGD, **HP)
-    step = SAMDDPStep(model, opt, mode="global")
+    model, _, step = ddp_sam("global")
     for s in range(STEPS_GLOBAL):
         x, y = shard(*batch(s), rank)
-        step(lambda: _bw(loss_fn(model, x, y)))
+        step(lambda: bw(loss_fn(model, x, y)))
     return {"params": snapshot(model.module)}
 
 
@@ -88,21 +64,14 @@ def _scenario_per_replica(rank: int) -> dict:
     with sam_ddp_step(model, opt, mode="per_replica") as step:
         for s in range(STEPS_PER_REPLICA):
             x, y = shard(*batch(s), rank)
-            step(lambda: _bw(loss_fn(model, x, y)))
+            step(lambda: bw(loss_fn(model, x, y)))
             out.append(snapshot(model.module))
     return {"params": out}
 
 
 def _scenario_skip(rank: int) -> dict:
     """Rank 1's first pass of step 1 is non-finite: both replicas must skip that step."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from python_api import SAM
-    from python_api.distributed import SAMDDPStep
-
-    model = DDP(make_model())
-    opt = SAM(groups(model.module), torch.optim.SGD, **HP)
-    step = SAMDDPStep(model, opt, mode="per_replica")
+    model, opt, step = ddp_sam("per_replica")
     snaps = []
     for s in range(3):
         x, y = shard(*batch(s), rank)
@@ -124,14 +93,7 @@ def _scenario_skip(rank: int) -> dict:
 
 def _scenario_amp_per_replica(rank: int) -> dict:
     """GradScaler + per-replica mode; rank 1's first pass overflows at step 1 only."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from python_api import SAM
-    from python_api.distributed import SAMDDPStep
-
-    model = DDP(make_model())
-    opt = SAM(groups(model.module), torch.optim.SGD, **HP)
-    step = SAMDDPStep(model, opt, mode="per_replica")
+    model, opt, step = ddp_sam("per_replica")
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     snaps, scales = [], []
     for s in range(3):
@@ -174,7 +136,7 @@ def _scenario_sharded_norm(rank: int) -> dict:
 
 def _scenario_fsdp2(rank: int) -> dict:
     try:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError as err:  # pragma: no cover - old torch
         return {"skip": f"torch.distributed.fsdp.fully_shard unavailable: {err}"}
     from torch.distributed.device_mesh import init_device_mesh
@@ -184,52 +146,32 @@ def _scenario_fsdp2(rank: int) -> dict:
 
     # a CPU mesh: without one, fully_shard moves the shards to CUDA where a GPU is present
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
-    model = make_model()
-    fully_shard(model[0], mesh=mesh)
-    fully_shard(model[2], mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = fsdp2_model(mesh)
     shards = LocalShards(model)
     opt = SAM(shards.param_groups(groups(model)), torch.optim.SGD, **HP)
     step = FSDP2SAMStep(model, opt, shards)
     for s in range(STEPS_GLOBAL):
         x, y = shard(*batch(s), rank)
-        step(lambda: _bw(loss_fn(model, x, y)))
+        step(lambda: bw(loss_fn(model, x, y)))
     return {"params": [p.full_tensor().detach().clone() for p in model.parameters()]}
 
 
 CLASS_STEPS = 3
 
 
-def _table_opt(name, params):
-    """The optimizer-table class ``name`` (tests/test_optim_common.py) over SGD-momentum."""
-    from test_optim_common import SPECS, opt_class
-
-    return opt_class(name)(params, torch.optim.SGD, **{**SPECS[name][2], **HP})
-
-
-def _table_closure(name, model, x, y, hook=None):
-    from test_optim_common import make_closure
-
-    return make_closure(name, model, x, y, hook)
-
-
 def _scenario_fsdp2_classes(rank: int) -> dict:
     """Every class of the table over FSDP2 local shards: refused (the message) or 3 steps."""
     from test_optim_common import NAMES
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     from python_api.sharded import FSDP2SAMStep, LocalShards
 
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
     out = {}
     for name in NAMES:
-        model = make_model()
-        fully_shard(model[0], mesh=mesh)
-        fully_shard(model[2], mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = fsdp2_model(mesh)
         shards = LocalShards(model)
-        opt = _table_opt(name, shards.param_groups(groups(model)))
+        opt = table_opt(name, shards.param_groups(groups(model)))
         try:
             step = FSDP2SAMStep(model, opt, shards)
         except ValueError as err:
@@ -237,7 +179,7 @@ def _scenario_fsdp2_classes(rank: int) -> dict:
             continue
         for s in range(CLASS_STEPS):
             x, y = shard(*batch(s), rank)
-            step(_table_closure(name, model, x, y))
+            step(table_closure(name, model, x, y))
         full = [p.full_tensor().detach().clone() for p in model.parameters()]
         out[name] = {"params": full, "taken": opt.steps_taken, "skipped": opt.skipped_steps}
     return out
@@ -254,7 +196,7 @@ def _scenario_ddp_nan_loss(rank: int) -> dict:
         for at in (1, 2, 3):
             torch.manual_seed(0)
             model = DDP(make_model())
-            opt = _table_opt(name, groups(model.module))
+            opt = table_opt(name, groups(model.module))
             torch.manual_seed(1)  # the eager universal class draws from the global generator
             injected = []
             for s in range(CLASS_STEPS):
@@ -264,7 +206,7 @@ def _scenario_ddp_nan_loss(rank: int) -> dict:
                 def hook(s=s, calls=calls):
                     calls.append(1)
 
-                inner = _table_closure(name, model, x, y, hook)
+                inner = table_closure(name, model, x, y, hook)
 
                 def closure(s=s, calls=calls, inner=inner):
                     loss = inner()
@@ -296,11 +238,6 @@ SCENARIOS = {
 }
 
 
-def _bw(loss):
-    loss.backward()
-    return loss
-
-
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
     return _gloo.launch(__file__, tmp_path_factory.mktemp("ddp"))
@@ -308,10 +245,6 @@ def dist_results(tmp_path_factory):
 
 def _get(results, name):
     return _gloo.results_of(results, name)
-
-
-def _max_diff(a, b) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
 # ----------------------------------------------------------------- tests
@@ -324,9 +257,9 @@ def test_global_mode_equals_single_process(dist_results):
     for s in range(STEPS_GLOBAL):
         x, y = batch(s)
         opt.zero_grad()
-        opt.step(lambda: _bw(loss_fn(model, x, y)))
-    assert _max_diff(r0["params"], r1["params"]) == 0.0  # replicas identical
-    assert _max_diff(r0["params"], snapshot(model)) < 1e-6
+        opt.step(lambda: bw(loss_fn(model, x, y)))
+    assert max_diff(r0["params"], r1["params"]) == 0.0  # replicas identical
+    assert max_diff(r0["params"], snapshot(model)) < 1e-6
 
 
 def _hand_m_sharpness(steps: int) -> list[list[torch.Tensor]]:
@@ -337,21 +270,7 @@ def _hand_m_sharpness(steps: int) -> list[list[torch.Tensor]]:
     bufs = [None] * len(params)
     out = []
     for s in range(steps):
-        x, y = batch(s)
-        w = [p.detach().clone() for p in params]
-        g_sum = [torch.zeros_like(p) for p in params]
-        for r in range(WORLD):
-            xr, yr = shard(x, y, r)
-            g0 = torch.autograd.grad(loss_fn(model, xr, yr), params)
-            norm = torch.sqrt(sum((g * g).sum() for g in g0))
-            with torch.no_grad():
-                for p, wi, gi, rho in zip(params, w, g0, rho_of):
-                    p.copy_(wi + rho / (norm + 1e-12) * gi)
-            g1 = torch.autograd.grad(loss_fn(model, xr, yr), params)
-            with torch.no_grad():
-                for p, wi in zip(params, w):
-                    p.copy_(wi)
-            g_sum = [a + b for a, b in zip(g_sum, g1)]
+        g_sum = m_sharpness_grads(model, params, *batch(s), rho_of)
         with torch.no_grad():
             for i, (p, gs) in enumerate(zip(params, g_sum)):
                 d = gs / WORLD + HP["weight_decay"] * p
@@ -365,16 +284,16 @@ def test_per_replica_mode_equals_hand_m_sharpness(dist_results):
     r0, r1 = _get(dist_results, "per_replica")
     hand = _hand_m_sharpness(STEPS_PER_REPLICA)
     for s in range(STEPS_PER_REPLICA):
-        assert _max_diff(r0["params"][s], r1["params"][s]) == 0.0
-        assert _max_diff(r0["params"][s], hand[s]) < 1e-6, s
+        assert max_diff(r0["params"][s], r1["params"][s]) == 0.0
+        assert max_diff(r0["params"][s], hand[s]) < 1e-6, s
     # and it is not the global step (the modes differ)
     from python_api import SAM
 
     model = make_model()
     opt = SAM(groups(model), torch.optim.SGD, **HP)
     x, y = batch(0)
-    opt.step(lambda: _bw(loss_fn(model, x, y)))
-    assert _max_diff(r0["params"][0], snapshot(model)) > 1e-6
+    opt.step(lambda: bw(loss_fn(model, x, y)))
+    assert max_diff(r0["params"][0], snapshot(model)) > 1e-6
 
 
 def test_per_replica_nonfinite_on_one_replica_skips_everywhere(dist_results):
@@ -382,10 +301,10 @@ def test_per_replica_nonfinite_on_one_replica_skips_everywhere(dist_results):
     for r in (r0, r1):
         assert r["skipped"] == 1 and r["taken"] == 2
         snaps = r["snaps"]
-        assert _max_diff(snaps[1], snaps[2]) == 0.0  # step 1 changed nothing (bit for bit)
-        assert _max_diff(snaps[0], snaps[1]) > 0 and _max_diff(snaps[2], snaps[3]) > 0
+        assert max_diff(snaps[1], snaps[2]) == 0.0  # step 1 changed nothing (bit for bit)
+        assert max_diff(snaps[0], snaps[1]) > 0 and max_diff(snaps[2], snaps[3]) > 0
     for a, b in zip(r0["snaps"], r1["snaps"]):
-        assert _max_diff(a, b) == 0.0  # the replicas never diverge
+        assert max_diff(a, b) == 0.0  # the replicas never diverge
 
 
 def test_per_replica_with_grad_scaler_backs_off_on_every_rank(dist_results):
@@ -393,12 +312,12 @@ def test_per_replica_with_grad_scaler_backs_off_on_every_rank(dist_results):
     for r in (r0, r1):
         assert r["skipped"] == 1
         assert r["scales"] == [2.0**10, 2.0**9, 2.0**9]  # every rank's scaler backed off
-        assert _max_diff(r["snaps"][1], r["snaps"][2]) == 0.0
+        assert max_diff(r["snaps"][1], r["snaps"][2]) == 0.0
     for a, b in zip(r0["snaps"], r1["snaps"]):
-        assert _max_diff(a, b) == 0.0
+        assert max_diff(a, b) == 0.0
     # the unskipped steps are the plain per-replica steps (power-of-two scales: exact)
     hand = _hand_m_sharpness(1)
-    assert _max_diff(r0["snaps"][1], hand[0]) < 1e-6
+    assert max_diff(r0["snaps"][1], hand[0]) < 1e-6
 
 
 def test_sharded_norm(dist_results):
@@ -427,9 +346,9 @@ def test_fsdp2_equals_single_process(dist_results):
     for s in range(STEPS_GLOBAL):
         x, y = batch(s)
         opt.zero_grad()
-        opt.step(lambda: _bw(loss_fn(model, x, y)))
-    assert _max_diff(r0["params"], r1["params"]) == 0.0
-    assert _max_diff(r0["params"], snapshot(model)) < 1e-6
+        opt.step(lambda: bw(loss_fn(model, x, y)))
+    assert max_diff(r0["params"], r1["params"]) == 0.0
+    assert max_diff(r0["params"], snapshot(model)) < 1e-6
 
 
 def test_fsdp2_every_class_equals_single_process_or_is_refused(dist_results):
@@ -445,18 +364,18 @@ def test_fsdp2_every_class_equals_single_process_or_is_refused(dist_results):
     for name in NAMES:
         assert ("refused" in r0[name]) == ("refused" in r1[name])
         if name in refused:
-            cls = _table_opt(name, make_model().parameters())
+            cls = table_opt(name, make_model().parameters())
             assert type(cls).__name__ in r0[name]["refused"], r0[name]
             continue
-        assert _max_diff(r0[name]["params"], r1[name]["params"]) == 0.0, name
+        assert max_diff(r0[name]["params"], r1[name]["params"]) == 0.0, name
         model = make_model()
-        opt = _table_opt(name, groups(model))
+        opt = table_opt(name, groups(model))
         for s in range(CLASS_STEPS):
             x, y = batch(s)
             opt.zero_grad()
-            opt.step(_table_closure(name, model, x, y))
+            opt.step(table_closure(name, model, x, y))
         assert r0[name]["taken"] == opt.steps_taken == CLASS_STEPS, name
-        err = _max_diff(r0[name]["params"], snapshot(model))
+        err = max_diff(r0[name]["params"], snapshot(model))
         assert err < 1e-6, (name, err)
 
 
@@ -468,7 +387,7 @@ def test_plain_ddp_nonfinite_loss_on_one_rank_keeps_replicas_equal(dist_results)
     for name in NAMES:
         for at in (1, 2, 3):
             a, b = r0[(name, at)], r1[(name, at)]
-            assert _max_diff(a["params"], b["params"]) == 0.0, (name, at)
+            assert max_diff(a["params"], b["params"]) == 0.0, (name, at)
             assert a["skipped"] == b["skipped"] == int(a["injected"]), (name, at, a, b)
     # the first evaluation is part of every step: the injection always happened there
     assert all(r0[(n, 1)]["injected"] for n in NAMES)
@@ -510,9 +429,9 @@ def test_helper_refuses_wrong_setups():
     ref = copy.deepcopy(model)
     ropt = SAM(ref.parameters(), torch.optim.SGD, lr=0.1)
     x, y = batch(0)
-    SAMDDPStep(model, opt)(lambda: _bw(loss_fn(model, x, y)))
-    ropt.step(lambda: _bw(loss_fn(ref, x, y)))
-    assert _max_diff(snapshot(model), snapshot(ref)) == 0.0
+    SAMDDPStep(model, opt)(lambda: bw(loss_fn(model, x, y)))
+    ropt.step(lambda: bw(loss_fn(ref, x, y)))
+    assert max_diff(snapshot(model), snapshot(ref)) == 0.0
 
 
 def test_local_shards_of_plain_model_is_plain_sam():
@@ -526,10 +445,10 @@ def test_local_shards_of_plain_model_is_plain_sam():
     step = FSDP2SAMStep(model, opt, shards)
     for s in range(2):
         x, y = batch(s)
-        step(lambda: _bw(loss_fn(model, x, y)))
+        step(lambda: bw(loss_fn(model, x, y)))
         ropt.zero_grad()
-        ropt.step(lambda: _bw(loss_fn(ref, x, y)))
-    assert _max_diff(snapshot(model), snapshot(ref)) == 0.0
+        ropt.step(lambda: bw(loss_fn(ref, x, y)))
+    assert max_diff(snapshot(model), snapshot(ref)) == 0.0
     gs = [torch.randn(4, 3), torch.randn(2)]
     torch.testing.assert_close(
         sharded_grad_norm(gs), torch.linalg.vector_norm(torch.cat([g.flatten() for g in gs]))

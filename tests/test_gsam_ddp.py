@@ -12,15 +12,11 @@ import sys
 import _gloo
 import pytest
 import torch
-from test_ddp import HP, batch, groups, loss_fn, make_model, shard, snapshot
+from _dist_setup import HP, batch, groups, make_model, shard, snapshot
+from _models import bw, loss_fn
 
 STEPS = 6
 KW = dict(rho=0.1, alpha=0.4, rho_min=0.02)
-
-
-def _bw(loss):
-    loss.backward()
-    return loss
 
 
 def _gsam(model):
@@ -43,10 +39,10 @@ def _scenario_global(rank: int) -> dict:
         for s in range(STEPS):
             x, y = shard(*batch(s), rank)
             if step is not None:
-                step(lambda: _bw(loss_fn(model, x, y)))
+                step(lambda: bw(loss_fn(model, x, y)))
             else:
                 opt.zero_grad()
-                opt.step(lambda: _bw(loss_fn(model, x, y)))
+                opt.step(lambda: bw(loss_fn(model, x, y)))
             sched.step()
         out[helper] = {"params": snapshot(model.module), "taken": opt.steps_taken}
     try:
@@ -72,7 +68,7 @@ def test_global_mode_equals_single_process(dist_results):
     for s in range(STEPS):
         x, y = batch(s)
         opt.zero_grad()
-        opt.step(lambda: _bw(loss_fn(model, x, y)))
+        opt.step(lambda: bw(loss_fn(model, x, y)))
         sched.step()
     for helper in (False, True):
         assert r0[helper]["taken"] == STEPS
