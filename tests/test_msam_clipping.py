@@ -3,7 +3,7 @@
 The gradient the step uses is ``p.grad`` (taken at the moved-down point ``w~``); with
 ``max_grad_norm`` it must be used as ``torch.nn.utils.clip_grad_norm_`` would leave it (the
 global norm over every parameter with a gradient, all groups; the weight decay of ``MSAM`` added
-after). The reference: tests/test_msam.py's float64 ``RefMSAM`` (checked there against the real
+after). The reference: tests/_msam_ref.py's float64 ``RefMSAM`` (checked there against the real
 MarlonBecker/MSAM code) stepped after ``clip_grad_norm_`` was applied by hand to its gradients.
 """
 
@@ -16,17 +16,16 @@ import io
 import pytest
 import torch
 from _helpers import HostReads, rel_err, same
-from _models import STEPS
-from test_msam import (
+from _models import STEPS, snapshot
+from _msam_ref import (
     CLASSES,
-    VIEWS,
     backward,
     batch,
     drop_b1_odd,
     make,
     ref_for,
     run,
-    snapshot,
+    step_op_count,
 )
 
 #: below the gradient norm of every step of the runs here (asserted), so every step is clipped
@@ -150,18 +149,7 @@ def test_no_host_read_and_no_extra_per_tensor_ops_with_clipping(form):
         with HostReads() as spy:
             opt.step()
         assert len(spy.ops) > 10 and spy.reads == 0, f"{spy.reads} host reads in one step"
-
-    def count(n):
-        ps = [torch.nn.Parameter(torch.randn(5)) for _ in range(n)]
-        o = CLASSES[form](ps, max_grad_norm=0.1)
-        for p in ps:
-            p.grad = torch.randn(5)
-        o.step()
-        with HostReads() as spy:
-            o.step()
-        return spy.kernels(VIEWS)
-
-    assert count(4) == count(40)
+    assert step_op_count(form, 4, max_grad_norm=0.1) == step_op_count(form, 40, max_grad_norm=0.1)
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan"), True, "1.0"])
