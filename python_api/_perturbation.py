@@ -7,7 +7,8 @@ ascent's parameter lists come from the cached :class:`python_api._plans._ModePla
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -97,6 +98,35 @@ class Perturbation:
                 p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
             out.append(p.grad)
         return out
+
+    def _evaluate_perturbed(
+        self,
+        closure: Callable[[], Any],
+        ps: list[torch.Tensor],
+        perturbed: list[torch.Tensor],
+        ok: torch.Tensor,
+        what: str,
+        need_loss: bool,
+        at: str | None = None,
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The closure at a perturbed point and its flag: ``(loss, grads, ok, norm)``.
+
+        ``p.grad`` is cleared first, so the evaluation writes new gradient tensors (one kept
+        with :meth:`_take_grads` is never written again); ``grads`` are those of ``ps`` (the
+        step's parameter set, :meth:`_collect_grads`); ``ok`` is the given flag times their
+        finite flag and the loss's, checked for ``on_nonfinite="raise"`` (``perturbed``
+        restored first; the message names ``at``, by default ``what``); ``norm`` is the plain
+        norm of ``grads`` the finite flag is read from (clipping may reuse it).
+        """
+        self.zero_grad(set_to_none=True)
+        loss = self._call_closure(
+            closure, perturbed=True, need_loss=need_loss, what=what, restore=perturbed
+        )
+        grads = self._collect_grads(ps)
+        fin, norm = self._finite_and_norm(grads)
+        ok = ok * fin * self._ok_from(loss)
+        self._check_raise(ok, what if at is None else at, perturbed)
+        return loss, grads, ok, norm
 
     def _backups(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The exact copies of ``w`` the ascent writes and the restore reads (``"backup"``)."""

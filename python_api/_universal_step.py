@@ -124,14 +124,10 @@ class UniversalStep:
                     self._live.extend(pert)
                 if counter:
                     self._noise_offset.add_(drawn)
-                self.zero_grad(set_to_none=True)
                 what = f"noisy sample {i + 1} of {self.n_samples} (w + rho * eps_{i + 1})"
-                li = self._call_closure(
-                    closure, perturbed=True, need_loss=self._needs_losses, what=what, restore=pert
+                li, gi, ok, _ = self._evaluate_perturbed(
+                    closure, ps, pert, ok, what, self._needs_losses
                 )
-                gi = self._collect_grads(ps)
-                ok = ok * self._finite_flag(gi) * self._ok_from(li)
-                self._check_raise(ok, what, pert)
                 if first_loss is None:
                     first_loss = li
                 li_r = None

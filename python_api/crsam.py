@@ -202,26 +202,16 @@ class CRSAM(SAMFamily):
             self._live.extend(pert)
 
         # w + e: g+ kept (the gradient tensors themselves)
-        self.zero_grad(set_to_none=True)
-        lp = self._call_closure(
-            closure, perturbed=True, need_loss=self.log_form, what="w + e", restore=pert
-        )
-        gp = self._collect_grads(ps)
-        ok = ok * self._finite_flag(gp) * self._ok_from(lp)
-        self._check_raise(ok, "the evaluation at w + e (loss L+, gradient g+)", pert)
+        at = "the evaluation at w + e (loss L+, gradient g+)"
+        lp, _, ok, _ = self._evaluate_perturbed(closure, ps, pert, ok, "w + e", self.log_form, at)
         gplus_of = {id(p): g for p, g in zip(ps, self._take_grads(ps))}
 
         # w - e, formed from the saved w (never from w + e): restore, then step by -e
         if pert:
             sk.restore_(pert, backups, backend=self.backend)
             sk.perturb_(pert, g0_pert, backups, -scale, backend=self.backend)
-        self.zero_grad(set_to_none=True)
-        lm = self._call_closure(
-            closure, perturbed=True, need_loss=self.log_form, what="w - e", restore=pert
-        )
-        gm = self._collect_grads(ps)
-        ok = ok * self._finite_flag(gm) * self._ok_from(lm)
-        self._check_raise(ok, "the evaluation at w - e (loss L-, gradient g-)", pert)
+        at = "the evaluation at w - e (loss L-, gradient g-)"
+        lm, _, ok, _ = self._evaluate_perturbed(closure, ps, pert, ok, "w - e", self.log_form, at)
 
         # g = c0 g+ + c1 g- + c2 g0, combined inside the base step
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in ps) else torch.float32

@@ -239,14 +239,8 @@ class FriendlySAM(SAMFamily):
         pert = self._perturb_along_grad(norm)
 
         # w + e: g1 in p.grad (the same parameter set as g0)
-        self.zero_grad(set_to_none=True)
-        l1 = self._call_closure(
-            closure, perturbed=True, need_loss=False, what="w + e", restore=pert
-        )
-        g1 = self._collect_grads(ps)
-        fin, n1 = self._finite_and_norm(g1)
-        ok = ok * fin * self._ok_from(l1)
-        self._check_raise(ok, "the evaluation at w + e (gradient g1)", pert)
+        at = "the evaluation at w + e (gradient g1)"
+        l1, _, ok, n1 = self._evaluate_perturbed(closure, ps, pert, ok, "w + e", False, at)
         ok = self._base_step(ok, pert, norm=n1)  # clipping reuses ||g1||
 
         # m = lmbda m + (1 - lmbda) g0 (later) or g0 (first), only if the step was applied:
