@@ -23,6 +23,21 @@ def batch(s, n=32):
     return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
+def both_steps(opt, closure, ropt, ref, x, y, reduction="mean"):
+    """One step of ``opt`` on the accumulating ``closure`` and one of ``ropt`` on ``ref`` over
+    the whole batch; the two losses."""
+
+    def full():
+        loss = nn.functional.cross_entropy(ref(x), y, reduction=reduction)
+        loss.backward()
+        return loss
+
+    opt.zero_grad()
+    l_acc = opt.step(closure)
+    ropt.zero_grad()
+    return l_acc, ropt.step(full)
+
+
 def max_diff(a, b):
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
@@ -48,15 +63,7 @@ def test_four_micro_batches_equal_one_big_batch(base, reduction):
                 total = total + loss.detach()
             return total
 
-        def full():
-            loss = nn.functional.cross_entropy(ref(x), y, reduction=reduction)
-            loss.backward()
-            return loss
-
-        opt.zero_grad()
-        l_acc = opt.step(closure)
-        ropt.zero_grad()
-        l_full = ropt.step(full)
+        l_acc, l_full = both_steps(opt, closure, ropt, ref, x, y, reduction)
         torch.testing.assert_close(l_acc, l_full, rtol=1e-6, atol=1e-6)
     scale = 1.0 if reduction == "mean" else 1.0 / 32  # sum: gradients are 32x larger
     assert max_diff(model, ref) * scale < 1e-6
@@ -72,16 +79,7 @@ def test_helper_unequal_micro_batches():
         closure = accumulate_closure(
             lambda mb: nn.functional.cross_entropy(model(mb[0]), mb[1]), mbs
         )
-
-        def full():
-            loss = nn.functional.cross_entropy(ref(x), y)
-            loss.backward()
-            return loss
-
-        opt.zero_grad()
-        l_acc = opt.step(closure)
-        ropt.zero_grad()
-        l_full = ropt.step(full)
+        l_acc, l_full = both_steps(opt, closure, ropt, ref, x, y)
         torch.testing.assert_close(l_acc, l_full, rtol=1e-6, atol=1e-6)
     assert max_diff(model, ref) < 1e-6
 

@@ -44,6 +44,13 @@ def scaled_closure(model, x, y, scaler, poison_call=None):
     return closure
 
 
+def scaled_and_plain_step(model, opt, ref, ropt, scaler, x, y):
+    """``opt`` steps on ``x, y`` under ``scaler`` (then updated), ``ropt`` without one."""
+    opt.step(scaled_closure(model, x, y, scaler), scaler=scaler)
+    scaler.update()
+    ropt.step(closure_for(ref, x, y))
+
+
 def state_snapshot(model, opt):
     params = [p.detach().clone() for p in model.parameters()]
     st = copy.deepcopy(opt.base_optimizer.state_dict()["state"])
@@ -140,10 +147,7 @@ def test_norm_uses_unscaled_gradients():
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
     ropt = SAM(ref.parameters(), torch.optim.SGD, lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
-    x, y = batch(0)
-    opt.step(scaled_closure(model, x, y, scaler), scaler=scaler)
-    scaler.update()
-    ropt.step(closure_for(ref, x, y))
+    scaled_and_plain_step(model, opt, ref, ropt, scaler, *batch(0))
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
 
@@ -167,10 +171,7 @@ def test_disabled_scaler_is_a_plain_step():
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
     ropt = SAM(ref.parameters(), torch.optim.SGD, lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    x, y = batch(0)
-    opt.step(scaled_closure(model, x, y, scaler), scaler=scaler)
-    scaler.update()
-    ropt.step(closure_for(ref, x, y))
+    scaled_and_plain_step(model, opt, ref, ropt, scaler, *batch(0))
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
 

@@ -168,11 +168,12 @@ def _snapshot(model, opt):
     return state
 
 
-def _two_steps(name, base):
+def _two_steps(name, base, n_batches=4):
+    """``name`` over ``base`` after two steps of ``n_batches`` batches: model, opt, batches."""
     torch.manual_seed(0)
     model = Net()
     opt = build(name, base, model)
-    data = batches(4)
+    data = batches(n_batches)
     torch.manual_seed(1)
     for x, y in data[:2]:
         opt.zero_grad()
@@ -232,14 +233,7 @@ def test_bad_state_in_last_group_is_caught_before_any_launch(name, base):
 @pytest.mark.parametrize("name", NAMES)
 def test_parameters_retyped_after_construction(name, base, dtype):
     """``model.to(dtype)`` after some steps: the optimizer keeps stepping, as torch's SGD."""
-    torch.manual_seed(0)
-    model = Net()
-    opt = build(name, base, model)
-    data = batches(5)
-    torch.manual_seed(1)
-    for x, y in data[:2]:
-        opt.zero_grad()
-        opt.step(make_closure(name, model, x, y))
+    model, opt, data = _two_steps(name, base, n_batches=5)
     model.to(dtype)
     for x, y in data[2:]:
         opt.zero_grad()
