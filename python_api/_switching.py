@@ -34,7 +34,7 @@ decision (no rank runs a second pass alone).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -113,6 +113,18 @@ class SwitchingSAM(SAMFamily):
         changes must be undone by :meth:`_undo` / gated by :meth:`_commit`.
         """
         raise NotImplementedError
+
+    def _decide_on_norm(self, rule: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A :meth:`_decide` whose finite check is the norm of ``g0`` (LookSAM, SS-SAM).
+
+        The global ``||g0||`` (kept in ``self._norm0`` for the SAM step's ascent), then
+        ``rule()``: the choice, a 0-d device tensor true (1) for a SAM step (bool or int32),
+        made ``DECISION_NONFINITE`` where the norm is not finite. No host read.
+        """
+        norm = self._grad_norm()
+        self._norm0 = norm
+        sam = rule()
+        return torch.where(torch.isfinite(norm), sam.to(torch.int32), DECISION_NONFINITE)
 
     def _undo(self) -> None:
         """Revert what :meth:`_decide` changed (a skip known on the host)."""

@@ -11,7 +11,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from python_api._base import check_nonneg
-from python_api._switching import DECISION_NONFINITE, SwitchingSAM
+from python_api._switching import SwitchingSAM
 from sam_kernels import LinComb, looksam_project_, looksam_reuse
 
 #: per-parameter state key of LookSAM's stored component
@@ -126,10 +126,7 @@ class LookSAM(SwitchingSAM):
 
     # ----------------------------------------------------------------- hooks
     def _decide(self, params: list[torch.Tensor]) -> torch.Tensor:
-        norm = self._grad_norm()
-        self._norm0 = norm
-        sam = torch.remainder(self._t, self.k) == 0
-        return torch.where(torch.isfinite(norm), sam.to(torch.int32), DECISION_NONFINITE)
+        return self._decide_on_norm(lambda: torch.remainder(self._t, self.k) == 0)
 
     def _gv(self, params: list[torch.Tensor], create: bool) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = []

@@ -11,7 +11,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from python_api._base import check_nonneg, check_range
-from python_api._switching import DECISION_NONFINITE, SwitchingSAM
+from python_api._switching import SwitchingSAM
 from sam_kernels import counter_uniform, uniform_threshold
 
 #: stream ids of :func:`sam_kernels.ops.counter_rng.counter_uniform` per algorithm
@@ -101,11 +101,12 @@ class SSSAM(SwitchingSAM):
     sharded_safe = True
 
     def _decide(self, params: list[torch.Tensor]) -> torch.Tensor:
-        norm = self._grad_norm()
-        self._norm0 = norm
+        return self._decide_on_norm(self._coin)
+
+    def _coin(self) -> torch.Tensor:
+        """1 (int32, on the device) for a SAM step: ``U(seed, t) < p``."""
         u = counter_uniform(self.seed, self._t, 1, stream=SSSAM_STREAM, backend=self.backend)
-        sam = (u[0] < uniform_threshold(self.p)).to(torch.int32)
-        return torch.where(torch.isfinite(norm), sam, DECISION_NONFINITE)
+        return (u[0] < uniform_threshold(self.p)).to(torch.int32)
 
     _config_extra_state = ("seed",)
 
