@@ -167,6 +167,19 @@ def opt_step(opt, model, x, y, form="closure", seed=None, **kw):
     return None
 
 
+def run_with_ref(opt, model, ref, steps, *ref_args, fp32=False, seed=None):
+    """``steps`` steps of ``opt`` (closure form) and of the float64 reference ``ref``
+    (``ref.step(x, y, *ref_args)``), on ``data(seed=step)``. ``fp32``: the optimizer's inputs in
+    float32; ``seed``: the global generator seeded with ``seed + step`` before each of the two."""
+    for step in range(steps):
+        x, y = data(seed=step)
+        s = None if seed is None else seed + step
+        opt_step(opt, model, x.float() if fp32 else x, y, "closure", seed=s)
+        if s is not None:
+            torch.manual_seed(s)
+        ref.step(x, y, *ref_args)
+
+
 def spied_step(opt, model, x, y, form="closure", counted=HOST_READ_OPS):
     """One step in form ``closure`` or ``grads_loss`` (see :func:`opt_step`) with only
     ``opt.step`` under a :class:`HostReads` spy counting ``counted``; the spy."""

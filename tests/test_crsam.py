@@ -20,6 +20,7 @@ from _models import (
     loss_fn,
     opt_step,
     poisoned_closure,
+    run_with_ref,
     snapshot,
     spied_step,
 )
@@ -132,10 +133,7 @@ def test_crsam_fp32_close_to_reference():
     cls, hp = BASES["sgd"]
     opt = CRSAM(model.groups(), cls, model=model, **hp)
     ref = RefCRSAM(ref_model, (0.05, 0.2, 0.0), 0.1, 0.01, False, "sgd", hp)
-    for step in range(5):
-        x, y = data(seed=step)
-        opt_step(opt, model, x.float(), y, "closure")
-        ref.step(x, y)
+    run_with_ref(opt, model, ref, 5, fp32=True)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         assert rel_err(p.detach(), q.detach()) < 1e-5
 
@@ -361,10 +359,7 @@ def test_generic_base(log_form):
     )  # fmt: skip
     assert all(g["alpha"] == 0.99 for g in opt.param_groups)  # RMSprop's default
     ref = RefCRSAM(ref_model, rhos, 0.5, 0.3, log_form, torch.optim.RMSprop, dict(lr=0.01))
-    for s in range(5):
-        x, y = data(seed=s)
-        opt_step(opt, model, x, y, "closure")
-        ref.step(x, y)
+    run_with_ref(opt, model, ref, 5)
     for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
         assert rel_err(p.detach(), q.detach()) < 1e-6, name
     assert opt.base_optimizer.state  # RMSprop's own state was used

@@ -25,6 +25,7 @@ from _models import (
     eval_grads,
     opt_step,
     poisoned_closure,
+    run_with_ref,
     snapshot,
     spied_step,
 )
@@ -196,10 +197,7 @@ def test_fp32_close_to_reference():
     cls, hp = BASES["sgd"]
     opt = FriendlySAM(model.groups(), cls, model=model, **hp)
     ref = RefFriendlySAM(ref_model, RHOS, 1.0, 0.9, "sgd", hp)
-    for step in range(5):
-        x, y = data(seed=step)
-        opt_step(opt, model, x.float(), y, "closure")
-        ref.step(x, y, hp["lr"])
+    run_with_ref(opt, model, ref, 5, hp["lr"], fp32=True)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         assert rel_err(p.detach(), q.detach()) < 1e-5
 
@@ -255,10 +253,7 @@ def test_bn_stats_only_updated_at_w():
     ref_model = copy.deepcopy(model)
     opt = FriendlySAM(model.groups(), torch.optim.SGD, model=model, lr=0.1)
     ref = RefFriendlySAM(ref_model, RHOS, 1.0, 0.9, "sgd", dict(momentum=0.0, weight_decay=0.0))
-    for step in range(3):
-        x, y = data(seed=step)
-        opt_step(opt, model, x, y, "closure")
-        ref.step(x, y, 0.1)
+    run_with_ref(opt, model, ref, 3, 0.1)
     for a, b in zip(bn_buffers(model), bn_buffers(ref_model)):
         assert torch.equal(a, b) if not a.is_floating_point() else rel_err(a, b) < 1e-12
     assert model.bn.num_batches_tracked.item() == 3
@@ -418,10 +413,7 @@ def test_generic_base_optimizer():
     opt = FriendlySAM(model.groups(), torch.optim.SGD, model=model, lr=0.1, foreach=False, **hp)
     assert opt._fused is None
     ref = RefFriendlySAM(ref_model, RHOS, 1.0, 0.9, "sgd", hp)
-    for step in range(5):
-        x, y = data(seed=step)
-        opt_step(opt, model, x, y, "closure")
-        ref.step(x, y, 0.1)
+    run_with_ref(opt, model, ref, 5, 0.1)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         assert rel_err(p.detach(), q.detach()) < 1e-10
 

@@ -27,6 +27,7 @@ from _models import (
     eval_grads,
     loss_fn,
     poisoned_closure,
+    run_with_ref,
     snapshot,
     spied_step,
 )
@@ -202,12 +203,7 @@ def test_fp32_close_to_reference():
     cls, hp = BASES["sgd"]
     opt = RSAM(groups_of(model), cls, model=model, **hp)
     ref = RefRSAM(ref_model, RHOS, SIGMAS, "sgd", hp)
-    for step in range(5):
-        x, y = data(seed=step)
-        torch.manual_seed(step)
-        opt_step(opt, model, x.float(), y)
-        torch.manual_seed(step)
-        ref.step(x, y, hp["lr"])
+    run_with_ref(opt, model, ref, 5, hp["lr"], fp32=True, seed=0)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         assert rel_err(p.detach(), q.detach()) < 1e-5
 
@@ -425,12 +421,7 @@ def test_generic_base_optimizer():
     opt = RSAM(groups_of(model), torch.optim.SGD, model=model, lr=0.1, foreach=False, **hp)
     assert opt._fused is None
     ref = RefRSAM(ref_model, RHOS, SIGMAS, "sgd", hp)
-    for step in range(5):
-        x, y = data(seed=step)
-        torch.manual_seed(step)
-        opt_step(opt, model, x, y)
-        torch.manual_seed(step)
-        ref.step(x, y, 0.1)
+    run_with_ref(opt, model, ref, 5, 0.1, seed=0)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         assert rel_err(p.detach(), q.detach()) < 1e-10
 

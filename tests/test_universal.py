@@ -26,6 +26,7 @@ from _models import (
     loss_fn,
     opt_step,
     poisoned_closure,
+    run_with_ref,
     snapshot,
     spied_step,
 )
@@ -182,11 +183,7 @@ def test_fp32_close_to_reference(name):
     ref_model = copy.deepcopy(model).double()
     opt = make_opt(name, model, "sgd")
     ref = make_ref(name, ref_model, "sgd", BASES["sgd"][1])
-    for step in range(5):
-        x, y = data(seed=step)
-        opt_step(opt, model, x.float(), y, "closure", seed=100 + step)
-        torch.manual_seed(100 + step)
-        ref.step(x, y)
+    run_with_ref(opt, model, ref, 5, fp32=True, seed=100)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         assert rel_err(p.detach(), q.detach()) < 1e-4
 
@@ -233,11 +230,7 @@ def test_defaults_and_one_sample():
         r = copy.deepcopy(m)
         opt = make_opt(name, m, "sgd", n_samples=1)
         ref = make_ref(name, r, "sgd", BASES["sgd"][1], n_samples=1)
-        for step in range(3):
-            x, y = data(seed=step)
-            opt_step(opt, m, x, y, "closure", seed=step)
-            torch.manual_seed(step)
-            ref.step(x, y)
+        run_with_ref(opt, m, ref, 3, seed=0)
         for p, q in zip(m.parameters(), r.parameters()):
             assert rel_err(p.detach(), q.detach()) < 1e-6
 
