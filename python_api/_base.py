@@ -120,11 +120,12 @@ class SAMFamily(
     Subclasses implement :meth:`step` with the helpers of its parts:
     :class:`~python_api._closures.ClosureContract` (closures, stale gradients, the non-finite
     flag), :class:`~python_api._perturbation.Perturbation` (norm, ascent, backups, restore),
-    :class:`~python_api._base_step.BaseStep` (the base step, clipping, counters) over
+    :class:`~python_api._base_step.BaseStep` (the base step, clipping, the counters and their
+    properties ``steps_taken`` / ``skipped_steps``) over
     :class:`~python_api._plans.BaseStepPlans`, and :class:`~python_api._hooks.HookCalls` (the
     AMP / DDP / FSDP2 hooks of a step), and :class:`~python_api._devices.DeviceFollowing`
-    (device following). This class holds construction, parameter groups, the counters'
-    properties and the state_dict glue.
+    (device following). This class holds construction, parameter groups and the state_dict
+    glue.
 
     torch's implementation flags given for a ``torch.optim.SGD``/``AdamW`` base (``foreach=``,
     ``fused=``, ``capturable=``, as keyword arguments or in its groups): ``None`` or ``True``
@@ -268,16 +269,6 @@ class SAMFamily(
         self.base_optimizer.add_param_group(param_group)
         self._check_group(self.param_groups[-1])
         self._rho_cache = None
-
-    @property
-    def skipped_steps(self) -> int:
-        """Number of steps skipped because a loss or gradient was not finite (host read)."""
-        return int(self._counters[1].item())
-
-    @property
-    def steps_taken(self) -> int:
-        """Number of steps applied (host read)."""
-        return int(self._counters[0].item())
 
     # ----------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:

@@ -20,7 +20,30 @@ from python_api._checks import _combine_norms, _dense_grads, finite01
 CLIP_CHUNK = 1 << 24
 
 
-class BaseStep:
+class StepCounters:
+    """The device counters ``_counters = [steps applied, steps skipped]`` (float32, updated on
+    the device with no host read) and their host reads: a part of ``SAMFamily`` (through
+    :class:`BaseStep`) and of Momentum-SAM's ``MomentumSAMCore``, which create the tensor."""
+
+    _counters: torch.Tensor
+
+    def _add_step(self, ok: torch.Tensor) -> None:
+        """Count one step: applied where ``ok`` is 1, skipped where it is 0 (device op)."""
+        self._counters.add_(torch.stack([ok, 1.0 - ok]))
+
+    @property
+    def skipped_steps(self) -> int:
+        """Number of steps skipped because a loss or gradient it checked was not finite
+        (host read)."""
+        return int(self._counters[1].item())
+
+    @property
+    def steps_taken(self) -> int:
+        """Number of steps applied (host read)."""
+        return int(self._counters[0].item())
+
+
+class BaseStep(StepCounters):
     """The base step, clipping and counters (a part of ``SAMFamily``)."""
 
     # ----------------------------------------------------------------- the opening of a step
@@ -185,7 +208,7 @@ class BaseStep:
 
     def _count(self, ok: torch.Tensor) -> None:
         """The step has been applied (or skipped on the device): counters, no live backups."""
-        self._counters.add_(torch.stack([ok, 1.0 - ok]))
+        self._add_step(ok)
         self._live = []
 
 

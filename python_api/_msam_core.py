@@ -21,6 +21,7 @@ from python_api._base import (
     check_nonneg,
     finite01,
 )
+from python_api._base_step import StepCounters
 from python_api._msam_checkpoint import SCALE_KEY, MomentumSAMCheckpoint, _scale_dtype
 
 _ON_NONFINITE = ("skip", "raise")
@@ -34,7 +35,7 @@ def _is_dtensor(p: torch.Tensor) -> bool:
     return isinstance(p, DTensor)
 
 
-class MomentumSAMCore(MomentumSAMCheckpoint, Optimizer):
+class MomentumSAMCore(StepCounters, MomentumSAMCheckpoint, Optimizer):
     """Shared machinery of the two forms: validation, state, the step frame, ``unperturbed``."""
 
     #: the per-parameter direction the perturbation follows (the momentum / first moment)
@@ -105,16 +106,6 @@ class MomentumSAMCore(MomentumSAMCheckpoint, Optimizer):
                 self.param_groups.pop()
                 raise
             self._const_cache = None
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped because a gradient was not finite (host read)."""
-        return int(self._counters[1].item())
-
-    @property
-    def steps_taken(self) -> int:
-        """Steps applied (host read)."""
-        return int(self._counters[0].item())
 
     # ------------------------------------------------------------------ state
     def _init_state(self, p: torch.Tensor) -> None:
@@ -260,7 +251,7 @@ class MomentumSAMCore(MomentumSAMCheckpoint, Optimizer):
             backend=self.backend,
         )  # fmt: skip
         torch._foreach_copy_(scales, list(torch.where(ok > 0, c_raw, c_old).unbind(0)))
-        self._counters.add_(torch.stack([ok, 1.0 - ok]))
+        self._add_step(ok)
         return loss
 
     # ------------------------------------------------------------------ w, between steps
