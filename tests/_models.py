@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from _helpers import HOST_READ_OPS, HostReads
 from torch import nn
@@ -113,16 +112,6 @@ def poisoned_closure(model, x, y, call, kind):
 def bw(loss):
     loss.backward()
     return loss
-
-
-def check_sparse_refused(cls) -> None:
-    """``cls`` (over SGD) refuses a step with sparse gradients, the weights as they were."""
-    emb = nn.Embedding(10, 3, sparse=True)
-    opt = cls(emb.parameters(), torch.optim.SGD, lr=0.1)
-    w = emb.weight.detach().clone()
-    with pytest.raises(ValueError, match="sparse"):
-        opt.step(lambda: bw(emb(torch.tensor([1, 2])).sum()))
-    assert torch.equal(w, emb.weight)
 
 
 # ---------------------------------------------------------------- the closure forms of a step

@@ -3,30 +3,31 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
-from _helpers import SCALAR_AND_NONZERO, RefBase, rel_err, same
+from _checks import (
+    check_raise_leaves_no_trace,
+    check_resume,
+    check_skip_leaves_no_trace,
+    check_sparse_refused,
+)
+from _helpers import SCALAR_AND_NONZERO, RefBase, rel_err
 from _models import (
     BASES,
     STEPS,
     GroupedBNNet,
     bn_buffers,
     bw,
-    check_sparse_refused,
     data,
     eval_grads,
     loss_fn,
     opt_step,
-    poisoned_closure,
     run_with_ref,
-    snapshot,
     spied_step,
 )
 from torch import nn
 
-from python_api._base import NonFiniteError
 from python_api.crsam import CRSAM
 
 Net = GroupedBNNet
@@ -217,38 +218,17 @@ def test_exact_restore(base, log_form):
 )
 def test_nonfinite_step_leaves_no_trace(base, log_form, call, kind):
     torch.manual_seed(4)
-    model = Net()
-    clean = copy.deepcopy(model)
     cls, hp = BASES[base]
-    opt = CRSAM(model.groups(), cls, log_form=log_form, model=model, **hp)
-    opt_clean = CRSAM(clean.groups(), cls, log_form=log_form, model=clean, **hp)
-    batches = [data(seed=s, dtype=torch.float32) for s in range(6)]
-    for s in range(2):
-        opt_step(opt, model, *batches[s], "closure")
-        opt_step(opt_clean, clean, *batches[s], "closure")
-    snap = snapshot(model, opt)
-    opt.zero_grad()
-    opt.step(poisoned_closure(model, *batches[2], call, kind))
-    assert same(snap, snapshot(model, opt)), "a skipped step must change nothing"
-    assert opt.skipped_steps == 1 and opt.steps_taken == 2
-    for s in range(3, 6):
-        opt_step(opt, model, *batches[s], "closure")
-        opt_step(opt_clean, clean, *batches[s], "closure")
-    for p, q in zip(model.parameters(), clean.parameters()):
-        assert torch.equal(p, q)
+    check_skip_leaves_no_trace(
+        lambda m: CRSAM(m.groups(), cls, log_form=log_form, model=m, **hp), call, kind
+    )
 
 
 @pytest.mark.parametrize("call,what", [(1, "w \\("), (2, "w \\+ e"), (3, "w - e")])
 def test_on_nonfinite_raise(call, what):
     model = Net()
     opt = CRSAM(model.groups(), torch.optim.SGD, lr=0.1, momentum=0.9, on_nonfinite="raise")
-    x, y = data(dtype=torch.float32)
-    opt_step(opt, model, x, y, "closure")
-    snap = snapshot(model, opt)
-    opt.zero_grad()
-    with pytest.raises(NonFiniteError, match=what):
-        opt.step(poisoned_closure(model, x, y, call, "grad"))
-    assert same(snap, snapshot(model, opt))
+    check_raise_leaves_no_trace(model, opt, call, what)
 
 
 def test_no_host_reads_in_step():
@@ -314,32 +294,10 @@ def test_bad_inputs():
 def test_resume_bit_identical(base, log_form):
     torch.manual_seed(5)
     cls, hp = BASES[base]
-    model = Net()
-    opt = CRSAM(model.groups(), cls, log_form=log_form, model=model, **hp)
-    batches = [data(seed=s, dtype=torch.float32) for s in range(6)]
-    for s in range(3):
-        opt_step(opt, model, *batches[s], "closure")
-    sd = opt.state_dict()
-    kept = {n for st in sd["state"].values() for n in st}
-    assert not kept & {"backup", "crsam_g0", "crsam_gplus"}, kept  # scratch is not saved
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": sd}, buf)
-    for s in range(3, 6):
-        opt_step(opt, model, *batches[s], "closure")
-
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=False)
-    fresh = Net()
-    fresh.load_state_dict(ckpt["model"])
-    opt2 = CRSAM(fresh.groups(), cls, log_form=log_form, model=fresh, **hp)
-    opt2.load_state_dict(ckpt["opt"])
-    assert opt2.steps_taken == 3
-    for s in range(3, 6):
-        opt_step(opt2, fresh, *batches[s], "closure")
-    for p, q in zip(model.parameters(), fresh.parameters()):
-        assert torch.equal(p, q)
-    for a, b in zip(bn_buffers(model), bn_buffers(fresh)):
-        assert torch.equal(a, b)
+    check_resume(
+        lambda m: CRSAM(m.groups(), cls, log_form=log_form, model=m, **hp),
+        scratch={"backup", "crsam_g0", "crsam_gplus"},
+    )
 
 
 @pytest.mark.parametrize("log_form", [False, True])

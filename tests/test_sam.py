@@ -7,8 +7,11 @@ import io
 
 import pytest
 import torch
+from _checks import (
+    check_sparse_refused,
+)
 from _helpers import SCALAR_AND_NONZERO, HostReads, RefBase, rel_err, same
-from _models import BASES, GroupedBNNet, bw, check_sparse_refused, data, loss_fn, opt_step
+from _models import BASES, GroupedBNNet, bw, data, loss_fn, opt_step
 from torch import nn
 
 from python_api import SAM, NonFiniteError, disable_running_stats, enable_running_stats

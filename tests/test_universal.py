@@ -8,26 +8,29 @@ identically before every step: agreement checks the random stream as well as the
 from __future__ import annotations
 
 import copy
-import io
 import math
 
 import pytest
 import torch
-from _helpers import SCALAR_AND_NONZERO, RefBase, rel_err, same
+from _checks import (
+    check_raise_leaves_no_trace,
+    check_resume,
+    check_skip_leaves_no_trace,
+    check_sparse_refused,
+)
+from _helpers import SCALAR_AND_NONZERO, RefBase, rel_err
 from _models import (
     BASES,
     STEPS,
     GroupedBNNet,
     bn_buffers,
     bw,
-    check_sparse_refused,
     data,
     eval_grads,
     loss_fn,
     opt_step,
     poisoned_closure,
     run_with_ref,
-    snapshot,
     spied_step,
 )
 from torch import nn
@@ -272,24 +275,8 @@ def test_exact_restore(name, base):
 )
 def test_nonfinite_step_leaves_no_trace(name, base, call, kind):
     torch.manual_seed(4)
-    model = Net()
-    clean = copy.deepcopy(model)
-    opt, opt_clean = make_opt(name, model, base), make_opt(name, clean, base)
-    batches = [data(seed=s, dtype=torch.float32) for s in range(6)]
-    for s in range(2):
-        opt_step(opt, model, *batches[s], "closure", seed=s)
-        opt_step(opt_clean, clean, *batches[s], "closure", seed=s)
-    snap = snapshot(model, opt)
-    opt.zero_grad()
-    opt.step(poisoned_closure(model, *batches[2], call, kind))
-    assert same(snap, snapshot(model, opt)), "a skipped step must change nothing"
-    assert opt.skipped_steps == 1 and opt.steps_taken == 2
     # the global generator is the user's: re-seeded identically, as the spec says
-    for s in range(3, 6):
-        opt_step(opt, model, *batches[s], "closure", seed=s)
-        opt_step(opt_clean, clean, *batches[s], "closure", seed=s)
-    for p, q in zip(model.parameters(), clean.parameters()):
-        assert torch.equal(p, q)
+    check_skip_leaves_no_trace(lambda m: make_opt(name, m, base), call, kind, seeded=True)
 
 
 @pytest.mark.parametrize("name", ["frob", "trace", "det"])
@@ -297,13 +284,7 @@ def test_nonfinite_step_leaves_no_trace(name, base, call, kind):
 def test_on_nonfinite_raise(name, call, what):
     model = Net()
     opt = make_opt(name, model, "sgd", on_nonfinite="raise")
-    x, y = data(dtype=torch.float32)
-    opt_step(opt, model, x, y, "closure")
-    snap = snapshot(model, opt)
-    opt.zero_grad()
-    with pytest.raises(NonFiniteError, match=what):
-        opt.step(poisoned_closure(model, x, y, call, "grad"))
-    assert same(snap, snapshot(model, opt))
+    check_raise_leaves_no_trace(model, opt, call, what)
 
 
 def test_no_host_reads_in_step():
@@ -386,32 +367,11 @@ def test_bad_inputs():
 @pytest.mark.parametrize("name", ["frob", "trace", "det"])
 def test_resume_bit_identical(name, base):
     torch.manual_seed(5)
-    model = Net()
-    opt = make_opt(name, model, base)
-    batches = [data(seed=s, dtype=torch.float32) for s in range(6)]
-    for s in range(3):
-        opt_step(opt, model, *batches[s], "closure", seed=s)
-    sd = opt.state_dict()
-    kept = {n for st in sd["state"].values() for n in st}
-    assert not kept & {"backup", "usam_g0", "usam_a", "usam_b"}, kept  # scratch is not saved
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": sd}, buf)
-    for s in range(3, 6):
-        opt_step(opt, model, *batches[s], "closure", seed=s)
-
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=False)
-    fresh = Net()
-    fresh.load_state_dict(ckpt["model"])
-    opt2 = make_opt(name, fresh, base, model=fresh)
-    opt2.load_state_dict(ckpt["opt"])
-    assert opt2.steps_taken == 3
-    for s in range(3, 6):
-        opt_step(opt2, fresh, *batches[s], "closure", seed=s)
-    for p, q in zip(model.parameters(), fresh.parameters()):
-        assert torch.equal(p, q)
-    for a, b in zip(bn_buffers(model), bn_buffers(fresh)):
-        assert torch.equal(a, b)
+    check_resume(
+        lambda m: make_opt(name, m, base),
+        scratch={"backup", "usam_g0", "usam_a", "usam_b"},
+        seeded=True,
+    )
 
 
 def test_counter_noise_state(monkeypatch):
