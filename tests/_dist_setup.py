@@ -1,9 +1,12 @@
 """What the gloo tests (test_ddp, test_clipping_dist, test_gsam_ddp) share, in the workers and
 in the single-process references they are compared with: the small model, its two groups, the
 batches and each rank's shard, the optimizer-table classes built over them, an FSDP2-sharded
-model, SAM under ``SAMDDPStep``, and the per-replica gradients of m-sharpness by hand."""
+model, SAM under ``SAMDDPStep``, and the per-replica gradients of m-sharpness by hand. Also the
+in-process one-rank group whose all-reduces the CR-SAM and Frob/Trace/Det-SAM tests count."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from _gloo import WORLD
@@ -103,3 +106,23 @@ def m_sharpness_grads(model, params, x, y, rho_of) -> list[torch.Tensor]:
                 p.copy_(wi)
         g_sum = [a + b for a, b in zip(g_sum, g1)]
     return g_sum
+
+
+# ----------------------------------------------------------------- in process
+@contextlib.contextmanager
+def all_reduces_counted(distributed: bool):
+    """The tensors given to ``torch.distributed.all_reduce`` inside (the yielded list);
+    ``distributed``: inside a one-rank gloo process group (in process, on a HashStore)."""
+    import torch.distributed as dist
+
+    if distributed:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    real = dist.all_reduce
+    calls = []
+    dist.all_reduce = lambda t, **kw: (calls.append(t), real(t, **kw))[1]
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = real
+        if distributed:
+            dist.destroy_process_group()

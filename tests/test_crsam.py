@@ -12,6 +12,7 @@ from _checks import (
     check_skip_leaves_no_trace,
     check_sparse_refused,
 )
+from _dist_setup import all_reduces_counted
 from _helpers import SCALAR_AND_NONZERO, RefBase, rel_err
 from _models import (
     BASES,
@@ -324,7 +325,7 @@ def test_generic_base(log_form):
     assert rel_err(model.w1.detach(), start.w1.detach()) > 1e-4
 
 
-def test_losses_averaged_over_ranks(monkeypatch):
+def test_losses_averaged_over_ranks():
     """Under torch.distributed the paper form's three losses are all-reduced (one scalar per
     evaluation, on the device); the reference form reduces none. Both forms add one scalar
     all-reduce per step: the skip vote (every rank skips or steps together). One rank: the
@@ -334,15 +335,8 @@ def test_losses_averaged_over_ranks(monkeypatch):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     results = {}
-    real = dist.all_reduce
     for distributed in (False, True):
-        if distributed:
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        try:
-            calls = []
-            monkeypatch.setattr(
-                dist, "all_reduce", lambda t, **kw: (calls.append(t), real(t, **kw))[1]
-            )
+        with all_reduces_counted(distributed) as calls:
             for log_form in (False, True):
                 torch.manual_seed(9)
                 model = Net()
@@ -353,9 +347,6 @@ def test_losses_averaged_over_ranks(monkeypatch):
                 want = 2 * (3 * log_form + 1) if distributed else 0
                 assert len(calls) == want and all(t.dim() == 0 for t in calls)
                 results[distributed, log_form] = [p.detach().clone() for p in model.parameters()]
-        finally:
-            if distributed:
-                dist.destroy_process_group()
     for log_form in (False, True):
         for a, b in zip(results[False, log_form], results[True, log_form]):
             assert torch.equal(a, b)

@@ -18,6 +18,7 @@ from _checks import (
     check_skip_leaves_no_trace,
     check_sparse_refused,
 )
+from _dist_setup import all_reduces_counted
 from _helpers import SCALAR_AND_NONZERO, RefBase, rel_err
 from _models import (
     BASES,
@@ -435,7 +436,7 @@ def test_det_overflow_is_skipped(sign):
     assert torch.isfinite(p).all() and not torch.equal(p, before)
 
 
-def test_losses_averaged_over_ranks(monkeypatch):
+def test_losses_averaged_over_ranks():
     """Under torch.distributed the losses that weight gradients are all-reduced (one scalar
     per evaluation, on the device), plus one scalar per step: the skip vote (every rank skips
     or steps together); with one rank the result equals the plain run."""
@@ -444,15 +445,8 @@ def test_losses_averaged_over_ranks(monkeypatch):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     results = {}
-    real = dist.all_reduce
     for distributed in (False, True):
-        if distributed:
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        try:
-            calls = []
-            monkeypatch.setattr(
-                dist, "all_reduce", lambda t, **kw: (calls.append(t), real(t, **kw))[1]
-            )
+        with all_reduces_counted(distributed) as calls:
             for name in CASES:
                 torch.manual_seed(9)
                 model = Net()
@@ -465,9 +459,6 @@ def test_losses_averaged_over_ranks(monkeypatch):
                 assert len(calls) == (2 * per_step if distributed else 0), name
                 assert all(t.dim() == 0 for t in calls)
                 results[distributed, name] = [q.detach().clone() for q in model.parameters()]
-        finally:
-            if distributed:
-                dist.destroy_process_group()
     for name in CASES:
         for a, b in zip(results[False, name], results[True, name]):
             assert torch.equal(a, b), name
