@@ -16,6 +16,7 @@ import torch
 
 from sam_kernels._backend import register
 from sam_kernels.ops._common import TensorList, per_tensor, pick, scratch_ok
+from sam_kernels.ops.philox import NOISE_KINDS, list_noise
 
 
 def perturb_(
@@ -93,8 +94,6 @@ def _perturb_with_temporary(params, grads, backups, scale, adaptive, eta) -> Non
 #: dtypes whose CPU perturbation is one fused multiply-add
 _FMA = (torch.float32, torch.float64)
 
-NOISE_KINDS = ("normal", "uniform")
-
 
 def noise_perturb_(
     params: TensorList,
@@ -112,10 +111,18 @@ def noise_perturb_(
     """``backups[i] <- params[i]`` (if ``save_backup``); ``params[i] = backups[i] + s_i * eps_i``.
 
     ``eps ~ N(0, I)`` (``kind="normal"``) or ``Uniform[-a, a]`` per element (``"uniform"``,
-    ``a = half_cube_len``). The eager backend draws ``eps`` per tensor, in order, from the
-    global generator (the reference code's stream); fused backends generate it from the
-    counter-based ``(seed, offset)`` pair (device tensors). ``noise`` (a test hook) gives the
-    values of ``eps`` directly.
+    ``a = half_cube_len``).
+
+    Streams. With a ``seed`` (an int64 0-d device tensor, or an int; ``offset`` likewise,
+    default 0), ``eps`` is the counter-based stream of :mod:`sam_kernels.ops.philox` (Philox4x32-10:
+    element ``j`` of the concatenated list takes counter ``offset + j`` under ``seed``), read on
+    the device only; the caller advances ``offset`` by at least the number of elements between
+    samples. The Triton kernel and the eager backend generate the same stream (uniform: bit for
+    bit; normal: to a few float32 ulps, the math libraries' ``log``/``cos``); the extension's
+    kernels key Philox differently (csrc/ops_math.h ``noise4``) for now. Without a seed the
+    eager backend draws ``eps`` per tensor, in order, from the global generator (the reference
+    code's stream, its default), and a fused backend draws a fresh seed from the global CPU
+    generator. ``noise`` (a test hook) gives the values of ``eps`` directly.
     """
     if kind not in NOISE_KINDS:
         raise ValueError(f"kind={kind!r}; expected one of {NOISE_KINDS}")
@@ -142,8 +149,13 @@ def noise_perturb_eager(
     params = list(params)
     if not params:
         return
+    backups = list(backups)
+    if noise is None and seed is not None:
+        # the fused backends' counter stream (sam_kernels.ops.philox): a fixed number of ops
+        # over the concatenated list, element order decided by the layouts as on Triton
+        noise = list_noise(params, backups, seed, offset, kind, half_cube_len)
     if save_backup:
-        torch._foreach_copy_(list(backups), params)
+        torch._foreach_copy_(backups, params)
     if noise is None:
         # The reference's random stream: one draw per tensor, in parameter order, from the
         # global generator (the one documented exception to "ops do not grow with tensors").
@@ -153,5 +165,5 @@ def noise_perturb_eager(
             a = half_cube_len
             noise = [2 * a * torch.rand(p.shape, device=p.device) - a for p in params]
     eps = torch._foreach_mul(list(noise), per_tensor(scale, len(params)))
-    torch._foreach_copy_(params, list(backups))
+    torch._foreach_copy_(params, backups)
     torch._foreach_add_(params, eps)
