@@ -16,8 +16,9 @@ name and still selects it.
 
 One exception to the CPU default: ``noise_perturb`` stays on eager for CPU tensors unless a
 backend is asked for, because its eager implementation draws from the global generator, the
-reference code's random stream (dbahri/universal_sam on the CPU); the fused backends draw from
-the counter-based ``(seed, offset)`` stream instead.
+reference code's random stream (dbahri/universal_sam on the CPU), when no seed is given; the
+fused backends, and eager given a ``seed``, draw from the counter-based ``(seed, offset)`` stream
+instead (:mod:`sam_kernels.ops.philox`; the extension's kernels still key it differently).
 
 A backend that is asked for explicitly but cannot run raises a ``RuntimeError`` that says why;
 the automatic choice never fails (eager runs everywhere).
