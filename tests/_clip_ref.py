@@ -1,8 +1,11 @@
 """Gradient clipping by hand, as ``torch.nn.utils.clip_grad_norm_`` defines it, for the tests
 that check ``max_grad_norm=``: on copies of gradient lists, on a float64 reference's gradients,
-and a base optimizer that records the gradients its step is given."""
+a base optimizer that records the gradients its step is given, and an unclipped twin of an
+optimizer over it."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -46,3 +49,13 @@ def recording(cls: type) -> type:
 
     Recording.__name__ = f"Recording{cls.__name__}"
     return Recording
+
+
+def unclipped_twin(model, opt):
+    """A deep copy of ``model`` and ``opt`` (which clips, over a :func:`recording` base) that does
+    not clip; both bases' records emptied. Step both alike: compare what their bases were given."""
+    twin_model, twin = copy.deepcopy((model, opt))
+    twin.max_grad_norm = None
+    opt.base_optimizer.seen = []
+    twin.base_optimizer.seen = []  # torch's optimizers deep-copy only their state
+    return twin_model, twin

@@ -21,7 +21,7 @@ import math
 
 import pytest
 import torch
-from _clip_ref import clip_by_hand, recording
+from _clip_ref import clip_by_hand, recording, unclipped_twin
 from test_optim_common import (
     BASES,
     FORWARD_ONLY,
@@ -72,10 +72,7 @@ def test_clipped_gradient_is_clip_grad_norm_of_the_unclipped_one(name, base):
     opt = build(name, base, model, generic=True, max_grad_norm=CLIP)
     worst, compared = 0.0, 0
     for x, y in batches(5):
-        twin_model, twin = copy.deepcopy((model, opt))
-        twin.max_grad_norm = None
-        opt.base_optimizer.seen = []
-        twin.base_optimizer.seen = []  # torch's optimizers deep-copy only their state
+        twin_model, twin = unclipped_twin(model, opt)
         rng = torch.get_rng_state()
         one_step(name, twin_model, twin, x, y)
         torch.set_rng_state(rng)
@@ -250,10 +247,7 @@ def test_clipping_under_grad_scaler_is_of_unscaled_gradients(name, base):
     scaler = _scaler()
     worst = 0.0
     for x, y in batches(4):
-        twin_model, twin = copy.deepcopy((model, opt))
-        twin.max_grad_norm = None
-        opt.base_optimizer.seen = []
-        twin.base_optimizer.seen = []
+        twin_model, twin = unclipped_twin(model, opt)
         rng = torch.get_rng_state()
         one_step(name, twin_model, twin, x, y)
         torch.set_rng_state(rng)

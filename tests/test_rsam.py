@@ -15,7 +15,7 @@ import io
 
 import pytest
 import torch
-from _clip_ref import clip_by_hand, clip_grads, recording
+from _clip_ref import clip_by_hand, clip_grads, recording, unclipped_twin
 from _helpers import RefBase, rel_err, same
 from _models import (
     BASES,
@@ -239,10 +239,7 @@ def test_clipped_gradient_equals_clip_grad_norm_applied_by_hand():
     )
     for step in range(4):
         x, y = data(seed=step)
-        twin_model, twin = copy.deepcopy((model, opt))
-        twin.max_grad_norm = None
-        twin.base_optimizer.seen = []
-        opt.base_optimizer.seen = []
+        twin_model, twin = unclipped_twin(model, opt)
         torch.manual_seed(step)
         opt_step(twin, twin_model, x, y)
         torch.manual_seed(step)
