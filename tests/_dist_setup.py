@@ -49,16 +49,16 @@ def max_diff(a, b) -> float:
 
 # ----------------------------------------------------------------- the optimizer table
 def table_opt(name, params, base=torch.optim.SGD, **extra):
-    """The optimizer-table class ``name`` (tests/test_optim_common.py) over ``base``, with the
+    """The optimizer-table class ``name`` (tests/_optim_table.py) over ``base``, with the
     table's test arguments, :data:`HP` and ``extra``."""
-    from test_optim_common import SPECS, opt_class
+    from _optim_table import SPECS, opt_class
 
     return opt_class(name)(params, base, **{**SPECS[name][2], **HP, **extra})
 
 
 def table_closure(name, model, x, y, hook=None):
     """The closure the table class ``name`` expects."""
-    from test_optim_common import make_closure
+    from _optim_table import make_closure
 
     return make_closure(name, model, x, y, hook)
 

@@ -22,7 +22,7 @@ import math
 import pytest
 import torch
 from _clip_ref import clip_by_hand, recording, unclipped_twin
-from test_optim_common import (
+from _optim_table import (
     BASES,
     FORWARD_ONLY,
     NAMES,

@@ -45,7 +45,7 @@ SHARDED = ("SAM", "ASAM", "CRSAM", "CRSAM-log", "AESAM", "SSSAM", "FriendlySAM")
 def _ddp_names():
     """Every class of the table but ESAM: ESAM picks the examples of its second pass from each
     replica's own losses, so it is not single-process training on the whole batch."""
-    from test_optim_common import NAMES
+    from _optim_table import NAMES
 
     return [n for n in NAMES if n != "ESAM"]
 

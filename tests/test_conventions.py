@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import tomllib
 import torch
-from test_optim_common import BASES, NAMES, SPECS, Net, batches, build, make_closure, opt_class
+from _optim_table import BASES, NAMES, SPECS, Net, batches, build, make_closure, opt_class
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import StepLR
 from torch.optim.optimizer import (

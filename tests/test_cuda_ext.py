@@ -624,15 +624,15 @@ def test_sam_optimizer_10_steps_vs_eager(device, base, adaptive):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 
-try:  # the table of every optimizer class (tests/test_optim_common.py)
-    import test_optim_common as _common
+try:  # the table of every optimizer class (tests/_optim_table.py)
+    import _optim_table as _common
 
     OPT_NAMES = [n for n in _common.NAMES if n not in _common.RANDOM]
 except Exception:  # pragma: no cover - that module is absent or broken
     _common, OPT_NAMES = None, []
 
 
-@pytest.mark.skipif(_common is None, reason="tests/test_optim_common.py not importable")
+@pytest.mark.skipif(_common is None, reason="tests/_optim_table.py not importable")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 @pytest.mark.parametrize("name", OPT_NAMES)
@@ -657,7 +657,7 @@ def test_every_optimizer_cuda_backend_vs_eager(device, name, base):
 def test_noise_optimizers_run_on_the_extension(device, name):
     """Frob/Trace/Det-SAM draw their noise in the extension: finite, reproducible from seed."""
     if _common is None:
-        pytest.skip("tests/test_optim_common.py not importable")
+        pytest.skip("tests/_optim_table.py not importable")
     data = [(x.to(device), y.to(device)) for x, y in _common.batches(4)]
     runs = []
     for _ in range(2):

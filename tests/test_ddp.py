@@ -161,7 +161,7 @@ CLASS_STEPS = 3
 
 def _scenario_fsdp2_classes(rank: int) -> dict:
     """Every class of the table over FSDP2 local shards: refused (the message) or 3 steps."""
-    from test_optim_common import NAMES
+    from _optim_table import NAMES
     from torch.distributed.device_mesh import init_device_mesh
 
     from python_api.sharded import FSDP2SAMStep, LocalShards
@@ -188,7 +188,7 @@ def _scenario_fsdp2_classes(rank: int) -> dict:
 def _scenario_ddp_nan_loss(rank: int) -> dict:
     """Plain DDP (no helper), every class: at step 1 rank 1's loss (only the value, not its
     gradient) is NaN at the ``at``-th closure call. The replicas must stay equal."""
-    from test_optim_common import NAMES
+    from _optim_table import NAMES
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     out = {}
@@ -354,7 +354,7 @@ def test_fsdp2_equals_single_process(dist_results):
 def test_fsdp2_every_class_equals_single_process_or_is_refused(dist_results):
     """Issue 13 case 3: every class of the table over FSDP2 (2 ranks) either equals
     single-process training on the whole batch or is refused with a message naming it."""
-    from test_optim_common import NAMES
+    from _optim_table import NAMES
 
     r0, r1 = _get(dist_results, "fsdp2_classes")
     refused = {n for n in NAMES if "refused" in r0[n]}
@@ -381,7 +381,7 @@ def test_fsdp2_every_class_equals_single_process_or_is_refused(dist_results):
 
 def test_plain_ddp_nonfinite_loss_on_one_rank_keeps_replicas_equal(dist_results):
     """Issue 13 case 5: plain DDP, a NaN loss value on one rank only: every rank skips."""
-    from test_optim_common import NAMES
+    from _optim_table import NAMES
 
     r0, r1 = _get(dist_results, "ddp_nan_loss")
     for name in NAMES:

@@ -19,7 +19,7 @@ import warnings
 import pytest
 import torch
 from _helpers import same
-from test_optim_common import NAMES, Net, batches, build, make_closure, opt_class
+from _optim_table import NAMES, Net, batches, build, make_closure, opt_class
 from torch.nn import functional as F
 from torch.optim.lr_scheduler import StepLR
 

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from test_optim_common import Net, batches, build, make_closure
+from _optim_table import Net, batches, build, make_closure
 from torch import nn
 
 from python_api import (

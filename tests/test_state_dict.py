@@ -27,7 +27,7 @@ import _gloo
 import pytest
 import torch
 from _helpers import same
-from test_optim_common import BASES, NAMES, Net, batches, build, opt_class, run_steps
+from _optim_table import BASES, NAMES, Net, batches, build, opt_class, run_steps
 from torch import nn
 
 CLASS_OF = {n: opt_class(n).__qualname__ for n in NAMES}

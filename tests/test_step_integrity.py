@@ -1,4 +1,4 @@
-"""Silent-wrong-result cases of issue 13, through the one table of tests/test_optim_common.py.
+"""Silent-wrong-result cases of issue 13, through the one table of tests/_optim_table.py.
 
 - stale gradients never become g0: ``zero_grad(set_to_none=False)`` before the step, or a loop
   that zeroes inside its closure (Lightning's automatic optimization), trains exactly as the
@@ -19,7 +19,7 @@ import copy
 import pytest
 import torch
 from _helpers import same
-from test_optim_common import (
+from _optim_table import (
     BASES,
     NAMES,
     SPECS,
