@@ -12,12 +12,11 @@ wheel: its test runs where timm imports (a CUDA torch with torchvision) and skip
 from __future__ import annotations
 
 import copy
-import importlib
-import os
 import warnings
 
 import pytest
 import torch
+from _extras import fresh_accelerate, import_timm, require
 from _helpers import same
 from _optim_table import NAMES, Net, batches, build, make_closure, opt_class
 from torch.nn import functional as F
@@ -27,16 +26,6 @@ from python_api import SAM
 
 STEPS = 4
 TWO_CALL = [n for n in NAMES if hasattr(opt_class(n), "first_step")]
-
-
-def require(module: str):
-    """Import a package of the test extra: skip without it, except in CI where it must be."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        if os.environ.get("CI"):
-            pytest.fail(f"{module} must be installed in CI (the README's install command): {err}")
-        pytest.skip(f"{module} is not installed (pip install -e '.[test]'): {err}")
 
 
 def same_model(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -210,14 +199,6 @@ def test_lightning_manual_two_call_equals_plain_loop(name):
 
 
 # ----------------------------------------------------------------- accelerate
-def fresh_accelerate():
-    """accelerate, with its process-wide state cleared (one ``Accelerator`` configuration per
-    process otherwise: a second one with another ``mixed_precision`` is refused)."""
-    accelerate = require("accelerate")
-    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
-    return accelerate
-
-
 def accelerate_run(name, net, data, start=0, save_dir=None, save_at=None, load_dir=None):
     """Train with ``accelerator.prepare``d model and optimizer over ``data[start:]``; the
     global seed set per step as in the plain loop. Returns the (unwrapped) optimizer."""
@@ -269,26 +250,6 @@ def test_accelerate_training_and_resume_equal_plain_loop(name, tmp_path):
 
 
 # ----------------------------------------------------------------- timm
-def import_timm():
-    """timm, or a skip saying why it cannot run here."""
-    try:
-        import timm
-        import timm.optim
-        import timm.scheduler
-    except ImportError as err:
-        pytest.skip(
-            f"timm cannot be imported here ({type(err).__name__}: {err}): it needs torchvision, "
-            "and PyPI's torchvision wheels do not load beside the CPU torch 2.13 wheel; the test "
-            "runs where timm imports (a CUDA torch with torchvision)"
-        )
-    except Exception as err:  # torchvision present but broken ("torchvision::nms")
-        pytest.skip(
-            f"timm cannot be imported here ({type(err).__name__}: {err}): PyPI's torchvision "
-            "wheels do not load beside the CPU torch 2.13 wheel"
-        )
-    return timm
-
-
 def test_timm_create_optimizer_v2_with_layer_decay():
     """``SAM(None, timm.optim.create_optimizer_v2(model, ..., layer_decay=...))``: the wrapper
     shares timm's groups (weight decay, lr_scale per layer), timm's scheduler sets each group's

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_integrations import fresh_accelerate, import_timm, require
+from _extras import fresh_accelerate, import_timm, require
 from torch import nn
 
 from python_api import SAM
