@@ -8,6 +8,7 @@ ascent's parameter lists come from the cached :class:`python_api._plans._ModePla
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import chain
 from typing import Any
 
 import torch
@@ -153,6 +154,8 @@ class Perturbation:
         groups = self.param_groups
         key = (
             tuple(map(id, groups)),
+            # the parameters themselves: a group's list replaced, or changed in place, rebuilds
+            tuple(map(id, chain.from_iterable(g["params"] for g in groups))),
             tuple(p.grad is not None for g in groups for p in g["params"]),
             tuple(
                 (g.get("rho", 0.0), g.get("sam", True), g.get("adaptive", False), g.get("eta", 0.0))

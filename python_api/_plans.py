@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any
 
 import torch
@@ -60,6 +61,8 @@ class BaseStepPlans:
         return (
             tuple(map(id, groups)),
             tuple(id(g["params"]) for g in groups),
+            # the parameters themselves: a group's list changed in place rebuilds the plan
+            tuple(map(id, chain.from_iterable(g["params"] for g in groups))),
             tuple(p.grad is not None for g in groups for p in g["params"]),
             tuple(map(id, perturbed)),
             id(self.base_optimizer.state),

@@ -31,6 +31,7 @@ distributed run.
 from __future__ import annotations
 
 import operator
+from itertools import chain
 from typing import Any
 
 import torch
@@ -131,6 +132,7 @@ class PlannedStep(_NotCopied):
         "_dicts",
         "_keys",
         "_values",
+        "_watch",
         "_keep",
     )
 
@@ -147,8 +149,9 @@ class PlannedStep(_NotCopied):
         self._keys = [k for _, k, _ in entries]
         self._values = [v for _, _, v in entries]
         self._keep = tuple(opt.param_groups)  # the ids in the key stay valid
+        self._watch = [p for g in opt.param_groups for p in g["params"]]
         plan = self.plan = sk.SamStepPlan(opt._counters)
-        plan.watch([p for g in opt.param_groups for p in g["params"]])
+        plan.watch(self._watch)
         (adaptive, eta), norm_params = modes.norm[0]
         if modes.pert:
             _, _, pert_params, _ = modes.pert[0]
@@ -190,6 +193,14 @@ class PlannedStep(_NotCopied):
             and (
                 not entries
                 or all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._values))
+                # a group's list changed in place (the key has its identity and length)
+                and all(
+                    map(
+                        operator.is_,
+                        chain.from_iterable(g["params"] for g in opt.param_groups),
+                        self._watch,
+                    )
+                )
             )
         )
 

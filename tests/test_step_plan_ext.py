@@ -417,3 +417,31 @@ def test_compiled_training_step_after_planned_steps():
     _closure_step([(m, opt), (r, ref)], 6)  # eager again: planned again
     _same(m, r, opt, ref)
     assert _planned(opt)
+
+
+@pytest.mark.parametrize("planned", [True, False])
+@pytest.mark.parametrize("how", ["new list", "in place"])
+def test_group_params_replaced(how, planned):
+    """A group's parameters swapped for others of the same shapes (a new list, or the same list
+    changed in place): the new parameters are the ones normed, perturbed and stepped, as a
+    fresh optimizer over them would (their state starts empty)."""
+    m, _, opt, _ = _pair("sgd")
+    opt.plan_steps = planned
+    for s in range(3):
+        _two_call([(m, opt)], s)
+    torch.manual_seed(1)
+    new = Net()
+    fresh = copy.deepcopy(new)
+    old = [p.detach().clone() for p in m.parameters()]
+    if how == "new list":
+        opt.param_groups[0]["params"] = list(new.parameters())
+    else:
+        opt.param_groups[0]["params"][:] = list(new.parameters())
+    f_opt = SAM(fresh.parameters(), BASES["sgd"][0], **BASES["sgd"][1])
+    f_opt.plan_steps = planned
+    for s in range(3, 6):
+        _two_call([(new, opt), (fresh, f_opt)], s)
+        for p, q in zip(new.parameters(), fresh.parameters()):
+            assert torch.equal(p, q)
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), old))  # the old ones untouched
+    assert _planned(opt) == planned
