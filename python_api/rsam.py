@@ -37,7 +37,9 @@ def _check_sigma(value: Any) -> None:
 
 def _noise_scale(w: torch.Tensor) -> torch.Tensor:
     """``s_p``: the norm of each output unit (all dims but dim 0, broadcast back) for
-    ``ndim > 1``; ``||p|| + 1e-16`` for 1-d and 0-d tensors. Device ops, no host read."""
+    ``ndim > 1``; ``||p|| + 1e-16`` for 1-d and 0-d tensors. Device ops, no host read.
+    (The step forms it inside ``sam_kernels.filter_noise_perturb_``; kept for the per-tensor
+    draw of a backend that has ``noise_perturb`` but not that op.)"""
     if w.dim() > 1:
         s = torch.linalg.vector_norm(w.flatten(1), dim=1)
         return s.reshape(-1, *([1] * (w.dim() - 1)))
@@ -211,10 +213,35 @@ class RSAM(SAMFamily):
         return out
 
     def _draw(self, groups, noisy, backups) -> list[torch.Tensor]:
-        """``delta`` of ``noisy`` (step-local), ``backups = w``, and ``p = w + delta``."""
-        z = self._scratch(noisy)
+        """``delta`` of ``noisy`` (step-local), ``backups = w``, and ``p = w + delta``.
+
+        One fused op (``sam_kernels.filter_noise_perturb_``): on Triton two launches per dtype
+        group whatever the number of tensors; eager: ``z`` from the global generator, one draw
+        per tensor in order."""
+        delta = self._scratch(noisy)
+        sigmas = [float(g["sigma"]) for g, ps in groups for _ in ps]
+        if self._noise_seed is not None and (
+            sk.runs_on("filter_noise_perturb", noisy, self.backend) == "eager"
+        ):
+            # counter noise from a backend without the fused op (the extension on CPU tensors)
+            return self._draw_per_tensor(noisy, backups, delta, sigmas)
+        sk.filter_noise_perturb_(
+            noisy,
+            backups,
+            delta,
+            sigmas,
+            seed=self._noise_seed,
+            offset=self._noise_offset,
+            eps_1d=NOISE_EPS_1D,
+            backend=self.backend,
+        )
+        self._live.extend(noisy)
+        return delta
+
+    def _draw_per_tensor(self, noisy, backups, z, sigmas) -> list[torch.Tensor]:
+        """The draw through ``noise_perturb_`` (counter-based ``z``), scaled tensor by tensor."""
         # z ~ N(0, 1) through the package's noise op: "params" z, "backups" zeros, scale 1
-        # (z = 0 + 1 * eps exactly); eager: the global generator, one draw per tensor in order
+        # (z = 0 + 1 * eps exactly)
         torch._foreach_zero_(backups)
         sk.noise_perturb_(
             z,
@@ -228,14 +255,9 @@ class RSAM(SAMFamily):
         )
         torch._foreach_copy_(backups, noisy)
         self._live.extend(noisy)
-        i = 0
-        for g, ps in groups:
-            sigma = float(g["sigma"])
-            for p in ps:
-                zi = z[i]
-                if zi.numel():
-                    zi.mul_(_noise_scale(p).to(zi.dtype) * sigma)
-                i += 1
+        for zi, p, sigma in zip(z, noisy, sigmas):
+            if zi.numel():
+                zi.mul_(_noise_scale(p).to(zi.dtype) * sigma)
         torch._foreach_add_(noisy, z)
         return z
 

@@ -22,6 +22,7 @@ from sam_kernels.ops.aesam_stats import (
 )
 from sam_kernels.ops.counter_rng import counter_uniform, uniform_threshold
 from sam_kernels.ops.dot import dot
+from sam_kernels.ops.filter_noise import filter_noise_perturb_
 from sam_kernels.ops.frob_accumulate import frob_accumulate_
 from sam_kernels.ops.grad_norm import finite_flag, grad_norm
 from sam_kernels.ops.lincomb import LinComb, lincomb_
@@ -42,6 +43,7 @@ __all__ = [
     "aesam_stats_",
     "counter_uniform",
     "dot",
+    "filter_noise_perturb_",
     "finite_flag",
     "frob_accumulate_",
     "grad_norm",

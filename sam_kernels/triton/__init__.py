@@ -24,6 +24,8 @@ Design (details in :mod:`sam_kernels.triton._launch`):
 - Tensors dense in memory with the same strides at a given index (contiguous, channels-last)
   are used in place; any other layout runs on contiguous copies copied back afterwards.
 - Launches: ``restore``, ``perturb``, ``noise_perturb``, ``lincomb``, ``frob_accumulate``: one.
+  ``filter_noise_perturb`` (R-SAM's filter-wise noise): a row-norm launch (one program per
+  output unit), then the elementwise one.
   ``grad_norm``, ``dot`` and ``aesam_stats``: per-program fp64 partial sums, then one program
   that sums them in a fixed order (deterministic, no atomics). ``sgd_step`` / ``adamw_step``:
   the fused step, then a one-program launch that adds ``ok`` to the step counters (every
@@ -65,6 +67,7 @@ from sam_kernels.triton import (  # noqa: F401  (importing registers the ops)
     adamw_step,
     aesam_stats,
     dot,
+    filter_noise,
     frob_accumulate,
     grad_norm,
     lincomb,

@@ -371,8 +371,12 @@ def plan(
             head = flat + list(numels) + list(idx) + list(eb) + firsts
             host = torch.empty(len(head) + s, dtype=torch.int64)
             host[: len(head)] = torch.tensor(head, dtype=torch.int64)
+            # output_size given: without it repeat_interleave reads its total on the host
+            # (a ``.item()`` per table build, every step where gradients moved)
             host[len(head) :] = torch.repeat_interleave(
-                torch.arange(len(numels), dtype=torch.int64), torch.tensor(nch, dtype=torch.int64)
+                torch.arange(len(numels), dtype=torch.int64),
+                torch.tensor(nch, dtype=torch.int64),
+                output_size=s,
             )
             return _to_device(host, device), s
 

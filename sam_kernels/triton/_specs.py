@@ -23,6 +23,7 @@ from sam_kernels.triton import (
     adamw_step,
     aesam_stats,
     dot,
+    filter_noise,
     frob_accumulate,
     grad_norm,
     lincomb,
@@ -51,6 +52,7 @@ ARG_TYPES = {
     "loss_ptr": "*fp32",
     "seed_ptr": "*i64",
     "offset_ptr": "*i64",
+    "meta": "*i64",
     "csk": "i32",
     "csi": "i32",
     "scale_stride": "i32",
@@ -96,6 +98,11 @@ def variants():
         v.append((f"noise/{dt}/normal={normal}/save={save}", perturb._noise_kernel,
                   dict(NORMAL=normal, SAVE=save, DT_P=dt, DT_B=dt, ALIGNED=True, **GEOM),
                   True))  # fmt: skip
+    for dt in (F32, BF16, F16):
+        v.append((f"filter_noise_rows/{dt}", filter_noise._row_coef_kernel,
+                  dict(DT_P=dt, BLOCK=_launch.GPU_BLOCK), False))  # fmt: skip
+        v.append((f"filter_noise/{dt}", filter_noise._filter_noise_kernel,
+                  dict(DT_P=dt, DT_B=dt, DT_D=dt, ALIGNED=True, **GEOM), True))  # fmt: skip
     for dt, k in ((F32, 2), (BF16, 3), (F32, 4)):
         v.append((f"lincomb/{dt}/K={k}", lincomb._lincomb_kernel,
                   dict(K=k, DT_O=dt, **_terms(*[dt] * k), ALIGNED=True, **GEOM), True))  # fmt: skip
