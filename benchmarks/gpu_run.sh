@@ -85,7 +85,7 @@ echo "build: $BUILD_STATUS | backends: ${BACKENDS:-?} | $(elapsed)s" | tee -a "$
 # The CPU smoke test of the benchmark is left out: the real benchmark runs next.
 echo "== tests (limit ${TESTS_S}s)" | tee -a "$LOG"
 # A module that fails to import must not stop the others (pytest's default is to stop).
-PT_ARGS=(-q tests/ -p no:cacheprovider --ignore=tests/test_benchmarks_smoke.py
+PT_ARGS=(-q tests/ -p no:cacheprovider --ignore=tests/integration/test_benchmarks_smoke.py
   --continue-on-collection-errors --durations=10)
 if python3 -c 'import pytest_timeout' 2>/dev/null; then
   PT_ARGS+=(--timeout=90)

@@ -4,7 +4,7 @@
 extension runs every op of the step, builds one :class:`sam_kernels.step_plan.SamStepPlan` from
 its cached plans (:class:`python_api._plans._ModePlan` and ``_BasePlan``, so the lists, their
 checks and the state are the unplanned path's own) and then runs each half of a step as one op.
-The results are bit-identical to the unplanned path (tests/test_step_plan_ext.py).
+The results are bit-identical to the unplanned path (tests/optim/test_step_plan_ext.py).
 
 What is checked where:
 

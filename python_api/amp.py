@@ -54,7 +54,7 @@ training loop serves both precisions.
 Do not call ``scaler.unscale_(opt)`` before the step (the step unscales every pass itself;
 that order is refused). Gradient clipping: pass ``max_grad_norm=`` to the optimizer; it clips
 the base step's gradient after the step has unscaled it, so the norm is the unscaled one
-(tests/test_clipping.py). Clipping inside the closure is not supported under a scaler (the
+(tests/optim/test_clipping.py). Clipping inside the closure is not supported under a scaler (the
 closure sees scaled gradients).
 
 bf16

@@ -1,10 +1,10 @@
 """The one table of the optimizer set, in the spirit of torch's ``OptimizerInfo``.
 
 Every place that lists the algorithms reads this table: the generic tests
-(``tests/test_optim_common.py`` and the AMP, compile, DDP, clipping and integrity tests built on
-it), the demo's ``--optimizers`` registry, the benchmarks' step and training sections, and the
-README's algorithm table (checked against it by ``tests/test_docs.py``). A new algorithm is one
-file in ``python_api`` and one row here.
+(``tests/optim/test_optim_common.py`` and the AMP, compile, DDP, clipping and integrity tests
+built on it), the demo's ``--optimizers`` registry, the benchmarks' step and training sections,
+and the README's algorithm table (checked against it by ``tests/integration/test_docs.py``). A
+new algorithm is one file in ``python_api`` and one row here.
 
 Classes are named by module and attribute and imported only when a row is used, so that reading
 the table never imports every algorithm.
@@ -50,7 +50,7 @@ class OptimizerInfo:
         total_steps: the constructor takes ``total_steps`` (AE-SAM's schedules).
         state_bytes: bytes per fp32 parameter of the class's own state kept between steps.
         step_peak_bytes: the most the class holds inside a step, bytes per parameter (what
-            ``tests/test_state_memory.py`` measures; ``None``: not measured there).
+            ``tests/optim/test_state_memory.py`` measures; ``None``: not measured there).
         floor_sam: elements read + written per parameter element by a SAM step over SGD
             (gradients, weights, momentum, backups): the byte floor of the benchmarks.
         floor_cheap: the same for the one-pass step of a switching class.

@@ -51,7 +51,7 @@ __version__ = "0.1.0"  # the distribution's (pyproject.toml); python_api has the
 
 # python_api's public names: ``from sam_kernels import SAM`` is the obvious wrong import (this
 # package holds the ops; it never imports python_api, so the list is kept here and checked
-# against python_api.__all__ by tests/test_conventions.py)
+# against python_api.__all__ by tests/optim/test_conventions.py)
 _PYTHON_API_NAMES = frozenset(
     {
         "AELookSAM", "AESAM", "CRSAM", "DetSAM", "ESAM", "FSDP2SAMStep", "FrobSAM", "GSAM",

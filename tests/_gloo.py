@@ -1,9 +1,10 @@
 """Two gloo processes on the CPU (127.0.0.1 only), shared by the distributed tests.
 
-A test module runs itself as a script in each worker (``python test_x.py --worker RANK PORT
-OUT``); each worker runs the module's scenarios in order and saves their results, so one
-launch serves every test of the module. A scenario that raises records its traceback (the
-tests fail with it) and the others still run.
+A test module runs itself as a script in each worker (``python tests/<folder>/test_x.py
+--worker RANK PORT OUT``, with the repository and tests/ on ``PYTHONPATH``); each worker runs
+the module's scenarios in order and saves their results, so one launch serves every test of the
+module. A scenario that raises records its traceback (the tests fail with it) and the others
+still run.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+HELPERS = Path(__file__).resolve().parent  # tests/: the shared helper modules
+ROOT = HELPERS.parent
 WORLD = 2
 
 
@@ -66,7 +68,8 @@ def launch(script: str, out: Path, timeout_s: float = 240.0) -> list[dict]:
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available")
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    # the repository (python_api, sam_kernels) and tests/ (the helpers the script imports)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HELPERS), env.get("PYTHONPATH", "")])
     env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     env["OMP_NUM_THREADS"] = "1"
     last = ""

@@ -1,4 +1,8 @@
-"""Test configuration shared by every test module.
+"""Test configuration shared by every test module (tests/ops, tests/optim, tests/integration).
+
+The shared helper modules (``tests/_*.py``) are imported by name (``from _helpers import ...``)
+from every folder: this directory is put on ``sys.path`` here, the one way they are found
+(the gloo workers get it through ``PYTHONPATH``, see _gloo.py).
 
 Triton reads TRITON_INTERPRET when ``@triton.jit`` decorates a kernel, so it is set here, before
 any kernel module is imported: without a GPU, Triton kernels run in the interpreter on CPU
@@ -6,8 +10,13 @@ tensors. With a GPU the same tests run on it unchanged.
 """
 
 import os
+import sys
 
-import torch
+HELPERS = os.path.dirname(os.path.abspath(__file__))
+if HELPERS not in sys.path:
+    sys.path.insert(0, HELPERS)
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

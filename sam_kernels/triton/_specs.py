@@ -1,6 +1,6 @@
 """Ahead-of-time compile of every kernel for a real GPU target (no GPU needed).
 
-Used by ``tests/test_triton_compile.py`` in a subprocess with ``TRITON_INTERPRET`` unset: the
+Used by ``tests/ops/test_triton_compile.py`` in a subprocess with ``TRITON_INTERPRET`` unset: the
 interpreter accepts code that the compiler rejects (types, constexpr use, layouts), so every
 kernel variant the wrappers launch is compiled here for sm_90 / sm_80 and must give PTX and a
 cubin. Runtime argument types come from the parameter names (:data:`ARG_TYPES`); constexpr

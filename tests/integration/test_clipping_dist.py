@@ -38,7 +38,8 @@ from _models import bw, loss_fn
 STEPS = 3
 #: below every gradient norm of the runs here (asserted), so every step is clipped
 CLIP = 0.02
-#: the classes defined on FSDP2 local shards (tests/test_ddp.py checks the others are refused)
+#: the classes defined on FSDP2 local shards (tests/integration/test_ddp.py checks the others are
+#: refused)
 SHARDED = ("SAM", "ASAM", "CRSAM", "CRSAM-log", "AESAM", "SSSAM", "FriendlySAM")
 
 
@@ -139,8 +140,8 @@ def _single_process(name):
 
 
 def _hand_m_sharpness_clipped():
-    """SAM's m-sharpness step by hand (as tests/test_ddp.py's), the averaged g1 clipped by
-    ``clip_grad_norm_`` before SGD-momentum-wd: (weights, clip norms)."""
+    """SAM's m-sharpness step by hand (as tests/integration/test_ddp.py's), the averaged g1
+    clipped by ``clip_grad_norm_`` before SGD-momentum-wd: (weights, clip norms)."""
     model = make_model()
     params = list(model.parameters())
     rho_of = [0.05, 0.05, 0.1, 0.1]

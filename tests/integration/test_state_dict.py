@@ -9,7 +9,7 @@
 - ``torch.distributed.checkpoint``: ``get/set_optimizer_state_dict`` (and ``dcp.save/load``)
   round trip in one process, DCP's state initialisation on a fresh optimizer moves no weight and
   no counter and leaves the run bit-identical; the 2-rank FSDP2 run is in
-  ``tests/test_ddp.py``-style workers below;
+  ``tests/integration/test_ddp.py``-style workers below;
 - ``copy.deepcopy`` / pickling / ``torch.save`` of the optimizer give a working copy that
   continues exactly as the original.
 """

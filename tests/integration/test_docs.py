@@ -18,7 +18,7 @@ import torch
 
 import python_api
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "algorithms.md"
 README = ROOT / "README.md"
 

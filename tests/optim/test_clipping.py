@@ -10,7 +10,7 @@ gradient must be ``clip_grad_norm_`` of the twin's. The fused SGD/AdamW path (th
 folded into the fused step) then agrees with the generic path, and a bound above every norm
 changes nothing bit for bit. Under a ``torch.amp.GradScaler`` the norm is of the unscaled
 gradients (the clipped gradient is ``clip_grad_norm_`` of the unscaled twin's; the scaled step
-equals the unscaled one bit for bit). DDP and FSDP2: tests/test_clipping_dist.py.
+equals the unscaled one bit for bit). DDP and FSDP2: tests/integration/test_clipping_dist.py.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ import python_api
 import sam_kernels
 from python_api import SAM
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TWO_CALL = [n for n in NAMES if hasattr(opt_class(n), "first_step")]
 
 
@@ -254,7 +254,7 @@ def test_flags_false_are_honoured_by_torch_step(name, base, flag, monkeypatch):
 
     Both runs use the eager reference's ops (torch's own arithmetic, as torch's step): the
     compiled extension, the CPU default, rounds differently, which CR-SAM's log form amplifies
-    beyond this comparison's bound (tests/test_cuda_ext.py compares it with eager)."""
+    beyond this comparison's bound (tests/ops/test_cuda_ext.py compares it with eager)."""
     monkeypatch.setenv("SAM_KERNELS_BACKEND", "eager")
     torch.manual_seed(0)
     ref_model = Net()

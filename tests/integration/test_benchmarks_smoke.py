@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PNGS = ("ops_bandwidth.png", "optimizer_step.png", "training.png")
 # ~60 s on a 2-core machine, of which ~30 s are the compiled peer's cold torch.compile (the
 # inductor cache makes later runs faster); the limit leaves room for a loaded machine

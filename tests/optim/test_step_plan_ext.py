@@ -2,9 +2,9 @@
 
 Every case runs the same training twice from the same weights, once with planned steps (the
 default) and once with ``plan_steps = False`` (the unplanned path, itself checked against the
-spec's equations in tests/test_sam.py), and requires the weights, the base optimizer's state and
-the counters to be bit-identical after every step. The cases also check that the plan is used
-(two dispatched ops per step), rebuilt when it must be and reused when it may.
+spec's equations in tests/optim/test_sam.py), and requires the weights, the base optimizer's
+state and the counters to be bit-identical after every step. The cases also check that the plan
+is used (two dispatched ops per step), rebuilt when it must be and reused when it may.
 """
 
 from __future__ import annotations

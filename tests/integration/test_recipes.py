@@ -17,7 +17,7 @@ from torch import nn
 from python_api import SAM
 from python_api.recipes import param_groups_no_decay
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 
 
