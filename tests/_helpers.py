@@ -1,5 +1,5 @@
 """What the tests share, written once: a host-read counter, float64 references of the base
-steps (SGD, AdamW) and the comparison helpers."""
+steps (SGD, AdamW), poisoned output lists for the ops tests and the comparison helpers."""
 
 from __future__ import annotations
 
@@ -139,6 +139,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     if b.numel() == 0:
         return 0.0
     return ((a - b).double().norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def like(ts, fill=float("nan")):
+    """Same shapes and strides as ``ts``, filled with ``fill`` (poison for outputs)."""
+    out = []
+    for t in ts:
+        u = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+        out.append(u.fill_(fill))
+    return out
 
 
 #: the ops tests' max-abs error per unit of scale against a reference, by dtype

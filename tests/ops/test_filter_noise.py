@@ -25,6 +25,7 @@ import copy
 
 import pytest
 import torch
+from _helpers import like
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sam_kernels as sk
@@ -96,15 +97,6 @@ def make(items, dtype=torch.float32, scale=1.0):
         else:
             t = (torch.randn(shape, device=DEVICE) * scale).to(dtype)
         out.append(t)
-    return out
-
-
-def like(ts, fill=float("nan")):
-    """Same shapes and strides as ``ts``, filled with ``fill`` (poison for outputs)."""
-    out = []
-    for t in ts:
-        u = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-        out.append(u.fill_(fill))
     return out
 
 

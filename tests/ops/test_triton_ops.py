@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import like
 
 import sam_kernels as sk
 from sam_kernels import LinComb
@@ -60,15 +61,6 @@ def make(shapes, dtype=torch.float32, layout="contig", scale=1.0):
 
 def clone(ts):
     return [t.clone() for t in ts]
-
-
-def like(ts, fill=float("nan")):
-    """Same shapes and strides as ``ts``, filled with ``fill`` (poison for outputs)."""
-    out = []
-    for t in ts:
-        u = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-        out.append(u.fill_(fill))
-    return out
 
 
 def assert_lists(actual, expected, dtype=None, exact=False, what=""):
