@@ -55,11 +55,10 @@ def perturb_eager(params, grads, backups, scale, adaptive, eta) -> None:
     if not scratch_ok(params, grads):
         return _perturb_with_temporary(params, grads, backups, scale, adaptive, eta)
     torch._foreach_copy_(backups, params)
-    if not adaptive and all(p.device.type == "cpu" and p.dtype in _FMA for p in params):
+    if _fma_ok(params, adaptive):
         # CPU fp32/fp64: ``p += s * g`` as one fused multiply-add (ATen's addcmul), a pass
         # where the formulation below takes three (the product is not rounded on its own)
-        s = scale if scale.dim() else scale.expand(len(params))
-        torch._foreach_addcmul_(params, grads, list(s.unbind(0)))
+        torch._foreach_addcmul_(params, grads, _scales(scale, len(params)))
         return
     # The step ``t = s * T^2 * g`` is formed in the parameters themselves (their values are in
     # the backups now), then ``p = t + b``: the same roundings as ``p + t`` (addition commutes),
@@ -77,8 +76,15 @@ def perturb_eager(params, grads, backups, scale, adaptive, eta) -> None:
 
 
 def _perturb_with_temporary(params, grads, backups, scale, adaptive, eta) -> None:
-    """The same values, through a temporary list: for gradients sharing memory with params."""
+    """The same values, through a temporary list: for gradients sharing memory with params,
+    and while torch.compile traces (:func:`scratch_ok` is False there). The same operations as
+    the path above: where that one is ATen's addcmul (one rounding of ``p + s * g``), so is this
+    one, out of place; ``(g * s) + p`` would round the product on its own (an ulp apart)."""
     torch._foreach_copy_(backups, params)
+    if _fma_ok(params, adaptive):
+        t = torch._foreach_addcmul(params, grads, _scales(scale, len(params)))
+        torch._foreach_copy_(params, t)
+        return
     if adaptive:
         t = torch._foreach_abs(params)
         if eta != 0.0:
@@ -93,6 +99,16 @@ def _perturb_with_temporary(params, grads, backups, scale, adaptive, eta) -> Non
 
 #: dtypes whose CPU perturbation is one fused multiply-add
 _FMA = (torch.float32, torch.float64)
+
+
+def _fma_ok(params: list[torch.Tensor], adaptive: bool) -> bool:
+    """Whether perturb takes ``p + s * g`` as one addcmul (both eager paths decide alike)."""
+    return not adaptive and all(p.device.type == "cpu" and p.dtype in _FMA for p in params)
+
+
+def _scales(scale: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The scale as n 0-d tensors (the ``tensor2`` list of ``_foreach_addcmul``)."""
+    return list((scale if scale.dim() else scale.expand(n)).unbind(0))
 
 
 def noise_perturb_(
