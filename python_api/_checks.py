@@ -33,6 +33,13 @@ def check_nonneg(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")
 
 
+def check_sigma(value: Any) -> None:
+    """A noise scale ``sigma``: a finite number >= 0 (FriendlySAM, R-SAM)."""
+    check_nonneg("sigma", value)
+    if not math.isfinite(value):
+        raise ValueError(f"sigma must be a finite number >= 0, got {value!r}")
+
+
 def check_max_grad_norm(value: float | None) -> None:
     """``max_grad_norm``: None (no clipping) or a finite number > 0."""
     if value is None:

@@ -10,32 +10,19 @@ this module holds is only how the pair is saved and loaded and what a given nois
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
+
+from python_api._noise_state import NoiseStreamState
 
 Noise = Sequence[Sequence[torch.Tensor]]
 
 
-class UniversalNoise:
+class UniversalNoise(NoiseStreamState):
     """Mixin of :class:`python_api.universal._UniversalSAM` (before ``SAMFamily`` in its bases):
-    the noise counters in :meth:`_extra_state`, and :meth:`_check_noise`. Reads the class's
-    ``_noise_seed``, ``_noise_offset``, ``_device`` and ``n_samples``."""
-
-    # ----------------------------------------------------------------- state
-    def _extra_state(self) -> dict[str, Any]:
-        extra = super()._extra_state()
-        if self._noise_seed is not None:
-            extra["noise_seed"] = self._noise_seed.clone()
-            extra["noise_offset"] = self._noise_offset.clone()
-        return extra
-
-    def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        super()._load_extra_state(extra)
-        if self._noise_seed is not None and "noise_seed" in extra:
-            self._noise_seed.copy_(torch.as_tensor(extra["noise_seed"]).to(self._device))
-        if self._noise_offset is not None and "noise_offset" in extra:
-            self._noise_offset.copy_(torch.as_tensor(extra["noise_offset"]).to(self._device))
+    the noise counters in ``state_dict`` (:class:`python_api._noise_state.NoiseStreamState`), and
+    :meth:`_check_noise`. Reads the class's ``_noise_seed``, ``_noise_offset``, ``_device`` and
+    ``n_samples``."""
 
     def _check_noise(self, noise: Noise, pert: list[torch.Tensor]) -> None:
         if len(noise) != self.n_samples:

@@ -6,7 +6,6 @@ Reference code: nblt/F-SAM ``utils.py::FriendlySAM`` (the class the paper's resu
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -23,17 +22,12 @@ from python_api._base import (
     check_range,
     finite01,
 )
+from python_api._checks import check_sigma
 
 #: per-parameter state key of the gradient's moving average (saved in ``state_dict``)
 M_KEY = "m"
 #: key of the per-parameter "m holds a value" flags in the algorithm's scalars
 INIT_KEY = "m_initialized"
-
-
-def _check_sigma(value: Any) -> None:
-    check_nonneg("sigma", value)
-    if not math.isfinite(value):
-        raise ValueError(f"sigma must be a finite number >= 0, got {value!r}")
 
 
 def _check_lmbda(value: Any) -> None:
@@ -124,7 +118,7 @@ class FriendlySAM(SAMFamily):
         **base_kwargs: Any,
     ) -> None:
         check_nonneg("rho", rho)
-        _check_sigma(sigma)
+        check_sigma(sigma)
         _check_lmbda(lmbda)
         if not isinstance(adaptive, bool):
             raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
@@ -146,7 +140,7 @@ class FriendlySAM(SAMFamily):
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
-        _check_sigma(group.get("sigma", 1.0))
+        check_sigma(group.get("sigma", 1.0))
         _check_lmbda(group.get("lmbda", 0.9))
         if not isinstance(group.get("adaptive", False), bool):
             raise TypeError(f"adaptive must be a bool, got {group['adaptive']!r}")

@@ -7,7 +7,6 @@ writes it (``ALGORITHMS.md``, "R-SAM"), which is that code's in PyTorch's weight
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,15 +23,11 @@ from python_api._base import (
     check_nonneg,
     finite01,
 )
+from python_api._checks import check_sigma
+from python_api._noise_state import NoiseStreamState
 
 #: the 1-d (and 0-d) tensors' noise scale is ``||p|| + 1e-16`` (the reference's guard)
 NOISE_EPS_1D = 1e-16
-
-
-def _check_sigma(value: Any) -> None:
-    check_nonneg("sigma", value)
-    if not math.isfinite(value):
-        raise ValueError(f"sigma must be a finite number >= 0, got {value!r}")
 
 
 def _noise_scale(w: torch.Tensor) -> torch.Tensor:
@@ -46,7 +41,7 @@ def _noise_scale(w: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(w) + NOISE_EPS_1D
 
 
-class RSAM(SAMFamily):
+class RSAM(NoiseStreamState, SAMFamily):
     r"""R-SAM: SAM whose ascent direction is taken at a randomly perturbed point.
 
     .. code-block:: text
@@ -152,7 +147,7 @@ class RSAM(SAMFamily):
         **base_kwargs: Any,
     ) -> None:
         check_nonneg("rho", rho)
-        _check_sigma(sigma)
+        check_sigma(sigma)
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         super().__init__(
@@ -179,22 +174,7 @@ class RSAM(SAMFamily):
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
-        _check_sigma(group.get("sigma", 5e-4))
-
-    # ----------------------------------------------------------------- state
-    def _extra_state(self) -> dict[str, Any]:
-        extra = super()._extra_state()
-        if self._noise_seed is not None:
-            extra["noise_seed"] = self._noise_seed.clone()
-            extra["noise_offset"] = self._noise_offset.clone()
-        return extra
-
-    def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        super()._load_extra_state(extra)
-        if self._noise_seed is not None and "noise_seed" in extra:
-            self._noise_seed.copy_(torch.as_tensor(extra["noise_seed"]).to(self._device))
-        if self._noise_offset is not None and "noise_offset" in extra:
-            self._noise_offset.copy_(torch.as_tensor(extra["noise_offset"]).to(self._device))
+        check_sigma(group.get("sigma", 5e-4))
 
     # ----------------------------------------------------------------- hooks
     def _eval_context(self, what: str):
