@@ -163,6 +163,20 @@ def pick(
     return resolve(op, device, backend, fusable)
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense in some dimension order (contiguous, channels-last, any
+    permutation): the layouts the fused kernels use in place (the Triton launcher's test, and
+    the element order of the counter noise stream, :mod:`sam_kernels.ops.philox`)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, z) for s, z in zip(t.stride(), t.shape) if z != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def acc_dtype(tensors: TensorList) -> torch.dtype:
     """Accumulation dtype of a reduction: fp32, or fp64 when an input is fp64."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32

@@ -110,13 +110,7 @@ def adamw_step_eager(
     m = torch._foreach_lerp(list(exp_avgs), g, 1.0 - beta1)
     v = torch._foreach_mul(list(exp_avg_sqs), beta2)
     torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
-    bc1 = torch._foreach_pow(beta1, t)
-    bc2 = torch._foreach_pow(beta2, t)
-    torch._foreach_neg_(bc1)
-    torch._foreach_add_(bc1, 1.0)
-    torch._foreach_neg_(bc2)
-    torch._foreach_add_(bc2, 1.0)
-    torch._foreach_sqrt_(bc2)
+    bc1, bc2 = _bias_corrections(beta1, beta2, t)
     if amsgrad:
         vmax = torch._foreach_maximum(list(max_exp_avg_sqs), v)
         denom = torch._foreach_sqrt(vmax)
@@ -166,13 +160,7 @@ def _adamw_in_place(
     on = ok != 0
     t = torch._foreach_add(steps, 1.0)  # >= 1 even when skipped: finite bias corrections
     torch._foreach_add_(steps, repeat(ok, len(steps)))
-    bc1 = torch._foreach_pow(beta1, t)
-    bc2 = torch._foreach_pow(beta2, t)
-    torch._foreach_neg_(bc1)
-    torch._foreach_add_(bc1, 1.0)
-    torch._foreach_neg_(bc2)
-    torch._foreach_add_(bc2, 1.0)
-    torch._foreach_sqrt_(bc2)
+    bc1, bc2 = _bias_corrections(beta1, beta2, t)
     torch._foreach_div_(bc1, pick_scalar(on, -lr, 0.0))  # bc1 / -lr, or -inf when skipped
     w1 = pick_scalar(on, 1.0 - beta1, 0.0)
     b2 = pick_scalar(on, beta2, 1.0)
@@ -197,3 +185,15 @@ def _adamw_in_place(
         torch._foreach_copy_(p, wb)
         torch._foreach_mul_(p, decay)
         torch._foreach_addcdiv_(p, m, denom)
+
+
+def _bias_corrections(beta1: float, beta2: float, t: list[torch.Tensor]):
+    """``1 - beta1^t`` and ``sqrt(1 - beta2^t)`` per tensor (device ops, torch's AdamW order)."""
+    bc1 = torch._foreach_pow(beta1, t)
+    bc2 = torch._foreach_pow(beta2, t)
+    torch._foreach_neg_(bc1)
+    torch._foreach_add_(bc1, 1.0)
+    torch._foreach_neg_(bc2)
+    torch._foreach_add_(bc2, 1.0)
+    torch._foreach_sqrt_(bc2)
+    return bc1, bc2

@@ -55,6 +55,8 @@ from __future__ import annotations
 
 import torch
 
+from sam_kernels.ops._common import is_dense as _is_dense
+
 M32 = 0xFFFFFFFF
 #: Philox4x32 round multipliers (A: counter word 0, B: counter word 2) and Weyl key increments
 PHILOX_A, PHILOX_B = 0xD2511F53, 0xCD9E8D57
@@ -206,18 +208,6 @@ def noise(
     # float32(2a) and float32(a), as the kernel receives them; two roundings, as it computes
     two_a = torch.tensor(2.0 * a, dtype=torch.float32, device=u.device)
     return u.mul_(two_a).sub_(torch.tensor(a, dtype=torch.float32, device=u.device))
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense in some dimension order (the Triton launcher's test)."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((s, z) for s, z in zip(t.stride(), t.shape) if z != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def memory_order(param: torch.Tensor, backup: torch.Tensor) -> bool:

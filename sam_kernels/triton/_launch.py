@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sam_kernels.ops._common import is_dense as _is_dense
+
 #: kernels were decorated under the Triton interpreter (CPU tensors, test-suite)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # the interpreter truncates fp32 -> bf16 stores; round to nearest even explicitly there
@@ -194,18 +196,6 @@ def device_guard(device: torch.device):
         if device.index != torch.cuda.current_device():
             return torch.cuda.device(device.index)
     return contextlib.nullcontext()
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense (any dimension order)."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((s, z) for s, z in zip(t.stride(), t.shape) if z != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def tl_dtype(t: torch.Tensor):
