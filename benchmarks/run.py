@@ -33,8 +33,10 @@ SECTIONS = {
 SHARES = {"ops": 0.36, "optim": 0.26, "train": 0.38, "host": 0.1, "cpu": 0.12, "selftest": 0.2}
 DEFAULT_SECTIONS = "ops,optim,train,host,cpu"
 #: seconds added to the default budget by the host / cpu sections (full run, smoke); most of it
-#: is the cold torch.compile of the compiled peer (25-55 s per function pair on a slow CPU)
-EXTRA_BUDGET = {"host": (150.0, 40.0), "cpu": (200.0, 20.0)}
+#: is the cold torch.compile of the compiled peer (25-55 s per function pair on a slow CPU). The
+#: smoke's host share is sized for a loaded 2-core machine (the test suite runs beside other
+#: work): at 40 s its AdamW rows were skipped for the budget there
+EXTRA_BUDGET = {"host": (150.0, 70.0), "cpu": (200.0, 20.0)}
 #: the no-progress limit of these sections' items is at least this (a compile writes nothing)
 MIN_ITEM_TIMEOUT = {"host": 240.0, "cpu": 240.0}
 RESULT_KINDS = (
@@ -54,7 +56,7 @@ RESULT_KINDS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
-    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (< 60 s)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (about a minute; budget 140 s)")
     p.add_argument("--quick", action="store_true", help="fewer ops, shapes and optimizers")
     p.add_argument("--sections", default=DEFAULT_SECTIONS, help=f"comma list of {DEFAULT_SECTIONS}")
     p.add_argument("--out", help="write the results exactly into this folder")
