@@ -56,7 +56,7 @@ RESULT_KINDS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
-    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (about a minute; budget 140 s)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (~1 min)")
     p.add_argument("--quick", action="store_true", help="fewer ops, shapes and optimizers")
     p.add_argument("--sections", default=DEFAULT_SECTIONS, help=f"comma list of {DEFAULT_SECTIONS}")
     p.add_argument("--out", help="write the results exactly into this folder")
