@@ -8,11 +8,13 @@
 // select, so each element is computed with exactly the operations, in exactly the order, of the
 // scalar formula: element-wise results are bit-identical to a scalar loop (setup.py passes
 // -ffp-contract=off, so no a*b+c is ever contracted into an FMA, whatever the -m flags; only the
-// sign of a NaN produced from NaN/inf inputs may differ between vector and scalar code).
+// sign of a NaN produced from NaN/inf inputs may differ between vector and scalar code, or
+// between the baseline and AVX2 copies of a kernel, see run_kernel).
 //
 // Reductions are deterministic whatever the thread count: each chunk's sum of squares is
 // accumulated in fp64 over kLanes interleaved partial sums (lane j takes the elements j, j +
-// kLanes, ...) combined in a fixed order, and the chunk sums are added in chunk order.
+// kLanes, ...) combined in a fixed order, and the chunk sums are added in chunk order (chunks
+// read side by side give the same bits as chunks read one by one).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -27,7 +29,7 @@
 #include <vector>
 
 #if defined(__SSE2__)
-#include <emmintrin.h>
+#include <immintrin.h>
 #endif
 
 #include "glue.h"
@@ -90,9 +92,50 @@ inline float f32(c10::BFloat16 x) { return static_cast<float>(x); }
 const at::Device kCpu(at::kCPU);
 
 #define SK_SIMD _Pragma("omp simd")
-// on the kernels of one chunk: inline every call (the formulas of ops_math.h, the c10 dtype
-// conversions, the loop bodies) so that the simd loops have no calls left in them
-#define SK_KERNEL __attribute__((flatten, noinline))
+// the kernels of one chunk: plain inline functions, compiled inside run_kernel's wrappers
+#define SK_KERNEL inline
+
+// Instruction sets. The extension is built without -m flags (the baseline x86-64: SSE2), and
+// SSE2 leaves the norms compute-bound on one core: 2 floats per fp64 convert, and 16 xmm
+// registers, too few for grad_norm's 16 fp64 lanes (accumulators spilled to the stack, a
+// store-to-load chain every iteration: a list that stays in the cache was summed at 14 GB/s,
+// where torch's sum reads 23 GB/s). So every chunk kernel is compiled twice, for the baseline
+// and for AVX2 (no FMA: -ffp-contract=off holds either way, so each element sees the same
+// operations in the same order; only the sign of a NaN made from two NaN operands may differ,
+// the compiler picking the operand order), and run_kernel picks the AVX2 copy where the CPU has
+// it. The wrappers are `flatten`: every call inside the kernel (the formulas of ops_math.h, the
+// c10 dtype conversions, the loop bodies) is inlined into the wrapper and compiled for its
+// instruction set, so the simd loops have no calls left in them.
+template <typename F>
+__attribute__((flatten, noinline)) void run_baseline(const F& f) {
+  f();
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename F>
+__attribute__((flatten, noinline, target("avx2"))) void run_avx2(const F& f) {
+  f();
+}
+
+const bool kHasAvx2 = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") != 0;
+}();
+
+const bool kHasAvx512 = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") != 0;
+}();
+#endif
+
+// f() (one chunk's kernel call), compiled for the best instruction set the CPU has
+template <typename F>
+inline void run_kernel(const F& f) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kHasAvx2) return run_avx2(f);
+#endif
+  run_baseline(f);
+}
 
 // Blocks and software prefetch. The kernels walk a chunk in blocks of kBlock elements (one simd
 // loop each) and, per block, prefetch every stream kPrefetchBytes ahead: one core's hardware
@@ -101,13 +144,17 @@ const at::Device kCpu(at::kCPU);
 // tensor is harmless (the address is formed as an integer).
 constexpr int64_t kBlock = 64;
 constexpr uintptr_t kPrefetchBytes = 2048;
+// the blocks of the kernels with streaming stores (perturb_, the steps): 128 elements, ~3%
+// faster per op than 64 on ResNet-50's shapes (256: the same, 512: slower)
+constexpr int64_t kStoreBlock = 128;
 
 // (read prefetches for the written streams too: x86 builds without -mprfchw drop write
 // prefetches, and a read prefetch brings the line in for the store just as well)
-template <typename T>
+// (prefetches the kLen elements from p + i + kPrefetchBytes on)
+template <int64_t kLen = kBlock, typename T>
 inline void prefetch(const T* p, int64_t i) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p + i) + kPrefetchBytes;
-  for (uintptr_t l = 0; l < kBlock * sizeof(T); l += 64) {
+  for (uintptr_t l = 0; l < kLen * sizeof(T); l += 64) {
     __builtin_prefetch(reinterpret_cast<const void*>(a + l), 0, 3);
   }
 }
@@ -138,50 +185,62 @@ inline double combine_lanes(double* acc) {
 
 static_assert(kBlock % kLanes == 0, "blocks hold whole lane groups");
 
-template <typename T>
-SK_KERNEL double sumsq_plain(const T* g, int64_t n) {
-  double acc[kLanes] = {};
-  const int64_t full = n - n % kLanes;
-  for (int64_t i0 = 0; i0 < full; i0 += kBlock) {
-    prefetch(g, i0);
-    const int64_t e = std::min(full, i0 + kBlock);
-    for (int64_t i = i0; i < e; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const double v = f32(g[i + j]);
-        acc[j] += v * v;
-      }
-    }
+// the fp32 value whose square is summed: g, or the ASAM-weighted (|w| + eta) * g
+template <bool kWeighted, typename T>
+inline double norm_value(const T* g, const T* w, int64_t i, float eta) {
+  if constexpr (kWeighted) {
+    return weighted(f32(w[i]), f32(g[i]), eta);
+  } else {
+    return f32(g[i]);
   }
-  double tail = 0.0;
-  for (int64_t i = full; i < n; ++i) {
-    const double v = f32(g[i]);
-    tail += v * v;
-  }
-  return combine_lanes(acc) + tail;
 }
 
-// the ASAM-weighted form: the fp32 value (|w| + eta) * g, squared in fp64
-template <typename T>
-SK_KERNEL double sumsq_weighted(const T* g, const T* w, int64_t n, float eta) {
-  double acc[kLanes] = {};
-  const int64_t full = n - n % kLanes;
-  for (int64_t i0 = 0; i0 < full; i0 += kBlock) {
-    prefetch(g, i0);
-    prefetch(w, i0);
-    const int64_t e = std::min(full, i0 + kBlock);
-    for (int64_t i = i0; i < e; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const double v = weighted(f32(w[i + j]), f32(g[i + j]), eta);
-        acc[j] += v * v;
+// Chunks summed side by side. One read stream leaves a core's memory pipeline mostly waiting:
+// on the 2-core Xeon of benchmarks/results a cold 100 MB list reads at ~8-10 GB/s in one stream,
+// ~30% faster in 4 (a fused SGD step reads its 3 streams at ~14 GB/s). So the norms read
+// kNormGroup chunks in turns of one block each (256 bytes per stream with fp32; turns of 2, 8
+// and 32 blocks and groups of 2 chunks were slower, groups of 8 no faster). Each chunk keeps its
+// own lanes, summed in the same order as one chunk alone, so the partial sums are the same bits.
+constexpr int kNormGroup = 4;
+
+// out[k] = the sum of squares of chunk k (n[k] elements from g[k], w[k]), k < m <= kNormGroup
+template <bool kWeighted, typename T>
+SK_KERNEL void sumsq_group(const T* const* g, const T* const* w, const int64_t* n, int m,
+                           float eta, double* out) {
+  double acc[kNormGroup][kLanes] = {};
+  int64_t full[kNormGroup];
+  int64_t longest = 0;
+  for (int k = 0; k < m; ++k) {
+    full[k] = n[k] - n[k] % kLanes;
+    longest = std::max(longest, full[k]);
+  }
+  for (int64_t i0 = 0; i0 < longest; i0 += kBlock) {
+    for (int k = 0; k < m; ++k) {
+      if (i0 >= full[k]) continue;
+      const T* gk = g[k];
+      const T* wk = w[k];
+      prefetch(gk, i0);
+      if constexpr (kWeighted) prefetch(wk, i0);
+      const int64_t e = std::min(full[k], i0 + kBlock);
+      double a[kLanes];
+      for (int j = 0; j < kLanes; ++j) a[j] = acc[k][j];
+      for (int64_t i = i0; i < e; i += kLanes) {
+        for (int j = 0; j < kLanes; ++j) {
+          const double v = norm_value<kWeighted>(gk, wk, i + j, eta);
+          a[j] += v * v;
+        }
       }
+      for (int j = 0; j < kLanes; ++j) acc[k][j] = a[j];
     }
   }
-  double tail = 0.0;
-  for (int64_t i = full; i < n; ++i) {
-    const double v = weighted(f32(w[i]), f32(g[i]), eta);
-    tail += v * v;
+  for (int k = 0; k < m; ++k) {
+    double tail = 0.0;
+    for (int64_t i = full[k]; i < n[k]; ++i) {
+      const double v = norm_value<kWeighted>(g[k], w[k], i, eta);
+      tail += v * v;
+    }
+    out[k] = combine_lanes(acc[k]) + tail;
   }
-  return combine_lanes(acc) + tail;
 }
 
 double sumsq(const Prepared& p, float eta) {
@@ -189,17 +248,30 @@ double sumsq(const Prepared& p, float eta) {
   std::vector<double> partial(chunks.size(), 0.0);
   const bool weighted_norm = p.has(1);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t ci = b; ci < e; ++ci) {
-      const Chunk& c = chunks[ci];
-      dispatch(p.lists[0][c.t].scalar_type(), [&](auto tag) {
+    for (int64_t c0 = b; c0 < e;) {
+      // a group: up to kNormGroup consecutive chunks of one dtype
+      const at::ScalarType dt = p.lists[0][chunks[c0].t].scalar_type();
+      int m = 1;
+      while (m < kNormGroup && c0 + m < e && p.lists[0][chunks[c0 + m].t].scalar_type() == dt) ++m;
+      dispatch(dt, [&](auto tag) {
         using T = decltype(tag);
-        const T* g = ptr<T>(p.lists[0][c.t], c.start);
+        const T* g[kNormGroup];
+        const T* w[kNormGroup] = {};
+        int64_t n[kNormGroup];
+        for (int k = 0; k < m; ++k) {
+          const Chunk& c = chunks[c0 + k];
+          g[k] = ptr<T>(p.lists[0][c.t], c.start);
+          if (weighted_norm) w[k] = ptr<T>(p.lists[1][c.t], c.start);
+          n[k] = c.len;
+        }
+        double* out = partial.data() + c0;
         if (weighted_norm) {
-          partial[ci] = sumsq_weighted(g, ptr<T>(p.lists[1][c.t], c.start), c.len, eta);
+          run_kernel([&] { sumsq_group<true>(g, w, n, m, eta, out); });
         } else {
-          partial[ci] = sumsq_plain(g, c.len);
+          run_kernel([&] { sumsq_group<false>(g, w, n, m, eta, out); });
         }
       });
+      c0 += m;
     }
   });
   double total = 0.0;
@@ -235,16 +307,38 @@ at::Tensor aesam_stats_cpu(at::TensorList grads, const at::Tensor& stats, double
 // Streaming stores. An output that the kernel writes without reading (the backup of perturb,
 // the weights of a step that restores them from the backup) would otherwise be read into the
 // cache first (a read-for-ownership: one more stream of traffic than the op needs). Each block is
-// computed into a buffer on the stack (L1) and copied out with non-temporal stores, which write
-// whole lines without reading them. fp32 outputs aligned to 16 bytes on x86; others (and the
-// tail) use plain stores. The values are the same; only the order of memory traffic changes.
+// copied out with non-temporal stores, which write whole lines without reading them, from where
+// it is in L1 (perturb's weights, just read; a step's new weights, computed into a buffer on the
+// stack). fp32 outputs aligned to 16 bytes on x86; others (and the tail) use plain stores. The
+// values are the same; only the order of memory traffic changes.
+//
+// Where the CPU has AVX-512, fp32 blocks aligned to 64 bytes are written one whole line per
+// store (stream_lines_avx512): measured 2-7% faster per op than 16-byte stores (perturb_ and
+// the SGD step from backups, ResNet-50's shapes, 1 thread), presumably because a partly written
+// line holds a line fill buffer, the resource that also bounds the reads, until it is complete.
+// It is a call, not inlined: the kernels around it are compiled for AVX2 at most.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"), noinline)) void stream_lines_avx512(float* dst, const float* src,
+                                                                      int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+}
+#endif
+
 template <typename T>
 inline void store_block(T* dst, const T* src, int64_t n) {
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<T, float>) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (kHasAvx512 && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+      stream_lines_avx512(dst, src, n);
+      return;
+    }
+#endif
     if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
       int64_t i = 0;
-      for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_load_ps(src + i));
+      for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
       for (; i < n; ++i) dst[i] = src[i];
       return;
     }
@@ -263,20 +357,20 @@ inline void store_fence() {
 
 template <typename T, bool kAdaptive>
 SK_KERNEL void perturb_chunk(T* w, const T* g, T* b, int64_t n, float s, float e) {
-  alignas(64) T raw[kBlock];
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    const int64_t m = std::min(n - i0, kBlock);
+  for (int64_t i0 = 0; i0 < n; i0 += kStoreBlock) {
+    const int64_t m = std::min(n - i0, kStoreBlock);
     T* wi = w + i0;
     const T* gi = g + i0;
-    prefetch(w, i0);
-    prefetch(g, i0);
+    prefetch<kStoreBlock>(w, i0);
+    prefetch<kStoreBlock>(g, i0);
+    // the backup first, streamed straight from the weights, which the loop below then reads from
+    // L1 (copied through a stack buffer instead, the copy was turned into `rep movsq`: 2.5x
+    // slower with 128-element blocks)
+    store_block(b + i0, wi, m);
     SK_SIMD
     for (int64_t i = 0; i < m; ++i) {
-      const T r = wi[i];
-      raw[i] = r;
-      wi[i] = static_cast<T>(perturb_value(f32(r), f32(gi[i]), s, kAdaptive, e));
+      wi[i] = static_cast<T>(perturb_value(f32(wi[i]), f32(gi[i]), s, kAdaptive, e));
     }
-    store_block(b + i0, raw, m);
   }
   store_fence();
 }
@@ -301,9 +395,9 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
       T* b = ptr<T>(p.lists[2][c.t], c.start);
       const float s = sc[c.t * stride];
       if (adaptive) {
-        perturb_chunk<T, true>(w, g, b, c.len, s, e);
+        run_kernel([&] { perturb_chunk<T, true>(w, g, b, c.len, s, e); });
       } else {
-        perturb_chunk<T, false>(w, g, b, c.len, s, e);
+        run_kernel([&] { perturb_chunk<T, false>(w, g, b, c.len, s, e); });
       }
     });
   });
@@ -416,14 +510,14 @@ void lincomb_cpu(at::TensorList out, at::TensorList terms, const at::Tensor& coe
         co[k] = cf[k * ci.k_stride + c.t * ci.n_stride];
       }
       switch (ci.k) {
-        case 1: lincomb_chunk<T, 1>(o, tp, co, c.len); break;
-        case 2: lincomb_chunk<T, 2>(o, tp, co, c.len); break;
-        case 3: lincomb_chunk<T, 3>(o, tp, co, c.len); break;
-        case 4: lincomb_chunk<T, 4>(o, tp, co, c.len); break;
-        case 5: lincomb_chunk<T, 5>(o, tp, co, c.len); break;
-        case 6: lincomb_chunk<T, 6>(o, tp, co, c.len); break;
-        case 7: lincomb_chunk<T, 7>(o, tp, co, c.len); break;
-        default: lincomb_chunk<T, 8>(o, tp, co, c.len); break;
+        case 1: run_kernel([&] { lincomb_chunk<T, 1>(o, tp, co, c.len); }); break;
+        case 2: run_kernel([&] { lincomb_chunk<T, 2>(o, tp, co, c.len); }); break;
+        case 3: run_kernel([&] { lincomb_chunk<T, 3>(o, tp, co, c.len); }); break;
+        case 4: run_kernel([&] { lincomb_chunk<T, 4>(o, tp, co, c.len); }); break;
+        case 5: run_kernel([&] { lincomb_chunk<T, 5>(o, tp, co, c.len); }); break;
+        case 6: run_kernel([&] { lincomb_chunk<T, 6>(o, tp, co, c.len); }); break;
+        case 7: run_kernel([&] { lincomb_chunk<T, 7>(o, tp, co, c.len); }); break;
+        default: run_kernel([&] { lincomb_chunk<T, 8>(o, tp, co, c.len); }); break;
       }
     });
   });
@@ -460,8 +554,10 @@ void frob_accumulate_cpu(at::TensorList cross, at::TensorList gsum, at::TensorLi
   parallel_chunks(make_chunks(p.lists[0]), [&](const Chunk& c) {
     dispatch(p.lists[0][c.t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      frob_chunk(ptr<T>(p.lists[0][c.t], c.start), ptr<T>(p.lists[1][c.t], c.start),
-                 ptr<T>(p.lists[2][c.t], c.start), c.len, L);
+      T* cr = ptr<T>(p.lists[0][c.t], c.start);
+      T* gs = ptr<T>(p.lists[1][c.t], c.start);
+      const T* g = ptr<T>(p.lists[2][c.t], c.start);
+      run_kernel([&] { frob_chunk(cr, gs, g, c.len, L); });
     });
   });
   p.finish();
@@ -558,16 +654,16 @@ void dispatch_terms(const StepInputs& s, const F& f) {
 
 // The step kernels' loop. p == w: the step updates the weights in place; p != w: it restores
 // them from the backup w first, so p is written without being read (each block computed into a
-// stack buffer and written out with streaming stores, see store_block). Per block of kBlock
+// stack buffer and written out with streaming stores, see store_block). Per block of kStoreBlock
 // elements, pf(i0) issues the prefetches of the kernel's own streams and body(i) computes
 // element i, updates its state and returns the new weight.
 template <typename T, typename PF, typename F>
 inline void step_blocks(T* p, const T* w, int64_t n, const PF& pf, const F& body) {
   const bool stream = w != p;
-  alignas(64) T out[kBlock];
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    const int64_t m = std::min(n - i0, kBlock);
-    prefetch(w, i0);
+  alignas(64) T out[kStoreBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kStoreBlock) {
+    const int64_t m = std::min(n - i0, kStoreBlock);
+    prefetch<kStoreBlock>(w, i0);
     pf(i0);
     T* dst = stream ? out : p + i0;
     SK_SIMD
@@ -586,8 +682,8 @@ SK_KERNEL void sgd_chunk(T* p, const T* w, T* buf, const T* const* gp_in, const 
   step_blocks(
       p, w, n,
       [&](int64_t i0) {
-        for (int k = 0; k < (K == 0 ? 1 : K); ++k) prefetch(gp[k], i0);
-        if constexpr (kBuf) prefetch(buf, i0);
+        for (int k = 0; k < (K == 0 ? 1 : K); ++k) prefetch<kStoreBlock>(gp[k], i0);
+        if constexpr (kBuf) prefetch<kStoreBlock>(buf, i0);
       },
       [&](int64_t i) {
         const float g = grad_at<T, K>(gp, co, i);
@@ -606,10 +702,10 @@ SK_KERNEL void adamw_chunk(T* p, const T* w, T* m, T* v, T* x, const T* const* g
   step_blocks(
       p, w, n,
       [&](int64_t i0) {
-        for (int k = 0; k < (K == 0 ? 1 : K); ++k) prefetch(gp[k], i0);
-        prefetch(m, i0);
-        prefetch(v, i0);
-        if constexpr (kAms) prefetch(x, i0);
+        for (int k = 0; k < (K == 0 ? 1 : K); ++k) prefetch<kStoreBlock>(gp[k], i0);
+        prefetch<kStoreBlock>(m, i0);
+        prefetch<kStoreBlock>(v, i0);
+        if constexpr (kAms) prefetch<kStoreBlock>(x, i0);
       },
       [&](int64_t i) {
         const float g = grad_at<T, K>(gp, co, i);
@@ -685,9 +781,9 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads,
       dispatch_terms(s, [&](auto kt) {
         constexpr int K = decltype(kt)::value;
         if (use_buf) {
-          sgd_chunk<T, K, true>(p, w, buf, gp, co, c.len, coef, o);
+          run_kernel([&] { sgd_chunk<T, K, true>(p, w, buf, gp, co, c.len, coef, o); });
         } else {
-          sgd_chunk<T, K, false>(p, w, buf, gp, co, c.len, coef, o);
+          run_kernel([&] { sgd_chunk<T, K, false>(p, w, buf, gp, co, c.len, coef, o); });
         }
       });
     });
@@ -747,9 +843,9 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads,
       dispatch_terms(s, [&](auto kt) {
         constexpr int K = decltype(kt)::value;
         if (amsgrad) {
-          adamw_chunk<T, K, true>(p, w, m, v, x, gp, co, c.len, bias, o);
+          run_kernel([&] { adamw_chunk<T, K, true>(p, w, m, v, x, gp, co, c.len, bias, o); });
         } else {
-          adamw_chunk<T, K, false>(p, w, m, v, x, gp, co, c.len, bias, o);
+          run_kernel([&] { adamw_chunk<T, K, false>(p, w, m, v, x, gp, co, c.len, bias, o); });
         }
       });
     });
