@@ -184,12 +184,10 @@ class PlannedStep(_NotCopied):
         entry unchanged. The descent skips the entries: the ascent of the same step checked
         them, and a state dict loaded in between drops the cached plans (checked here)."""
         return (
-            opt._plan is self._base
-            and opt._mode_plan is self._modes
+            self._plans_stand(opt)
             and opt._counters is self._counters
             and opt.state is self._state[0]
             and opt.base_optimizer.state is self._state[1]
-            and plan_key(opt) == self.key
             and (
                 not entries
                 or all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._values))
@@ -207,11 +205,13 @@ class PlannedStep(_NotCopied):
     def params_unchanged(self, opt: Any) -> bool:
         """The optimizer's cached plans stand and no parameter was re-typed, moved or
         reshaped: following the parameters' device (``_follow_device``) would change nothing."""
+        return self._plans_stand(opt) and self.plan.same_params()
+
+    def _plans_stand(self, opt: Any) -> bool:
+        """The optimizer's cached norm/ascent and base plans are the ones this plan was built
+        from, and the key is unchanged."""
         return (
-            opt._plan is self._base
-            and opt._mode_plan is self._modes
-            and plan_key(opt) == self.key
-            and self.plan.same_params()
+            opt._plan is self._base and opt._mode_plan is self._modes and plan_key(opt) == self.key
         )
 
     def hyper(self) -> list[float] | None:

@@ -114,14 +114,10 @@ class SamStepPlan:
         """Whether the gradients and parameters are as the plan expects (no op run)."""
         return bool(self._plan.matches())
 
-    def mark(self) -> None:
-        """Record the gradients present now with their version counters (stale-gradient
-        marks; :meth:`descent` records them at its end)."""
-        self._plan.mark()
-
     def drop_stale(self, params: Sequence[torch.Tensor]) -> bool:
-        """Set to None each gradient of ``params`` that is still the tensor :meth:`mark` saw, at
-        most one in-place write later; True if any of ``params`` keeps a gradient."""
+        """Set to None each gradient of ``params`` that is still the tensor the last
+        :meth:`descent` marked, at most one in-place write later; True if any of ``params``
+        keeps a gradient."""
         return bool(self._plan.drop_stale(list(params)))
 
     def drop_stale_watched(self) -> bool:
