@@ -22,10 +22,17 @@ instead (:mod:`sam_kernels.ops.philox`; the extension's kernels still key it dif
 
 A backend that is asked for explicitly but cannot run raises a ``RuntimeError`` that says why;
 the automatic choice never fails (eager runs everywhere).
+
+A backend may also decline one call: an implementation raises :class:`Declined` before it
+writes anything when these arguments are outside what its kernels take (a dtype, a layout, more
+gradient terms than a kernel combines). The call then runs on the next implementation of the
+chain :func:`resolve` builds (on CUDA tensors the other fused backend, then eager): this module
+is the only place that falls back; no backend calls another one itself.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import warnings
@@ -49,6 +56,11 @@ _LOAD_ERRORS: dict[str, str] = {}
 _LOADED: set[str] = {"eager"}
 
 
+class Declined(Exception):
+    """Raised by a backend's implementation, before it writes anything, for arguments its
+    kernels do not take: the chooser runs the next implementation of the chain instead."""
+
+
 def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as ``backend``'s implementation of ``op``."""
     backend = ALIASES.get(backend, backend)
@@ -62,6 +74,8 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     return deco
 
 
+# run, not traced, while torch.compile traces (an import is not traceable): a constant there
+@torch.compiler.assume_constant_result
 def _load(backend: str) -> bool:
     """Import a lazily registered backend once; remember why it failed."""
     if backend in _LOADED:
@@ -171,36 +185,64 @@ def resolve(
     """The implementation of ``op`` to run for tensors on ``device``.
 
     ``fusable=False`` (some tensor's dtype is not in :data:`FUSED_DTYPES`) always gives the
-    eager reference, which handles every floating dtype.
+    eager reference, which handles every floating dtype. Where a fused implementation is
+    chosen, the callable returned runs it and, if it raises :class:`Declined`, the next one
+    of :func:`candidates` (eager last, which never declines).
     """
+    chain = candidates(op, device, backend, fusable)
+    if len(chain) == 1:
+        return chain[0]
+    return functools.partial(_run_chain, chain)
+
+
+def eager_impl(op: str) -> Callable:
+    """The eager reference implementation of ``op``."""
+    return _REGISTRY[op]["eager"]
+
+
+def _run_chain(chain: tuple[Callable, ...], *args):
+    for impl in chain[:-1]:
+        try:
+            return impl(*args)
+        except Declined:
+            continue
+    return chain[-1](*args)
+
+
+def candidates(
+    op: str, device: torch.device | None, backend: str | None = None, fusable: bool = True
+) -> tuple[Callable, ...]:
+    """The implementations :func:`resolve` tries for ``op``, in order; eager is the last."""
+    device = device or torch.device("cpu")
+    name = requested_backend(backend)
+    # the backend is chosen (and loaded, which registers its implementations) before the
+    # registry is read: torch.compile guards on what it read
+    if fusable:
+        if name is None:
+            name = default_backend(device, op)
+        elif not available(name, device):
+            raise RuntimeError(
+                f"sam_kernels backend {name!r} was requested for op {op!r} but cannot run: "
+                + why_unavailable(name, device)
+            )
     impls = _REGISTRY.get(op)
     if impls is None:
         raise KeyError(f"no fused op named {op!r}")
-    device = device or torch.device("cpu")
-    name = requested_backend(backend)
+    eager = impls["eager"]
     if not fusable:
-        return impls["eager"]
-    if name is None:
-        name = default_backend(device, op)
-        if name not in impls or not available(name, device):
-            name = "eager"
-    elif not available(name, device):
-        raise RuntimeError(
-            f"sam_kernels backend {name!r} was requested for op {op!r} but cannot run: "
-            + why_unavailable(name, device)
-        )
-    # Backends may implement only part of the op set: an op a backend lacks runs, on CUDA
-    # tensors, on the other fused backend when it has the op and can run (the extension has no
-    # ``dot``: Triton's one kernel instead of eager's loop of per-tensor ops), else on the
+        return (eager,)
+    # Backends may implement only part of the op set, or decline a call: on CUDA tensors the
+    # other fused backend comes next when it has the op and can run (the extension has no
+    # ``dot``: Triton's one kernel instead of eager's loop of per-tensor ops), then the
     # reference implementation.
-    impl = impls.get(name)
-    if impl is not None:
-        return impl
+    chain = [impls[name]] if name in impls else []
     if device.type == "cuda":
         for other in ("triton", "ext"):
             if other != name and other in impls and available(other, device):
-                return impls[other]
-    return impls["eager"]
+                chain.append(impls[other])
+    if not chain or chain[-1] is not eager:
+        chain.append(eager)
+    return tuple(chain)
 
 
 def backend_name(device: torch.device | str, backend: str | None = None) -> str:
@@ -225,12 +267,13 @@ def has_implementation(op: str, backend: str) -> bool:
 
 
 def runs_on(op: str, tensors: Sequence[torch.Tensor], backend: str | None = None) -> str:
-    """The backend whose implementation of ``op`` runs for ``tensors`` (as :func:`resolve`
-    picks it: on CUDA tensors the other fused backend where the chosen one lacks the op, and
-    ``"eager"`` where no fused backend has it or a dtype is not fused)."""
+    """The backend whose implementation of ``op`` runs first for ``tensors`` (as
+    :func:`resolve` picks it: on CUDA tensors the other fused backend where the chosen one
+    lacks the op, and ``"eager"`` where no fused backend has it or a dtype is not fused; a
+    call whose arguments that backend declines runs on the next one)."""
     device = tensors[0].device if len(tensors) else None
     fusable = all(t.dtype in FUSED_DTYPES for t in tensors)
-    impl = resolve(op, device, backend, fusable)
+    impl = candidates(op, device, backend, fusable)[0]
     for name, fn in _REGISTRY[op].items():
         if fn is impl and name != "eager":
             return name

@@ -9,8 +9,9 @@ chooser; it raises ``ImportError`` when the library is not built (the chooser th
 Triton / eager, and says why when this backend was asked for).
 
 :func:`supports` tells the chooser where the ops run: CPU tensors always (the C++ ops), CUDA
-tensors when the library was built with CUDA. Ops the extension cannot take (a noise tensor given
-directly, more gradient terms than its kernels combine) run on the eager reference.
+tensors when the library was built with CUDA. Calls the extension cannot take (a noise tensor
+given directly, more gradient terms than its kernels combine) are declined
+(:class:`sam_kernels._backend.Declined`): the chooser runs them on the next backend.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from pathlib import Path
 
 import torch
 
-from sam_kernels._backend import register
-from sam_kernels.ops.lincomb import LinComb, lincomb_eager
-from sam_kernels.ops.perturb import noise_perturb_eager
-from sam_kernels.ops.sgd_step import sgd_step_eager
+from sam_kernels._backend import Declined, register
+from sam_kernels.ops._step_args import AdamWHyper, SgdHyper
+from sam_kernels.ops.lincomb import LinComb
 
 NAMESPACE = "sam_kernels_C"
 _HERE = Path(__file__).resolve().parent
@@ -180,10 +180,7 @@ def noise_perturb_ext(
     params, backups, scale, kind, half_cube_len, save_backup, seed, offset, noise
 ) -> None:
     if noise is not None:  # the test hook: the caller gives eps itself
-        noise_perturb_eager(
-            params, backups, scale, kind, half_cube_len, save_backup, seed, offset, noise
-        )
-        return
+        raise Declined("noise given directly")
     params = list(params)
     if not params:
         return
@@ -218,8 +215,7 @@ def lincomb_ext(out, comb: LinComb) -> None:
         return
     device = out[0].device
     if len(comb.terms) > MAX_LINCOMB_TERMS.get(device.type, 4):
-        lincomb_eager(out, comb)
-        return
+        raise Declined(f"{len(comb.terms)} terms")
     terms, coefs = _grad_args(comb, device)
     _ops.lincomb_(out, terms, coefs)
 
@@ -233,19 +229,14 @@ def frob_accumulate_ext(cross, gsum, grads, loss) -> None:
 
 
 @register("sgd_step", "ext")
-def sgd_step_ext(
-    params, grads, momentum_buffers, steps, backups, lr, momentum, dampening, nesterov,
-    weight_decay, maximize, ok,
-) -> None:  # fmt: skip
+def sgd_step_ext(params, grads, momentum_buffers, steps, backups, hyper: SgdHyper, ok) -> None:
+    lr, momentum, dampening = hyper.lr, hyper.momentum, hyper.dampening
+    nesterov, weight_decay, maximize = hyper.nesterov, hyper.weight_decay, hyper.maximize
     params = list(params)
     if not params:
         return
     if isinstance(grads, LinComb) and len(grads.terms) > MAX_STEP_GRAD_TERMS:
-        sgd_step_eager(
-            params, grads, momentum_buffers, steps, backups, lr, momentum, dampening, nesterov,
-            weight_decay, maximize, ok,
-        )  # fmt: skip
-        return
+        raise Declined(f"{len(grads.terms)} gradient terms")
     device = params[0].device
     flat, coefs = _grad_args(grads, device)
     lr_t, lr_f = _lr_args(lr, device)
@@ -269,20 +260,16 @@ def sgd_step_ext(
 
 @register("adamw_step", "ext")
 def adamw_step_ext(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, lr, beta1, beta2,
-    eps, weight_decay, amsgrad, maximize, ok,
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, hyper: AdamWHyper,
+    ok,
 ) -> None:  # fmt: skip
+    lr, beta1, beta2, eps = hyper.lr, hyper.beta1, hyper.beta2, hyper.eps
+    weight_decay, amsgrad, maximize = hyper.weight_decay, hyper.amsgrad, hyper.maximize
     params = list(params)
     if not params:
         return
     if isinstance(grads, LinComb) and len(grads.terms) > MAX_STEP_GRAD_TERMS:
-        from sam_kernels.ops.adamw_step import adamw_step_eager
-
-        adamw_step_eager(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, lr, beta1,
-            beta2, eps, weight_decay, amsgrad, maximize, ok,
-        )  # fmt: skip
-        return
+        raise Declined(f"{len(grads.terms)} gradient terms")
     device = params[0].device
     flat, coefs = _grad_args(grads, device)
     lr_t, lr_f = _lr_args(lr, device)

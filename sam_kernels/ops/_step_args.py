@@ -1,19 +1,66 @@
-"""The argument lists of the fused base steps (``sgd_step_``, ``adamw_step_``), named once.
+"""The arguments of the fused base steps (``sgd_step_``, ``adamw_step_``), named once.
 
 Both steps take the parameters, a gradient (a list, or a :class:`LinComb` whose term lists are
-combined in the pass), their own state lists and optional backups; :func:`step_lists` gives the
-names, lists, written lists and tensor coefficients that :func:`sam_kernels.ops._common.pick`
-validates, in one order for both.
+combined in the pass), their own state lists, optional backups, their hyper-parameters as one
+frozen dataclass (:class:`SgdHyper`, :class:`AdamWHyper`: every backend takes the same object,
+and the ops' ``torch.library`` schemas are generated from their fields) and the ``ok`` flag;
+:func:`step_lists` gives the names, lists, written lists and tensor coefficients that
+:func:`sam_kernels.ops._common.pick` validates, in one order for both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from sam_kernels.ops._common import TensorList
+from sam_kernels.ops._declare import float_or_tensor, typed
 from sam_kernels.ops.lincomb import LinComb
+
+
+@dataclass(frozen=True, eq=False)
+class SgdHyper:
+    """``torch.optim.SGD``'s hyper-parameters of one step (``lr`` a float or a 0-d tensor)."""
+
+    lr: float | torch.Tensor = float_or_tensor()
+    momentum: float = typed("float", 0.0)
+    dampening: float = typed("float", 0.0)
+    nesterov: bool = typed("bool", False)
+    weight_decay: float = typed("float", 0.0)
+    maximize: bool = typed("bool", False)
+
+
+@dataclass(frozen=True, eq=False)
+class AdamWHyper:
+    """``torch.optim.AdamW``'s hyper-parameters of one step (``lr`` a float or a 0-d tensor)."""
+
+    lr: float | torch.Tensor = float_or_tensor()
+    beta1: float = typed("float", 0.9)
+    beta2: float = typed("float", 0.999)
+    eps: float = typed("float", 1e-8)
+    weight_decay: float = typed("float", 1e-2)
+    amsgrad: bool = typed("bool", False)
+    maximize: bool = typed("bool", False)
+
+
+def grads_to_schema(grads: TensorList | LinComb) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """A gradient argument as the schemas take it: the list (``coefs`` None), or a LinComb's
+    term lists one after another with its ``[K]`` / ``[K, n]`` coefficients."""
+    if isinstance(grads, LinComb):
+        return [t for term in grads.terms for t in term], grads.coefs
+    return list(grads), None
+
+
+def grads_from_schema(
+    flat: list[torch.Tensor], coefs: torch.Tensor | None, n: int
+) -> list[torch.Tensor] | LinComb:
+    """The inverse of :func:`grads_to_schema` for ``n`` parameters."""
+    if coefs is None:
+        return flat
+    k = coefs.shape[0]
+    return LinComb(tuple(flat[j * n : (j + 1) * n] for j in range(k)), coefs)
 
 
 def step_lists(

@@ -30,7 +30,19 @@ from sam_kernels.ops._common import (
     sanitize_,
     select_,
 )
-from sam_kernels.ops._step_args import step_lists
+from sam_kernels.ops._declare import (
+    declare,
+    hyper_from_schema,
+    hyper_to_schema,
+    run,
+    schema_fields,
+)
+from sam_kernels.ops._step_args import (
+    AdamWHyper,
+    grads_from_schema,
+    grads_to_schema,
+    step_lists,
+)
 from sam_kernels.ops.lincomb import LinComb, materialize
 
 
@@ -56,25 +68,66 @@ def adamw_step_(
     """AdamW step of ``torch.optim.AdamW`` from ``backups`` (or ``params``) into ``params``.
 
     ``max_exp_avg_sqs`` may be empty unless ``amsgrad``. ``grads`` may be a :class:`LinComb`.
+    The declared op: ``torch.ops.sam_kernels.adamw_step_`` (:data:`DECLARED`).
     """
+    hyper = AdamWHyper(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize)
+    run(
+        DECLARED, backend, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+        backups, hyper, ok,
+    )  # fmt: skip
+
+
+def _choose(
+    backend, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups,
+    hyper: AdamWHyper, ok,
+):  # fmt: skip
     state = [
         ("exp_avgs", exp_avgs),
         ("exp_avg_sqs", exp_avg_sqs),
         ("steps", steps),
-        ("max_exp_avg_sqs", max_exp_avg_sqs if amsgrad else None),
+        ("max_exp_avg_sqs", max_exp_avg_sqs if hyper.amsgrad else None),
     ]
-    names, lists, outputs, scalars = step_lists(params, grads, state, backups, lr, ok)
-    pick("adamw_step", backend, names, *lists, outputs=outputs, scalars=scalars)(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, lr, beta1,
-        beta2, eps, weight_decay, amsgrad, maximize, ok,
+    names, lists, outputs, scalars = step_lists(params, grads, state, backups, hyper.lr, ok)
+    return pick("adamw_step", backend, names, *lists, outputs=outputs, scalars=scalars)
+
+
+def _to_schema(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, hyper, ok):
+    flat, coefs = grads_to_schema(grads)
+    return (
+        params, flat, coefs, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups,
+        *hyper_to_schema(hyper), ok,
     )  # fmt: skip
+
+
+def _from_schema(
+    params, flat, coefs, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, *rest
+):
+    hyper, i = hyper_from_schema(AdamWHyper, rest)
+    grads = grads_from_schema(flat, coefs, len(params))
+    return (
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, hyper, rest[i],
+    )  # fmt: skip
+
+
+DECLARED = declare(
+    "adamw_step",
+    "adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor? grad_coefs, "
+    "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, "
+    "Tensor(e!)[] steps, Tensor(f!)[]? backups, "
+    f"{schema_fields(AdamWHyper)}, Tensor? ok, str? backend=None) -> ()",
+    _choose,
+    to_schema=_to_schema,
+    from_schema=_from_schema,
+)
 
 
 @register("adamw_step", "eager")
 def adamw_step_eager(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, lr, beta1, beta2,
-    eps, weight_decay, amsgrad, maximize, ok,
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, hyper: AdamWHyper,
+    ok,
 ) -> None:  # fmt: skip
+    lr, beta1, beta2, eps = hyper.lr, hyper.beta1, hyper.beta2, hyper.eps
+    weight_decay, amsgrad, maximize = hyper.weight_decay, hyper.amsgrad, hyper.maximize
     params = list(params)
     if not params:
         return

@@ -20,6 +20,7 @@ import torch
 
 from sam_kernels._backend import register
 from sam_kernels.ops._common import TensorList, check_lists, pick
+from sam_kernels.ops._declare import declare, run
 
 DECISION_SAM = 1
 DECISION_ERM = 0
@@ -34,13 +35,27 @@ def aesam_stats_(
     c: float,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Update ``stats = [mu, var]`` with ``s = ||grads||^2`` and return the decision."""
+    """Update ``stats = [mu, var]`` with ``s = ||grads||^2`` and return the decision (a 0-d
+    int32 tensor; the declared op: ``torch.ops.sam_kernels.aesam_stats_``)."""
+    return run(DECLARED, backend, grads, stats, delta, c)
+
+
+def _choose(backend, grads, stats, delta, c):
     if stats.shape != (2,) or stats.dtype != torch.float32:
         raise ValueError("stats must be a float32 tensor of shape [2] holding [mu, var]")
     device = check_lists(("grads",), grads)
     if device is not None and stats.device != device:
         raise ValueError(f"stats is on {stats.device} but grads are on {device}")
-    return pick("aesam_stats", backend, ("grads",), grads)(grads, stats, delta, c)
+    return pick("aesam_stats", backend, ("grads",), grads)
+
+
+DECLARED = declare(
+    "aesam_stats",
+    "aesam_stats_(Tensor[] grads, Tensor(a!) stats, float delta, float c, "
+    "str? backend=None) -> Tensor",
+    _choose,
+    fake=lambda grads, stats, delta, c, backend=None: stats.new_empty((), dtype=torch.int32),
+)
 
 
 @register("aesam_stats", "eager")

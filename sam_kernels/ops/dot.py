@@ -37,6 +37,7 @@ import torch
 from sam_kernels._backend import register
 from sam_kernels.ops import _common
 from sam_kernels.ops._common import TensorList, pick
+from sam_kernels.ops._declare import declare, run
 from sam_kernels.ops.grad_norm import BATCH, PIECE
 
 
@@ -49,13 +50,21 @@ def dot(a: TensorList, b: TensorList, *, backend: str | None = None) -> torch.Te
     no kernel for it (Triton runs it on CUDA tensors, eager on others).
 
     Raises ``ValueError`` (naming the argument and index) when the lists differ in length, a
-    pair of tensors differs in shape, or the tensors are on more than one device.
+    pair of tensors differs in shape, or the tensors are on more than one device. The declared
+    op: ``torch.ops.sam_kernels.dot``.
     """
-    a, b = list(a), list(b)
+    return run(DECLARED, backend, list(a), list(b))
+
+
+def _zero(a, b) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.float64)
+
+
+def _choose(backend, a, b):
     if not a and not b:
         # no tensor, no device: 0 whatever the backend (a device-only backend named for empty
         # lists would otherwise be refused as unavailable on the CPU)
-        return torch.zeros((), dtype=torch.float64)
+        return _zero
     impl = pick("dot", backend, ("a", "b"), a, b)
     if not getattr(_common._TRUST, "on", False):
         for i, (x, y) in enumerate(zip(a, b)):
@@ -64,7 +73,16 @@ def dot(a: TensorList, b: TensorList, *, backend: str | None = None) -> torch.Te
                     f"b[{i}] has shape {tuple(y.shape)} but a[{i}] has shape {tuple(x.shape)}: "
                     "dot pairs tensors of equal shapes"
                 )
-    return impl(a, b)
+    return impl
+
+
+def _fake(a, b, backend=None) -> torch.Tensor:
+    return a[0].new_empty((), dtype=torch.float64) if a else torch.zeros((), dtype=torch.float64)
+
+
+DECLARED = declare(
+    "dot", "dot(Tensor[] a, Tensor[] b, str? backend=None) -> Tensor", _choose, fake=_fake
+)
 
 
 def _pieces2(a: TensorList, b: TensorList) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -39,6 +39,7 @@ import torch
 from sam_kernels._backend import register
 from sam_kernels.ops import philox
 from sam_kernels.ops._common import TensorList, pick
+from sam_kernels.ops._declare import declare, run
 from sam_kernels.ops.philox import _is_dense
 
 #: the 1-d (and 0-d) tensors' noise scale is ``||p|| + EPS_1D`` (the reference's guard)
@@ -66,10 +67,14 @@ def filter_noise_perturb_(
     ``[len(params)]`` float tensor on the parameters' device. ``seed``/``offset``: the
     counter-based stream of fused backends (int64 one-element device tensors; ``seed=None``
     draws one from torch's CPU generator on Triton and the global generator's stream on eager,
-    ``offset=None`` is 0). The caller advances ``offset`` by the number of elements.
+    ``offset=None`` is 0). The caller advances ``offset`` by the number of elements. The
+    declared op: ``torch.ops.sam_kernels.filter_noise_perturb_`` (without the ``noise`` hook).
     """
-    n = len(params)
-    sigma = _check_sigma(sigma, n)
+    sigma = _check_sigma(sigma, len(params))
+    run(DECLARED, backend, params, backups, deltas, sigma, seed, offset, float(eps_1d), noise)
+
+
+def _choose(backend, params, backups, deltas, sigma, seed, offset, eps_1d, noise):
     names, lists = ["params", "backups", "deltas"], [params, backups, deltas]
     if noise is not None:
         names.append("noise")
@@ -80,7 +85,7 @@ def filter_noise_perturb_(
                 raise ValueError(
                     f"{name}[{i}] has shape {tuple(t.shape)}, params[{i}] {tuple(p.shape)}"
                 )
-    fn = pick(
+    return pick(
         "filter_noise_perturb",
         backend if noise is None else "eager",
         names,
@@ -88,7 +93,23 @@ def filter_noise_perturb_(
         outputs=("params", "backups", "deltas"),
         scalars={"sigma": sigma, "seed": seed, "offset": offset},
     )
-    fn(params, backups, deltas, sigma, seed, offset, float(eps_1d), noise)
+
+
+def _to_schema(params, backups, deltas, sigma, seed, offset, eps_1d, noise) -> tuple:
+    # the noise hook runs on eager only, which is traced, never called through the schema
+    tensor = sigma if isinstance(sigma, torch.Tensor) else None
+    values = [] if tensor is not None else [sigma] if isinstance(sigma, float) else list(sigma)
+    seed, offset = (
+        torch.tensor(x, dtype=torch.int64) if isinstance(x, int) else x for x in (seed, offset)
+    )
+    return params, backups, deltas, tensor, values, seed, offset, eps_1d
+
+
+def _from_schema(params, backups, deltas, tensor, values, seed, offset, eps_1d) -> tuple:
+    # one float for every tensor and a list of one float are the same call
+    sigma = tensor if tensor is not None else values[0] if len(values) == 1 else list(values)
+    sigma = _check_sigma(sigma, len(params))
+    return params, backups, deltas, sigma, seed, offset, eps_1d, None
 
 
 def _check_sigma(sigma, n: int) -> Sigma:
@@ -213,3 +234,14 @@ def filter_noise_perturb_eager(params, backups, deltas, sigma, seed, offset, eps
             c = row_scale(w, eps_1d, torch.float32) * sig[i]
             d.copy_(z.to(torch.float32) * c)
     torch._foreach_add_(params, deltas)
+
+
+DECLARED = declare(
+    "filter_noise_perturb",
+    "filter_noise_perturb_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor(c!)[] deltas, "
+    "Tensor? sigma_tensor, float[] sigma_values, Tensor? seed, Tensor? offset, float eps_1d, "
+    "str? backend=None) -> ()",
+    _choose,
+    to_schema=_to_schema,
+    from_schema=_from_schema,
+)

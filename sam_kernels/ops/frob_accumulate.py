@@ -11,6 +11,7 @@ import torch
 
 from sam_kernels._backend import register
 from sam_kernels.ops._common import TensorList, pick
+from sam_kernels.ops._declare import declare, run
 
 
 def frob_accumulate_(
@@ -21,17 +22,25 @@ def frob_accumulate_(
     *,
     backend: str | None = None,
 ) -> None:
-    """``cross[i] += loss * grads[i]``; ``gsum[i] += grads[i]`` (fp32 math in fused backends)."""
-    pick(
-        "frob_accumulate",
-        backend,
-        ("cross", "gsum", "grads"),
-        cross,
-        gsum,
-        grads,
-        outputs=("cross", "gsum"),
+    """``cross[i] += loss * grads[i]``; ``gsum[i] += grads[i]`` (fp32 math in fused backends;
+    ``torch.ops.sam_kernels.frob_accumulate_``)."""
+    run(DECLARED, backend, cross, gsum, grads, loss)
+
+
+def _choose(backend, cross, gsum, grads, loss):
+    names = ("cross", "gsum", "grads")
+    return pick(
+        "frob_accumulate", backend, names, cross, gsum, grads, outputs=names[:2],
         scalars={"loss": loss},
-    )(cross, gsum, grads, loss)
+    )  # fmt: skip
+
+
+DECLARED = declare(
+    "frob_accumulate",
+    "frob_accumulate_(Tensor(a!)[] cross, Tensor(b!)[] gsum, Tensor[] grads, Tensor loss, "
+    "str? backend=None) -> ()",
+    _choose,
+)
 
 
 @register("frob_accumulate", "eager")

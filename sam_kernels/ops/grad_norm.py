@@ -20,6 +20,7 @@ import torch
 
 from sam_kernels._backend import register
 from sam_kernels.ops._common import TensorList, acc_dtype, pick
+from sam_kernels.ops._declare import declare, run
 
 
 def grad_norm(
@@ -33,11 +34,31 @@ def grad_norm(
 
     Returns a 0-d float32 tensor on the tensors' device (``inf``/``nan`` if any gradient is
     not finite, which is how callers detect a non-finite gradient without a host read; also
-    ``inf`` for a finite input whose norm exceeds the fp32 range, about 3.4e38).
+    ``inf`` for a finite input whose norm exceeds the fp32 range, about 3.4e38). The declared
+    op: ``torch.ops.sam_kernels.grad_norm``.
     """
+    return run(DECLARED, backend, grads, params, eta)
+
+
+def _choose(backend, grads, params, eta):
     if params is None:
-        return pick("grad_norm", backend, ("grads",), grads)(grads, None, eta)
-    return pick("grad_norm", backend, ("grads", "params"), grads, params)(grads, params, eta)
+        return pick("grad_norm", backend, ("grads",), grads)
+    return pick("grad_norm", backend, ("grads", "params"), grads, params)
+
+
+def _fake(grads, params, eta, backend=None) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    dtype = acc_dtype(list(grads) + list(params or []))
+    return grads[0].new_empty((), dtype=dtype)
+
+
+DECLARED = declare(
+    "grad_norm",
+    "grad_norm(Tensor[] grads, Tensor[]? params, float eta, str? backend=None) -> Tensor",
+    _choose,
+    fake=_fake,
+)
 
 
 def finite_flag(grads: TensorList, *, backend: str | None = None) -> torch.Tensor:

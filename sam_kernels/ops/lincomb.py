@@ -21,6 +21,7 @@ import torch
 
 from sam_kernels._backend import register
 from sam_kernels.ops._common import TensorList, per_tensor, pick
+from sam_kernels.ops._declare import declare, run
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,26 @@ def lincomb_(
     *,
     backend: str | None = None,
 ) -> None:
-    """``out[i] = sum_k coefs[k(, i)] * terms[k][i]`` (fp32 math in fused backends)."""
-    comb = LinComb(tuple(terms), coefs)
-    names = ("out",) + tuple(f"terms[{k}]" for k in range(len(terms)))
-    pick("lincomb", backend, names, out, *terms, outputs=("out",), scalars={"coefs": coefs})(
-        out, comb
-    )
+    """``out[i] = sum_k coefs[k(, i)] * terms[k][i]`` (fp32 math in fused backends; the
+    declared op ``torch.ops.sam_kernels.lincomb_`` takes the term lists one after another)."""
+    run(DECLARED, backend, out, LinComb(tuple(terms), coefs))
+
+
+def _choose(backend, out, comb: LinComb):
+    names = ("out",) + tuple(f"terms[{k}]" for k in range(len(comb.terms)))
+    return pick(
+        "lincomb", backend, names, out, *comb.terms, outputs=("out",),
+        scalars={"coefs": comb.coefs},
+    )  # fmt: skip
+
+
+def _to_schema(out, comb: LinComb) -> tuple:
+    return out, [t for term in comb.terms for t in term], comb.coefs
+
+
+def _from_schema(out, flat, coefs) -> tuple:
+    n, k = len(out), coefs.shape[0]
+    return out, LinComb(tuple(flat[j * n : (j + 1) * n] for j in range(k)), coefs)
 
 
 def materialize(comb: LinComb | TensorList) -> list[torch.Tensor]:
@@ -80,3 +95,12 @@ def _combine(comb: LinComb) -> list[torch.Tensor]:
 def lincomb_eager(out: TensorList, comb: LinComb) -> None:
     if len(out):
         torch._foreach_copy_(list(out), _combine(comb))
+
+
+DECLARED = declare(
+    "lincomb",
+    "lincomb_(Tensor(a!)[] out, Tensor[] terms, Tensor coefs, str? backend=None) -> ()",
+    _choose,
+    to_schema=_to_schema,
+    from_schema=_from_schema,
+)

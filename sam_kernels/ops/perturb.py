@@ -16,6 +16,7 @@ import torch
 
 from sam_kernels._backend import register
 from sam_kernels.ops._common import TensorList, per_tensor, pick, scratch_ok
+from sam_kernels.ops._declare import declare, run
 from sam_kernels.ops.philox import NOISE_KINDS, list_noise
 
 
@@ -32,18 +33,26 @@ def perturb_(
     """``backups[i] <- params[i]``; ``params[i] += scale[i] * T(params[i])^2 * grads[i]``.
 
     ``scale``: 0-d or ``[len(params)]`` float32 tensor on the parameters' device.
-    ``T(p) = |p| + eta`` if ``adaptive`` else 1.
+    ``T(p) = |p| + eta`` if ``adaptive`` else 1. The declared op:
+    ``torch.ops.sam_kernels.perturb_``.
     """
-    pick(
-        "perturb",
-        backend,
-        ("params", "grads", "backups"),
-        params,
-        grads,
-        backups,
-        outputs=("params", "backups"),
+    run(PERTURB, backend, params, grads, backups, scale, adaptive, eta)
+
+
+def _choose_perturb(backend, params, grads, backups, scale, adaptive, eta):
+    names = ("params", "grads", "backups")
+    return pick(
+        "perturb", backend, names, params, grads, backups, outputs=("params", "backups"),
         scalars={"scale": scale},
-    )(params, grads, backups, scale, adaptive, eta)
+    )  # fmt: skip
+
+
+PERTURB = declare(
+    "perturb",
+    "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor scale, "
+    "bool adaptive, float eta, str? backend=None) -> ()",
+    _choose_perturb,
+)
 
 
 @register("perturb", "eager")
@@ -138,15 +147,25 @@ def noise_perturb_(
     kernels key Philox differently (csrc/ops_math.h ``noise4``) for now. Without a seed the
     eager backend draws ``eps`` per tensor, in order, from the global generator (the reference
     code's stream, its default), and a fused backend draws a fresh seed from the global CPU
-    generator. ``noise`` (a test hook) gives the values of ``eps`` directly.
+    generator. ``noise`` (a test hook) gives the values of ``eps`` directly. The declared op:
+    ``torch.ops.sam_kernels.noise_perturb_`` (without the hook).
     """
+    run(
+        NOISE_PERTURB, backend, params, backups, scale, kind, half_cube_len, save_backup, seed,
+        offset, noise,
+    )  # fmt: skip
+
+
+def _choose_noise(
+    backend, params, backups, scale, kind, half_cube_len, save_backup, seed, offset, noise
+):  # fmt: skip
     if kind not in NOISE_KINDS:
         raise ValueError(f"kind={kind!r}; expected one of {NOISE_KINDS}")
     names, lists = ["params", "backups"], [params, backups]
     if noise is not None:
         names.append("noise")
         lists.append(noise)
-    fn = pick(
+    return pick(
         "noise_perturb",
         backend if noise is None else "eager",
         names,
@@ -155,7 +174,27 @@ def noise_perturb_(
         outputs=("params", "backups"),
         scalars={"scale": scale, "seed": seed, "offset": offset},
     )
-    fn(params, backups, scale, kind, half_cube_len, save_backup, seed, offset, noise)
+
+
+def _noise_to_schema(params, backups, scale, kind, half_cube_len, save_backup, seed, offset, noise):
+    # the test hook runs on eager only, which is traced, never called through the schema
+    seed, offset = (_as_tensor(x) for x in (seed, offset))
+    return params, backups, scale, kind, float(half_cube_len), bool(save_backup), seed, offset
+
+
+def _as_tensor(x: torch.Tensor | int | None) -> torch.Tensor | None:
+    return torch.tensor(x, dtype=torch.int64) if isinstance(x, int) else x
+
+
+NOISE_PERTURB = declare(
+    "noise_perturb",
+    "noise_perturb_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor scale, str kind, "
+    "float half_cube_len, bool save_backup, Tensor? seed, Tensor? offset, "
+    "str? backend=None) -> ()",
+    _choose_noise,
+    to_schema=_noise_to_schema,
+    from_schema=lambda *a: (*a, None),
+)
 
 
 @register("noise_perturb", "eager")

@@ -29,7 +29,19 @@ from sam_kernels.ops._common import (
     sanitize_,
     select_,
 )
-from sam_kernels.ops._step_args import step_lists
+from sam_kernels.ops._declare import (
+    declare,
+    hyper_from_schema,
+    hyper_to_schema,
+    run,
+    schema_fields,
+)
+from sam_kernels.ops._step_args import (
+    SgdHyper,
+    grads_from_schema,
+    grads_to_schema,
+    step_lists,
+)
 from sam_kernels.ops.lincomb import LinComb, materialize
 
 
@@ -53,22 +65,46 @@ def sgd_step_(
 
     ``momentum_buffers`` may be empty when ``momentum == 0``. ``grads`` may be a
     :class:`LinComb` (the gradient of CR-SAM / the universal class, combined in the pass).
+    The declared op: ``torch.ops.sam_kernels.sgd_step_`` (:data:`DECLARED`).
     """
-    bufs = momentum_buffers if momentum != 0.0 else None
+    hyper = SgdHyper(lr, momentum, dampening, nesterov, weight_decay, maximize)
+    run(DECLARED, backend, params, grads, momentum_buffers, steps, backups, hyper, ok)
+
+
+def _choose(backend, params, grads, momentum_buffers, steps, backups, hyper: SgdHyper, ok):
+    bufs = momentum_buffers if hyper.momentum != 0.0 else None
     names, lists, outputs, scalars = step_lists(
-        params, grads, [("steps", steps), ("momentum_buffers", bufs)], backups, lr, ok
+        params, grads, [("steps", steps), ("momentum_buffers", bufs)], backups, hyper.lr, ok
     )
-    pick("sgd_step", backend, names, *lists, outputs=outputs, scalars=scalars)(
-        params, grads, momentum_buffers, steps, backups, lr, momentum, dampening, nesterov,
-        weight_decay, maximize, ok,
-    )  # fmt: skip
+    return pick("sgd_step", backend, names, *lists, outputs=outputs, scalars=scalars)
+
+
+def _to_schema(params, grads, momentum_buffers, steps, backups, hyper, ok) -> tuple:
+    flat, coefs = grads_to_schema(grads)
+    return (params, flat, coefs, momentum_buffers, steps, backups, *hyper_to_schema(hyper), ok)
+
+
+def _from_schema(params, flat, coefs, momentum_buffers, steps, backups, *rest) -> tuple:
+    hyper, i = hyper_from_schema(SgdHyper, rest)
+    grads = grads_from_schema(flat, coefs, len(params))
+    return (params, grads, momentum_buffers, steps, backups, hyper, rest[i])
+
+
+DECLARED = declare(
+    "sgd_step",
+    "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor? grad_coefs, "
+    "Tensor(b!)[] momentum_buffers, Tensor(c!)[] steps, Tensor(d!)[]? backups, "
+    f"{schema_fields(SgdHyper)}, Tensor? ok, str? backend=None) -> ()",
+    _choose,
+    to_schema=_to_schema,
+    from_schema=_from_schema,
+)
 
 
 @register("sgd_step", "eager")
-def sgd_step_eager(
-    params, grads, momentum_buffers, steps, backups, lr, momentum, dampening, nesterov,
-    weight_decay, maximize, ok,
-) -> None:  # fmt: skip
+def sgd_step_eager(params, grads, momentum_buffers, steps, backups, hyper: SgdHyper, ok) -> None:
+    lr, momentum, dampening = hyper.lr, hyper.momentum, hyper.dampening
+    nesterov, weight_decay, maximize = hyper.nesterov, hyper.weight_decay, hyper.maximize
     params = list(params)
     if not params:
         return

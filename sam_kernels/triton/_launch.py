@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sam_kernels._backend import Declined
 from sam_kernels.ops._common import is_dense as _is_dense
 
 #: kernels were decorated under the Triton interpreter (CPU tensors, test-suite)
@@ -72,8 +73,9 @@ _CACHE_SIZE = 256
 _CACHE: OrderedDict[tuple, tuple[torch.Tensor, int]] = OrderedDict()
 
 
-class Fallback(Exception):
-    """The inputs are outside what the kernels handle: run the eager reference."""
+class Fallback(Declined):
+    """The inputs are outside what the kernels handle (raised before anything is written):
+    the backend chooser runs the next implementation (:class:`sam_kernels._backend.Declined`)."""
 
 
 # IEEE-rounded sqrt / division (Triton >= 3.0); the plain operators are approximate on GPU

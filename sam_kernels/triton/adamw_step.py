@@ -18,10 +18,9 @@ import triton
 import triton.language as tl
 
 from sam_kernels._backend import register
-from sam_kernels.ops.adamw_step import adamw_step_eager
+from sam_kernels.ops._step_args import AdamWHyper
 from sam_kernels.triton._launch import (
     NUM_WARPS,
-    Fallback,
     bump_steps,
     check_steps,
     device_guard,
@@ -141,38 +140,34 @@ def _adamw_kernel(
 
 @register("adamw_step", "triton")
 def adamw_step_triton(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, lr, beta1, beta2,
-    eps, weight_decay, amsgrad, maximize, ok,
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, hyper: AdamWHyper,
+    ok,
 ) -> None:  # fmt: skip
+    lr, beta1, beta2, eps = hyper.lr, hyper.beta1, hyper.beta2, hyper.eps
+    weight_decay, amsgrad, maximize = hyper.weight_decay, hyper.amsgrad, hyper.maximize
     params = list(params)
     n = len(params)
     if n == 0:
         return
     device = params[0].device
     steps = list(steps)
-    try:
-        check_steps(steps)
-        terms, coefs, csk, csi = grad_terms(grads, n, device)
-        k = len(terms)
-        lists = [params, *terms]
-        r_m = len(lists)
-        lists += [list(exp_avgs), list(exp_avg_sqs)]
-        r_x = r_b = 0
-        if amsgrad:
-            r_x = len(lists)
-            lists.append(list(max_exp_avg_sqs))
-        if backups is not None:
-            r_b = len(lists)
-            lists.append(list(backups))
-        written = (0, r_m, r_m + 1) + ((r_x,) if amsgrad else ())
-        pl = plan(lists, [steps], written=written, tag="adamw")
-        ok_t = device_scalar(ok, device, "ok") if ok is not None else None
-        lr_t = device_scalar(lr, device, "lr") if isinstance(lr, torch.Tensor) else None
-    except Fallback:
-        return adamw_step_eager(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups, lr, beta1,
-            beta2, eps, weight_decay, amsgrad, maximize, ok,
-        )  # fmt: skip
+    check_steps(steps)
+    terms, coefs, csk, csi = grad_terms(grads, n, device)
+    k = len(terms)
+    lists = [params, *terms]
+    r_m = len(lists)
+    lists += [list(exp_avgs), list(exp_avg_sqs)]
+    r_x = r_b = 0
+    if amsgrad:
+        r_x = len(lists)
+        lists.append(list(max_exp_avg_sqs))
+    if backups is not None:
+        r_b = len(lists)
+        lists.append(list(backups))
+    written = (0, r_m, r_m + 1) + ((r_x,) if amsgrad else ())
+    pl = plan(lists, [steps], written=written, tag="adamw")
+    ok_t = device_scalar(ok, device, "ok") if ok is not None else None
+    lr_t = device_scalar(lr, device, "lr") if isinstance(lr, torch.Tensor) else None
     lw = 1.0 - float(beta1)
     lw32 = float(np.float32(lw))
     lr_f = 0.0 if lr_t is not None else float(lr)

@@ -12,7 +12,6 @@ import triton
 import triton.language as tl
 
 from sam_kernels._backend import register
-from sam_kernels.ops.aesam_stats import aesam_stats_eager
 from sam_kernels.triton._launch import REDUCE_BLOCK, Fallback, device_guard, sqrt
 from sam_kernels.triton.grad_norm import sum_partials, sumsq_partials
 
@@ -40,16 +39,13 @@ def _aesam_final_kernel(
 @register("aesam_stats", "triton")
 def aesam_stats_triton(grads, stats, delta, c) -> torch.Tensor:
     grads = list(grads)
-    try:
-        if not stats.is_contiguous():
-            raise Fallback("stats must be contiguous")
-        if grads:
-            partial, total, device = sumsq_partials(grads, None, 0.0, "aesam")
-        else:
-            device = stats.device
-            partial, total = torch.zeros(1, dtype=torch.float64, device=device), 0
-    except Fallback:
-        return aesam_stats_eager(grads, stats, delta, c)
+    if not stats.is_contiguous():
+        raise Fallback("stats must be contiguous")
+    if grads:
+        partial, total, device = sumsq_partials(grads, None, 0.0, "aesam")
+    else:
+        device = stats.device
+        partial, total = torch.zeros(1, dtype=torch.float64, device=device), 0
     out = torch.empty((), dtype=torch.int32, device=device)
     with device_guard(device):
         _aesam_final_kernel[(1,)](

@@ -18,11 +18,9 @@ import triton
 import triton.language as tl
 
 from sam_kernels._backend import register
-from sam_kernels.ops.dot import dot_eager
 from sam_kernels.triton._launch import (
     NUM_WARPS,
     REDUCE_BLOCK,
-    Fallback,
     device_guard,
     ldf,
     locate,
@@ -68,10 +66,7 @@ def dot_triton(a, b) -> torch.Tensor:
     a, b = list(a), list(b)
     if not a:
         return torch.zeros((), dtype=torch.float64)
-    try:
-        pl = plan([a, b], tag="dot")
-    except Fallback:
-        return dot_eager(a, b)
+    pl = plan([a, b], tag="dot")
     total = sum(g.grid for g in pl.groups)
     partial = torch.empty(max(total, 1), dtype=torch.float64, device=pl.device)
     out = torch.empty((), dtype=torch.float64, device=pl.device)

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sam_kernels._backend import register
-from sam_kernels.ops.filter_noise import filter_noise_perturb_eager, runs_in_place
+from sam_kernels._backend import Declined, register
+from sam_kernels.ops.filter_noise import runs_in_place
 from sam_kernels.triton._launch import (
     GPU_BLOCK,
     INTERP_MAX_BLOCK,
@@ -251,30 +251,24 @@ def filter_noise_perturb_triton(
     n = len(params)
     if n == 0:
         return
-    args = (params, backups, deltas, sigma, seed, offset, eps_1d, noise)
-    if noise is not None:  # the dispatcher sends these to eager already
-        return filter_noise_perturb_eager(*args)
+    if noise is not None:  # the public op sends these to eager already
+        raise Declined("noise given directly")
     device = params[0].device
+    sig = _sigma_tensor(sigma, n, device)
+    stride = per_tensor_strides(sig, n)
+    meta, rows, lens, total = _shape_meta([tuple(p.shape) for p in params], device)
+    for p in params:  # before any copy is made
+        tl_dtype(p)
+    work, back = _work_lists(params, list(backups), list(deltas))
+    pl = plan(work, written=(0, 1, 2), tag="fnoise")
+    row_groups = _row_groups(work[0], rows, lens)
+    # drawn once the call is taken: a declined call leaves the global generator as it was
     if seed is None:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     if offset is None:
         offset = torch.zeros((), dtype=torch.int64)
     seed = _int64_scalar(seed, device, "seed")
     offset = _int64_scalar(offset, device, "offset")
-    try:
-        sig = _sigma_tensor(sigma, n, device)
-        stride = per_tensor_strides(sig, n)
-        meta, rows, lens, total = _shape_meta([tuple(p.shape) for p in params], device)
-        for p in params:  # before any copy is made
-            tl_dtype(p)
-        work, back = _work_lists(params, list(backups), list(deltas))
-        pl = plan(work, written=(0, 1, 2), tag="fnoise")
-        row_groups = _row_groups(work[0], rows, lens)
-    except Fallback:
-        # the eager reference with the seed: the same counter stream
-        return filter_noise_perturb_eager(
-            params, backups, deltas, sigma, seed, offset, eps_1d, None
-        )
     if not pl.groups:
         return
     coef = torch.empty(total, dtype=torch.float32, device=device)

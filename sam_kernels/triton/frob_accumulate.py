@@ -7,10 +7,8 @@ import triton
 import triton.language as tl
 
 from sam_kernels._backend import register
-from sam_kernels.ops.frob_accumulate import frob_accumulate_eager
 from sam_kernels.triton._launch import (
     NUM_WARPS,
-    Fallback,
     device_guard,
     device_scalar,
     ldf,
@@ -56,13 +54,10 @@ def frob_accumulate_triton(cross, gsum, grads, loss) -> None:
     if not cross:
         return
     device = cross[0].device
-    try:
-        if not isinstance(loss, torch.Tensor):
-            loss = torch.tensor(float(loss))
-        loss = device_scalar(loss.reshape(()), device, "loss")
-        pl = plan([cross, list(gsum), list(grads)], written=(0, 1), tag="frob")
-    except Fallback:
-        return frob_accumulate_eager(cross, gsum, grads, loss)
+    if not isinstance(loss, torch.Tensor):
+        loss = torch.tensor(float(loss))
+    loss = device_scalar(loss.reshape(()), device, "loss")
+    pl = plan([cross, list(gsum), list(grads)], written=(0, 1), tag="frob")
     with device_guard(device):
         for g in pl.groups:
             _frob_kernel[(g.grid,)](

@@ -19,11 +19,9 @@ import triton
 import triton.language as tl
 
 from sam_kernels._backend import register
-from sam_kernels.ops.grad_norm import grad_norm_eager
 from sam_kernels.triton._launch import (
     NUM_WARPS,
     REDUCE_BLOCK,
-    Fallback,
     device_guard,
     ldf,
     locate,
@@ -104,10 +102,7 @@ def grad_norm_triton(grads, params, eta) -> torch.Tensor:
     grads = list(grads)
     if not grads:
         return torch.zeros((), dtype=torch.float32)
-    try:
-        partial, total, device = sumsq_partials(grads, params, eta, "norm")
-    except Fallback:
-        return grad_norm_eager(grads, params, eta)
+    partial, total, device = sumsq_partials(grads, params, eta, "norm")
     out = torch.empty((), dtype=torch.float32, device=device)
     with device_guard(device):
         _norm_final_kernel[(1,)](partial, total, out, BLOCK=REDUCE_BLOCK)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from sam_kernels._backend import register
-from sam_kernels.ops.lincomb import LinComb, lincomb_eager
+from sam_kernels.ops.lincomb import LinComb
 from sam_kernels.triton._launch import (
     NUM_WARPS,
     Fallback,
@@ -148,12 +148,9 @@ def lincomb_triton(out, comb_: LinComb) -> None:
     if n == 0:
         return
     device = out[0].device
-    try:
-        terms, coefs, csk, csi = grad_terms(comb_, n, device)
-        k = len(terms)
-        pl = plan([out, *terms], written=(0,), tag="lincomb")
-    except Fallback:
-        return lincomb_eager(out, comb_)
+    terms, coefs, csk, csi = grad_terms(comb_, n, device)
+    k = len(terms)
+    pl = plan([out, *terms], written=(0,), tag="lincomb")
     with device_guard(device):
         for g in pl.groups:
             _lincomb_kernel[(g.grid,)](

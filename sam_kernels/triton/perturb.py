@@ -18,11 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from sam_kernels._backend import register
-from sam_kernels.ops.perturb import noise_perturb_eager, perturb_eager
+from sam_kernels._backend import Declined, register
 from sam_kernels.triton._launch import (
     NUM_WARPS,
-    Fallback,
     device_guard,
     device_scalar,
     ld,
@@ -79,12 +77,9 @@ def perturb_triton(params, grads, backups, scale, adaptive, eta) -> None:
     if n == 0:
         return
     device = params[0].device
-    try:
-        scale = device_scalar(scale, device, "scale")
-        stride = per_tensor_strides(scale, n)
-        pl = plan([params, list(grads), list(backups)], written=(0, 2), tag="perturb")
-    except Fallback:
-        return perturb_eager(params, grads, backups, scale, adaptive, eta)
+    scale = device_scalar(scale, device, "scale")
+    stride = per_tensor_strides(scale, n)
+    pl = plan([params, list(grads), list(backups)], written=(0, 2), tag="perturb")
     with device_guard(device):
         for g in pl.groups:
             _perturb_kernel[(g.grid,)](
@@ -157,26 +152,20 @@ def noise_perturb_triton(
     n = len(params)
     if n == 0:
         return
-    if noise is not None:  # the dispatcher sends these to eager already
-        return noise_perturb_eager(
-            params, backups, scale, kind, half_cube_len, save_backup, seed, offset, noise
-        )
+    if noise is not None:  # the public op sends these to eager already
+        raise Declined("noise given directly")
     device = params[0].device
+    scale = device_scalar(scale, device, "scale")
+    stride = per_tensor_strides(scale, n)
+    written = (0, 1) if save_backup else (0,)
+    pl = plan([params, list(backups)], written=written, tag="noise")
+    # drawn once the call is taken: a declined call leaves the global generator as it was
     if seed is None:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     if offset is None:
         offset = torch.zeros((), dtype=torch.int64)
     seed = _int64_scalar(seed, device, "seed")
     offset = _int64_scalar(offset, device, "offset")
-    try:
-        scale = device_scalar(scale, device, "scale")
-        stride = per_tensor_strides(scale, n)
-        written = (0, 1) if save_backup else (0,)
-        pl = plan([params, list(backups)], written=written, tag="noise")
-    except Fallback:
-        return noise_perturb_eager(
-            params, backups, scale, kind, half_cube_len, save_backup, seed, offset, noise
-        )
     a = float(half_cube_len)
     with device_guard(device):
         for g in pl.groups:

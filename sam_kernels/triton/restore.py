@@ -6,8 +6,7 @@ import triton
 import triton.language as tl
 
 from sam_kernels._backend import register
-from sam_kernels.ops.restore import restore_eager
-from sam_kernels.triton._launch import NUM_WARPS, Fallback, device_guard, ld, locate, plan, st, tptr
+from sam_kernels.triton._launch import NUM_WARPS, device_guard, ld, locate, plan, st, tptr
 
 
 @triton.jit
@@ -32,10 +31,7 @@ def restore_triton(params, backups) -> None:
     params = list(params)
     if not params:
         return
-    try:
-        pl = plan([params, list(backups)], written=(0,), tag="restore")
-    except Fallback:
-        return restore_eager(params, backups)
+    pl = plan([params, list(backups)], written=(0,), tag="restore")
     with device_guard(pl.device):
         for g in pl.groups:
             _restore_kernel[(g.grid,)](

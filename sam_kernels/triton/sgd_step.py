@@ -16,10 +16,9 @@ import triton
 import triton.language as tl
 
 from sam_kernels._backend import register
-from sam_kernels.ops.sgd_step import sgd_step_eager
+from sam_kernels.ops._step_args import SgdHyper
 from sam_kernels.triton._launch import (
     NUM_WARPS,
-    Fallback,
     bump_steps,
     check_steps,
     device_guard,
@@ -108,10 +107,9 @@ def _sgd_kernel(
 
 
 @register("sgd_step", "triton")
-def sgd_step_triton(
-    params, grads, momentum_buffers, steps, backups, lr, momentum, dampening, nesterov,
-    weight_decay, maximize, ok,
-) -> None:  # fmt: skip
+def sgd_step_triton(params, grads, momentum_buffers, steps, backups, hyper: SgdHyper, ok) -> None:
+    lr, momentum, dampening = hyper.lr, hyper.momentum, hyper.dampening
+    nesterov, weight_decay, maximize = hyper.nesterov, hyper.weight_decay, hyper.maximize
     params = list(params)
     n = len(params)
     if n == 0:
@@ -119,27 +117,21 @@ def sgd_step_triton(
     device = params[0].device
     steps = list(steps)
     has_mom = momentum != 0.0
-    try:
-        check_steps(steps)
-        terms, coefs, csk, csi = grad_terms(grads, n, device)
-        k = len(terms)
-        lists = [params, *terms]
-        r_m = r_b = 0
-        if has_mom:
-            r_m = len(lists)
-            lists.append(list(momentum_buffers))
-        if backups is not None:
-            r_b = len(lists)
-            lists.append(list(backups))
-        written = (0, r_m) if has_mom else (0,)
-        pl = plan(lists, [steps] if has_mom else [], written=written, tag="sgd")
-        ok_t = device_scalar(ok, device, "ok") if ok is not None else None
-        lr_t = device_scalar(lr, device, "lr") if isinstance(lr, torch.Tensor) else None
-    except Fallback:
-        return sgd_step_eager(
-            params, grads, momentum_buffers, steps, backups, lr, momentum, dampening, nesterov,
-            weight_decay, maximize, ok,
-        )  # fmt: skip
+    check_steps(steps)
+    terms, coefs, csk, csi = grad_terms(grads, n, device)
+    k = len(terms)
+    lists = [params, *terms]
+    r_m = r_b = 0
+    if has_mom:
+        r_m = len(lists)
+        lists.append(list(momentum_buffers))
+    if backups is not None:
+        r_b = len(lists)
+        lists.append(list(backups))
+    written = (0, r_m) if has_mom else (0,)
+    pl = plan(lists, [steps] if has_mom else [], written=written, tag="sgd")
+    ok_t = device_scalar(ok, device, "ok") if ok is not None else None
+    lr_t = device_scalar(lr, device, "lr") if isinstance(lr, torch.Tensor) else None
     with device_guard(device):
         for g in pl.groups:
             dts = g.dtypes

@@ -19,6 +19,7 @@ from _helpers import same
 import sam_kernels as sk
 from sam_kernels.ops import _common
 from sam_kernels.ops._common import cpu_blocks, sanitize_, scratch_ok
+from sam_kernels.ops._step_args import AdamWHyper, SgdHyper
 
 sgd_mod = importlib.import_module("sam_kernels.ops.sgd_step")
 adamw_mod = importlib.import_module("sam_kernels.ops.adamw_step")
@@ -116,10 +117,8 @@ def test_sgd_in_place_equals_temporary_form(monkeypatch, dtype, okv, cfg, lincom
             ps, bufs = clones(params), [t.abs() for t in make(dtype, 5)]
             steps = [torch.full((), 2.0) for _ in ps]
             for _ in range(2):
-                sgd_mod.sgd_step_eager(
-                    ps, g, bufs, steps, backups, 0.05, cfg["momentum"], cfg["dampening"],
-                    False, cfg["weight_decay"], cfg["maximize"], torch.tensor(okv),
-                )  # fmt: skip
+                hyper = SgdHyper(0.05, **cfg)
+                sgd_mod.sgd_step_eager(ps, g, bufs, steps, backups, hyper, torch.tensor(okv))
             results.append(ps + bufs + steps)
     assert same(results[0], results[1], dtype=True)
     if okv == 0.0:
@@ -144,11 +143,10 @@ def test_adamw_in_place_matches_temporary_form(monkeypatch, dtype, okv, maximize
             ps, m = clones(params), make(dtype, 5)
             v = [t.abs() for t in make(dtype, 6)]
             steps = [torch.full((), 3.0, dtype=dtype) for _ in ps]
+            ok_t = torch.tensor(okv)
             for _ in range(2):
-                adamw_mod.adamw_step_eager(
-                    ps, grads, m, v, [], steps, backups, 1e-2, 0.9, 0.999, 1e-8, 0.05, False,
-                    maximize, torch.tensor(okv),
-                )  # fmt: skip
+                hyper = AdamWHyper(1e-2, 0.9, 0.999, 1e-8, 0.05, False, maximize)
+                adamw_mod.adamw_step_eager(ps, grads, m, v, [], steps, backups, hyper, ok_t)
             results.append((ps, m + v + steps))
     (p_new, s_new), (p_old, s_old) = results
     assert same(s_new, s_old, dtype=True)

@@ -363,21 +363,20 @@ def test_triton_stream_is_seeded_and_follows_the_offset():
 
 @needs_triton
 def test_triton_fallback_keeps_the_counter_stream(monkeypatch):
-    """Inputs the kernels refuse (here: rows longer than a lowered limit) run on the eager
-    reference with ``z`` from the same counter stream: the values do not change."""
+    """Inputs the kernels refuse (here: rows longer than a lowered limit) are declined and run
+    on the eager reference (the chooser's fallback) with ``z`` from the same counter stream:
+    the values do not change."""
+    from sam_kernels import _backend
     from sam_kernels.triton import filter_noise
 
     w = make(CASES["mixed"])
     seed, off = torch.tensor(11, device=DEVICE), torch.tensor(5, device=DEVICE)
     _, d1, p1 = run(w, 0.07, "triton", seed=seed, offset=off)
     calls = []
-    eager = filter_noise.filter_noise_perturb_eager
+    impls = _backend._REGISTRY["filter_noise_perturb"]
+    eager = impls["eager"]
     monkeypatch.setattr(filter_noise, "MAX_ROWLEN", 8)
-    monkeypatch.setattr(
-        filter_noise,
-        "filter_noise_perturb_eager",
-        lambda *a: calls.append(1) or eager(*a),
-    )
+    monkeypatch.setitem(impls, "eager", lambda *a: calls.append(1) or eager(*a))
     _, d2, p2 = run(w, 0.07, "triton", seed=seed, offset=off)
     assert calls, "the fallback did not run"
     assert_close_lists(d2, d1, torch.float32, "deltas")

@@ -1,0 +1,427 @@
+"""Each fused op declared once (issue 14, item 1): ``torch.ops.sam_kernels.<op>``.
+
+- every op with a fused implementation has one schema, with a fake, checked by
+  ``torch.library.opcheck`` (mutation annotations, fake against real, the aot dispatch);
+- backend parity through the one schema: each backend that runs here (eager, Triton under the
+  interpreter, the compiled extension) called as ``torch.ops.sam_kernels.<op>(..., backend=b)``
+  against the eager reference on fp32 copies of the same inputs, over shapes with empty,
+  one-element, odd and non-contiguous tensors and fp32/bf16/fp16, every output element written;
+- the hyper-parameters of the steps are one dataclass per base, its fields the schema's;
+- a backend declines a call it cannot take and the chooser runs the next implementation; no
+  backend module calls the eager reference itself;
+- torch.compile: a function of fused ops on a fused backend compiles as one graph
+  (``fullgraph=True``), each op one node, with the values of the eager call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import sam_kernels as sk
+from sam_kernels import _backend
+from sam_kernels.ops._declare import DECLARED
+from sam_kernels.ops._step_args import AdamWHyper, SgdHyper
+
+OPS = torch.ops.sam_kernels
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+#: (relative, absolute) tolerances against the fp32 reference rounded once to the dtype
+TOL = {
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (1.6e-2, 1e-2),
+    torch.float16: (2e-3, 1e-3),
+}
+#: empty, one element, odd sizes, a matrix, and a non-contiguous view (the last entry)
+SHAPES = [(0,), (1,), (17,), (3, 5), (2, 3, 4)]
+NONCONTIG = (5, 6)
+
+
+def _backends() -> list[str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [b for b in ("eager", "triton", "ext") if sk.available(b, "cpu")]
+
+
+BACKENDS = _backends()
+FUSED = [b for b in BACKENDS if b != "eager"]
+
+
+def make(dtype, scale=1.0, positive=False):
+    """A tensor per shape of :data:`SHAPES` plus a non-contiguous view, of ``dtype``."""
+    out = [(torch.randn(s) * scale).to(dtype) for s in SHAPES]
+    base = (torch.randn(NONCONTIG[0], 2 * NONCONTIG[1]) * scale).to(dtype)
+    out.append(base[:, ::2])
+    assert not out[-1].is_contiguous()
+    return [t.abs() for t in out] if positive else out
+
+
+def nans_like(ts):
+    """Outputs that the op must write in full: NaN where it would leave them."""
+    return [torch.full_like(t, float("nan")) for t in ts]
+
+
+def f32(ts):
+    return [t.float() for t in ts] if isinstance(ts, list) else ts
+
+
+def assert_close_lists(actual, ref, what):
+    """Each tensor against the fp32 reference rounded to its dtype, with the dtype's
+    tolerance (state such as step counters stays fp32 whatever the parameters' dtype)."""
+    assert len(actual) == len(ref)
+    for i, (a, r) in enumerate(zip(actual, ref)):
+        rtol, atol = TOL[a.dtype]
+        assert a.shape == r.shape, (what, i)
+        assert bool(torch.isfinite(a).all()), f"{what}[{i}]: not written in full"
+        torch.testing.assert_close(
+            a, r.to(a.dtype), rtol=rtol, atol=atol, msg=lambda m, i=i: f"{what}[{i}]: {m}"
+        )
+
+
+# ----------------------------------------------------------------------------- declarations
+def _fused_ops() -> set[str]:
+    for b in ("triton", "ext"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _backend._load(b)
+    return {op for op, impls in _backend._REGISTRY.items() if set(impls) - {"eager"}}
+
+
+def test_every_fused_op_is_declared_once():
+    fused = _fused_ops()
+    assert fused, "no fused implementation registered"
+    assert fused <= set(DECLARED), f"fused ops without a schema: {sorted(fused - set(DECLARED))}"
+    names = [d.name for d in DECLARED.values()]
+    assert len(names) == len(set(names))
+    for op, decl in DECLARED.items():
+        schema = decl.overload._schema
+        assert str(schema).startswith(f"sam_kernels::{decl.name}(")
+        # the chooser's argument, last, optional: the same call as the Python entry point
+        last = schema.arguments[-1]
+        assert last.name == "backend" and str(last.type) == "Optional[str]", (op, str(schema))
+        assert getattr(OPS, decl.name).default is decl.overload
+
+
+@pytest.mark.parametrize("cls", [SgdHyper, AdamWHyper])
+def test_step_schemas_come_from_the_hyper_dataclass(cls):
+    """The step ops' hyper-parameters are one frozen dataclass; the schema lists its fields
+    in order (lr twice: as a tensor or a float)."""
+    op = {SgdHyper: "sgd_step", AdamWHyper: "adamw_step"}[cls]
+    args = [a.name for a in DECLARED[op].overload._schema.arguments]
+    fields = [f.name for f in dataclasses.fields(cls)]
+    expected = ["lr_tensor", "lr", *fields[1:]]
+    start = args.index("lr_tensor")
+    assert args[start : start + len(expected)] == expected
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cls(0.1).lr = 0.2  # type: ignore[misc]
+
+
+def test_no_backend_calls_the_eager_reference_itself():
+    """The chooser is the one place that falls back (a backend raises ``Declined``)."""
+    root = Path(sk.__file__).parent
+    for path in sorted(root.glob("triton/*.py")) + [root / "cuda_ext.py"]:
+        text = path.read_text()
+        assert "_eager" not in text, f"{path.name} refers to an eager implementation"
+
+
+# ----------------------------------------------------------------------------- cases
+def _step_inputs(dtype, backups: bool):
+    params = make(dtype)
+    grads = make(dtype)
+    bk = make(dtype) if backups else None
+    if backups:
+        params = nans_like(params)  # written in full from the backups
+    return params, grads, bk
+
+
+def case_grad_norm(dtype, weighted):
+    g, p = make(dtype), make(dtype) if weighted else None
+    return (g, p, 0.01 if weighted else 0.0), ()
+
+
+def case_perturb(dtype, adaptive):
+    p, g = make(dtype), make(dtype)
+    scale = torch.rand(len(p)) if adaptive else torch.rand(())
+    return (p, g, nans_like(p), scale, adaptive, 0.05), (0, 2)
+
+
+def case_restore(dtype, _):
+    return (nans_like(make(dtype)), make(dtype)), (0,)
+
+
+def case_lincomb(dtype, per_tensor):
+    t0, t1 = make(dtype), make(dtype)
+    n = len(t0)
+    coefs = torch.randn(2, n) if per_tensor else torch.randn(2)
+    return (nans_like(t0), t0 + t1, coefs), (0,)
+
+
+def case_frob_accumulate(dtype, _):
+    return (make(dtype), make(dtype), make(dtype), torch.tensor(0.37)), (0, 1)
+
+
+def case_sgd_step(dtype, backups):
+    params, grads, bk = _step_inputs(dtype, backups)
+    bufs = make(dtype)
+    steps = [torch.zeros(()) for _ in params]
+    hyper = (None, 0.1, 0.9, 0.1, False, 1e-3, False)
+    ok = torch.tensor(1.0)
+    return (params, grads, None, bufs, steps, bk, *hyper, ok), (0, 3, 4)
+
+
+def case_adamw_step(dtype, backups):
+    params, grads, bk = _step_inputs(dtype, backups)
+    m, v = make(dtype), make(dtype, positive=True)
+    steps = [torch.full((), 2.0) for _ in params]
+    hyper = (None, 1e-2, 0.9, 0.999, 1e-8, 0.05, False, False)
+    ok = torch.tensor(1.0)
+    return (params, grads, None, m, v, [], steps, bk, *hyper, ok), (0, 3, 4, 6)
+
+
+def case_aesam_stats(dtype, _):
+    return (make(dtype), torch.tensor([1.5, 0.25]), 0.9, 1.0), (1,)
+
+
+def case_dot(dtype, _):
+    return (make(dtype), make(dtype)), ()
+
+
+CASES = {
+    "grad_norm": (case_grad_norm, [False, True]),
+    "perturb": (case_perturb, [False, True]),
+    "restore": (case_restore, [None]),
+    "lincomb": (case_lincomb, [False, True]),
+    "frob_accumulate": (case_frob_accumulate, [None]),
+    "sgd_step": (case_sgd_step, [False, True]),
+    "adamw_step": (case_adamw_step, [False, True]),
+    "aesam_stats": (case_aesam_stats, [None]),
+    "dot": (case_dot, [None]),
+}
+PARITY = [(op, v) for op, (_, variants) in CASES.items() for v in variants]
+
+
+def _clone(x):
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, list):
+        return [t.clone() for t in x]
+    return x
+
+
+def _upcast(x):
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float32:
+        return x.float()
+    if isinstance(x, list):
+        return [_upcast(t) for t in x]
+    return x
+
+
+def _call(op, args, backend):
+    return DECLARED[op].overload(*args, backend)
+
+
+def test_every_declared_op_has_a_parity_case():
+    assert set(CASES) | {"noise_perturb", "filter_noise_perturb"} == set(DECLARED)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op,variant", PARITY)
+def test_backend_parity_through_the_schema(op, variant, dtype, backend):
+    make_case = CASES[op][0]
+    args, written = make_case(dtype, variant)
+    got_args = [_clone(a) for a in args]
+    got = _call(op, got_args, backend)
+    if backend == "eager":
+        # the reference itself rounds in the tensors' dtype (bf16 T^2 g in ASAM's perturb,
+        # ...): through the schema it must give the Python entry point's bits
+        ref_args = [_clone(a) for a in args]
+        ref = _backend.eager_impl(op)(*DECLARED[op].from_schema(*ref_args))
+        for k in written:
+            for i, (x, y) in enumerate(zip(got_args[k], ref_args[k])):
+                assert torch.equal(x, y), f"{op} arg {k}[{i}]"
+                assert bool(torch.isfinite(x).all()), f"{op} arg {k}[{i}]: not written in full"
+    else:
+        # fused backends compute in fp32: the eager reference on fp32 copies, rounded once
+        ref_args = [_upcast(_clone(a)) for a in args]
+        ref = _call(op, ref_args, "eager")
+        for k in written:
+            assert_close_lists(got_args[k], ref_args[k], f"{op} arg {k}")
+    if isinstance(ref, torch.Tensor):
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        if op == "aesam_stats":
+            assert torch.equal(got, ref)
+        else:
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_schema_call_equals_the_python_entry_point(backend):
+    """``torch.ops.sam_kernels.sgd_step_`` and ``sam_kernels.sgd_step_`` run the same code."""
+    args, _ = case_sgd_step(torch.float32, True)
+    a = [_clone(x) for x in args]
+    b = [_clone(x) for x in args]
+    _call("sgd_step", a, backend)
+    params, grads, _, bufs, steps, bk, _, lr, mom, damp, nest, wd, maxi, ok = b
+    sk.sgd_step_(
+        params, grads, bufs, steps, backups=bk, lr=lr, momentum=mom, dampening=damp,
+        nesterov=nest, weight_decay=wd, maximize=maxi, ok=ok, backend=backend,
+    )  # fmt: skip
+    for x, y in zip(a[0] + a[3] + a[4], params + bufs + steps):
+        assert torch.equal(x, y)
+
+
+# ----------------------------------------------------------------------------- opcheck
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_opcheck(op):
+    """Schema annotations (what is written), the fake against the real op, aot dispatch."""
+    make_case, variants = CASES[op]
+    args, _ = make_case(torch.float32, variants[-1])
+    # opcheck runs the op several times: NaN outputs of a first run would be inputs later
+    args = [torch.zeros_like(a) if isinstance(a, torch.Tensor) and a.isnan().any() else a
+            for a in args]  # fmt: skip
+    args = [[torch.nan_to_num(t) for t in a] if isinstance(a, list) else a for a in args]
+    torch.library.opcheck(DECLARED[op].overload, (*args, None))
+
+
+# ----------------------------------------------------------------------------- declining
+def test_a_declined_call_runs_on_the_next_implementation(monkeypatch):
+    """An implementation raising ``Declined`` before writing: the chooser runs eager."""
+    calls = []
+
+    def refuses(*args):
+        calls.append(len(args))
+        raise sk.Declined("not these arguments")
+
+    monkeypatch.setitem(_backend._REGISTRY["restore"], "ext", refuses)
+    monkeypatch.setattr(_backend, "available", lambda name, device="cpu": True)
+    p, b = nans_like(make(torch.float32)), make(torch.float32)
+    sk.restore_(p, b, backend="ext")
+    assert calls == [2]
+    assert all(torch.equal(x, y) for x, y in zip(p, b))
+
+
+@pytest.mark.skipif("ext" not in BACKENDS, reason="compiled extension not built")
+def test_the_extension_declines_more_terms_than_its_kernels_combine():
+    from sam_kernels import cuda_ext
+
+    k = cuda_ext.MAX_STEP_GRAD_TERMS + 1
+    params = make(torch.float32)
+    terms = tuple(make(torch.float32) for _ in range(k))
+    comb = sk.LinComb(terms, torch.randn(k))
+    runs = {}
+    for backend in ("ext", "eager"):
+        p = [t.clone() for t in params]
+        bufs, steps = [torch.zeros_like(t) for t in p], [torch.zeros(()) for _ in p]
+        sk.sgd_step_(p, comb, bufs, steps, lr=0.1, momentum=0.9, backend=backend)
+        runs[backend] = p + bufs
+    assert all(torch.equal(x, y) for x, y in zip(runs["ext"], runs["eager"]))
+    with pytest.raises(sk.Declined):
+        cuda_ext.sgd_step_ext(params, comb, bufs, steps, None, SgdHyper(0.1, momentum=0.9), None)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_ops_compile_as_one_graph(backend):
+    """A SAM ascent + descent of fused ops compiles with ``fullgraph=True`` (Triton's
+    pointer-table launches are not traceable: the declared ops are opaque nodes), one node
+    per op, and gives the eager call's values."""
+    torch._dynamo.reset()
+    nodes = []
+
+    def count(gm, example_inputs):
+        nodes.extend(
+            str(n.target) for n in gm.graph.nodes if "sam_kernels" in str(getattr(n, "target", ""))
+        )
+        return gm.forward
+
+    def step(params, grads, backups, bufs, steps):
+        norm = sk.grad_norm(grads, backend=backend)
+        scale = 0.05 / (norm + 1e-12)
+        sk.perturb_(params, grads, backups, scale, backend=backend)
+        sk.sgd_step_(
+            params, grads, bufs, steps, backups=backups, lr=0.1, momentum=0.9, backend=backend
+        )
+        return norm
+
+    def inputs():
+        torch.manual_seed(3)
+        p, g = make(torch.float32), make(torch.float32)
+        return (
+            p,
+            g,
+            [torch.empty_like(t) for t in p],
+            [torch.zeros_like(t) for t in p],
+            [torch.zeros(()) for _ in p],
+        )
+
+    ref_in, got_in = inputs(), inputs()
+    ref = step(*ref_in)
+    got = torch.compile(step, backend=count, fullgraph=True)(*got_in)
+    assert torch.equal(got, ref)
+    for a, b in zip(ref_in, got_in):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert sorted(nodes) == sorted(
+        ["sam_kernels.grad_norm.default", "sam_kernels.perturb_.default",
+         "sam_kernels.sgd_step_.default"]
+    ), nodes  # fmt: skip
+
+
+def test_the_eager_backend_is_traced_not_wrapped():
+    """With the eager reference chosen, torch.compile traces its torch ops (the compiler fuses
+    them), so no declared op is left in the graph."""
+    torch._dynamo.reset()
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+
+    p, b = make(torch.float32), make(torch.float32)
+    torch.compile(lambda p, b: sk.restore_(p, b, backend="eager"), backend=record)(p, b)
+    assert targets and not any("sam_kernels" in t for t in targets), targets
+    assert all(torch.equal(x, y) for x, y in zip(p, b))
+
+
+def test_entry_points_keep_their_signatures():
+    """The public functions keep their keyword arguments (the dataclass is internal)."""
+    sig = inspect.signature(sk.sgd_step_)
+    for name in ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize", "ok"):
+        assert sig.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_a_first_call_under_compile_loads_the_backend(backend, tmp_path):
+    """In a fresh process, the first fused call is the compiled one: the backend's lazy import
+    happens while torch.compile traces (it is run, not traced) and the graph is still whole."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "first.py"
+    script.write_text(
+        "import torch, sam_kernels as sk\n"
+        "p, g, b = [torch.randn(5)], [torch.randn(5)], [torch.empty(5)]\n"
+        "w = p[0].clone()\n"
+        "nodes = []\n"
+        "def record(gm, example_inputs):\n"
+        "    nodes.extend(str(n.target) for n in gm.graph.nodes)\n"
+        "    return gm.forward\n"
+        "def f(p, g, b):\n"
+        f"    sk.perturb_(p, g, b, torch.tensor(0.5), backend={backend!r})\n"
+        "torch.compile(f, backend=record, fullgraph=True)(p, g, b)\n"
+        "assert torch.equal(b[0], w), 'backup'\n"
+        "torch.testing.assert_close(p[0], w + 0.5 * g[0])\n"
+        "assert [n for n in nodes if 'sam_kernels' in n] == ['sam_kernels.perturb_.default']\n"
+        "print('ok')\n"
+    )
+    root = Path(sk.__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
