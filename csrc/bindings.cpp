@@ -53,6 +53,14 @@ TORCH_LIBRARY(sam_kernels_C, m) {
   m.def(
       "plan_descent(Tensor(a!) counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan plan, "
       "Tensor ok, Tensor? loss, float[] hyper, float max_grad_norm) -> bool");
+  // the descent in two parts, for a distributed step's all-reduce of the flag between them
+  m.def(
+      "plan_descent_flag(Tensor counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan "
+      "plan, Tensor ok, Tensor? loss) -> Tensor[]");
+  m.def(
+      "plan_descent_apply(Tensor(a!) counters, "
+      "__torch__.torch.classes.sam_kernels_C.SamStepPlan plan, Tensor ok, Tensor norm, "
+      "float[] hyper, float max_grad_norm) -> bool");
   // test hook: one Philox4x32-10 block (CPU)
   m.def("_philox4x32_10(Tensor(a!) out, int[] counter, int[] key) -> ()");
 }

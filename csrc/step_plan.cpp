@@ -8,6 +8,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <utility>
+
 namespace sam_kernels {
 namespace {
 
@@ -234,24 +236,31 @@ std::vector<at::Tensor> plan_ascent(const at::Tensor& counters,
   return {ok};
 }
 
-// SAM._descend over the fused base step: ok *= finite(||g1||) [* finite(L1)]; with
-// max_grad_norm > 0 the gradient clipped by its norm (torch's clip_grad_norm_ rule, folded into
-// the step as a coefficient); per group the fused SGD/AdamW step from the backups (restore fused
-// in), gated by ok; counters += (ok, 1-ok).
-// `hyper`, per group: SGD (lr, momentum, dampening, nesterov, weight_decay, maximize), AdamW
-// (lr, beta1, beta2, eps, weight_decay, maximize). Returns false when the plan does not match
-// the parameters (nothing written).
-bool plan_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
-                  const at::Tensor& ok_in, const std::optional<at::Tensor>& loss,
-                  std::vector<double> hyper, double max_grad_norm) {
-  TORCH_CHECK(hyper.size() == 6 * plan->groups.size(), "plan_descent: ", hyper.size(),
-              " hyper-parameters for ", plan->groups.size(), " groups (6 each)");
-  if (!plan->matches()) return false;
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in plan_ascent
+// SAM._descend over the fused base step, in two parts so that a distributed step can put the
+// unplanned path's MIN all-reduce of the flag (SAMFamily._gate_ok) between them; plan_descent
+// runs both at once. The caller has checked the plan (matches) and is below autograd.
+namespace {
+
+// The part before the gate: ok *= finite(||g1||) [* finite(L1)]. Returns {ok, n1}: the flag and
+// the norm of g1 (clipping reuses it).
+std::pair<at::Tensor, at::Tensor> descent_local(const SamStepPlan& plan,
+                                                const at::Tensor& ok_in,
+                                                const std::optional<at::Tensor>& loss,
+                                                const at::Device& device) {
   const std::vector<at::Tensor> none;
-  const at::Tensor n1 = op_grad_norm().call(grads_of(plan->norm_params), none, 0.0);
+  at::Tensor n1 = op_grad_norm().call(grads_of(plan.norm_params), none, 0.0);
   at::Tensor ok = at::mul(ok_in, finite01(n1));
-  if (loss.has_value()) ok = at::mul(ok, loss_ok(*loss, counters.device()));
+  if (loss.has_value()) ok = at::mul(ok, loss_ok(*loss, device));
+  return {ok, n1};
+}
+
+// The part after the gate (BaseStep._base_step from its _gate_ok on): with max_grad_norm > 0
+// the gradient clipped by n1 (torch's clip_grad_norm_ rule, folded into the step as a
+// coefficient); per group the fused SGD/AdamW step from the backups (restore fused in), gated
+// by ok; counters += (ok, 1-ok); the stale-gradient marks.
+void descent_rest(const at::Tensor& counters, SamStepPlan& plan, at::Tensor ok,
+                  const at::Tensor& n1, const std::vector<double>& hyper, double max_grad_norm) {
+  const std::vector<at::Tensor> none;
   // BaseStep._clip_scale with the norm of g1 reused: ok *= finite(n1) (again);
   // scale = nan_to_num(clamp((1 / (n1 + 1e-6)) * max_grad_norm, max=1)), the gradient a
   // one-term combination with that coefficient (python_api._base_step._scaled)
@@ -265,8 +274,8 @@ bool plan_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPl
   }
   const OptT ok_arg = ok.to(at::kFloat).reshape({});
   const OptT no_tensor;
-  for (size_t k = 0; k < plan->groups.size(); ++k) {
-    const BaseGroupPlan& g = plan->groups[k];
+  for (size_t k = 0; k < plan.groups.size(); ++k) {
+    const BaseGroupPlan& g = plan.groups[k];
     const double* h = hyper.data() + 6 * k;
     const auto grads = grads_of(g.params);
     if (!g.adamw) {
@@ -284,20 +293,72 @@ bool plan_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPl
   const_cast<at::Tensor&>(counters).add_(at::stack({ok, at::rsub(ok, 1.0)}));
   // the stale-gradient marks of this step (what SAMFamily._mark_grads records at its end: the
   // caller changes no gradient in between, or drops them all)
-  plan->mark();
+  plan.mark();
+}
+
+void check_hyper(const SamStepPlan& plan, const std::vector<double>& hyper, const char* op) {
+  TORCH_CHECK(hyper.size() == 6 * plan.groups.size(), op, ": ", hyper.size(),
+              " hyper-parameters for ", plan.groups.size(), " groups (6 each)");
+}
+
+}  // namespace
+
+// The whole descent (a single process: no gate between the parts). `hyper`, per group: SGD (lr,
+// momentum, dampening, nesterov, weight_decay, maximize), AdamW (lr, beta1, beta2, eps,
+// weight_decay, maximize). Returns false when the plan does not match the parameters (nothing
+// written).
+bool plan_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
+                  const at::Tensor& ok_in, const std::optional<at::Tensor>& loss,
+                  std::vector<double> hyper, double max_grad_norm) {
+  check_hyper(*plan, hyper, "plan_descent");
+  if (!plan->matches()) return false;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in plan_ascent
+  auto [ok, n1] = descent_local(*plan, ok_in, loss, counters.device());
+  descent_rest(counters, *plan, std::move(ok), n1, hyper, max_grad_norm);
+  return true;
+}
+
+// The descent's first part (a distributed step; see python_api/_step_plan.py): returns
+// [ok, n1], this rank's flag before the gate and the norm of g1, or [] when the plan does not
+// match the parameters (nothing written; the caller runs the unplanned descent, whose gate
+// performs the same all-reduce).
+std::vector<at::Tensor> plan_descent_flag(const at::Tensor& counters,
+                                          const c10::intrusive_ptr<SamStepPlan>& plan,
+                                          const at::Tensor& ok_in,
+                                          const std::optional<at::Tensor>& loss) {
+  if (!plan->matches()) return {};
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto [ok, n1] = descent_local(*plan, ok_in, loss, counters.device());
+  return {std::move(ok), std::move(n1)};
+}
+
+// The descent's second part, with the gated (all-reduced) flag `ok` and the `norm` the first
+// part returned. Checks the plan again: false when it does not match (nothing written; the
+// caller continues the unplanned base step from after its gate, with no second all-reduce).
+bool plan_descent_apply(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
+                        const at::Tensor& ok, const at::Tensor& norm, std::vector<double> hyper,
+                        double max_grad_norm) {
+  check_hyper(*plan, hyper, "plan_descent_apply");
+  if (!plan->matches()) return false;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  descent_rest(counters, *plan, ok, norm, hyper, max_grad_norm);
   return true;
 }
 
 TORCH_LIBRARY_IMPL(sam_kernels_C, CompositeExplicitAutograd, m) {
   m.impl("plan_ascent", &plan_ascent);
   m.impl("plan_descent", &plan_descent);
+  m.impl("plan_descent_flag", &plan_descent_flag);
+  m.impl("plan_descent_apply", &plan_descent_apply);
 }
 
-// No autograd formula and nothing to record: the two ops fall through autograd to the kernel
+// No autograd formula and nothing to record: the plan's ops fall through autograd to the kernels
 // above, unboxed (the steps run under no_grad; the plan's tensors are the optimizer's).
 TORCH_LIBRARY_IMPL(sam_kernels_C, Autograd, m) {
   m.impl("plan_ascent", torch::CppFunction::makeFallthrough());
   m.impl("plan_descent", torch::CppFunction::makeFallthrough());
+  m.impl("plan_descent_flag", torch::CppFunction::makeFallthrough());
+  m.impl("plan_descent_apply", torch::CppFunction::makeFallthrough());
 }
 
 }  // namespace sam_kernels

@@ -86,12 +86,21 @@ struct SamStepPlan : torch::CustomClassHolder {
 };
 
 // The two halves of the step (schemas in bindings.cpp). `counters` is the plan's counter tensor:
-// it gives the op its device for dispatch.
+// it gives the op its device for dispatch. A distributed step runs the descent as its two parts,
+// plan_descent_flag and plan_descent_apply, with the MIN all-reduce of the flag in between
+// (python_api/_step_plan.py).
 std::vector<at::Tensor> plan_ascent(const at::Tensor& counters,
                                     const c10::intrusive_ptr<SamStepPlan>& plan,
                                     const std::optional<at::Tensor>& loss);
 bool plan_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
                   const at::Tensor& ok, const std::optional<at::Tensor>& loss,
                   std::vector<double> hyper, double max_grad_norm);
+std::vector<at::Tensor> plan_descent_flag(const at::Tensor& counters,
+                                          const c10::intrusive_ptr<SamStepPlan>& plan,
+                                          const at::Tensor& ok,
+                                          const std::optional<at::Tensor>& loss);
+bool plan_descent_apply(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
+                        const at::Tensor& ok, const at::Tensor& norm, std::vector<double> hyper,
+                        double max_grad_norm);
 
 }  // namespace sam_kernels

@@ -75,6 +75,7 @@ class BaseStep(StepCounters):
         *,
         ok_known: bool = False,
         norm: torch.Tensor | None = None,
+        gated: bool = False,
     ) -> torch.Tensor:
         """Restore ``perturbed`` and take one base step at the unperturbed weights, if ``ok``.
 
@@ -98,13 +99,17 @@ class BaseStep(StepCounters):
         :data:`CLIP_CHUNK` elements at a time, and its norm taken). A non-finite norm skips the
         step (the flag). A generic base gets ``p.grad`` scaled in place before its ``step()``.
 
+        ``gated``: ``ok`` has been through :meth:`_gate_ok` already (a step plan that fell back
+        after its all-reduce, python_api._step_plan): not gated again (no second all-reduce).
+
         Atomic: every group's launch is prepared and checked (shapes, dtypes, devices of the
         gradients and of every state buffer) before the first one runs, and state entries
         created for this step are only added once every launch has run; if anything raises,
         the weights are restored from their backups and nothing else has changed.
         """
         self._follow_device()
-        ok = self._gate_ok(ok)
+        if not gated:
+            ok = self._gate_ok(ok)
         clip = self.max_grad_norm
         if self._fused is not None:
             plan = self._base_plan(perturbed)

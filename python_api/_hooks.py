@@ -36,11 +36,15 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _all_reduce_min(flag: torch.Tensor, group: Any = None) -> torch.Tensor:
-    """The minimum of a 0-d flag over the ranks of ``group`` (device op, no host read)."""
+def _all_reduce_min(flag: torch.Tensor, group: Any = None, *, own: bool = False) -> torch.Tensor:
+    """The minimum of a 0-d flag over the ranks of ``group`` (device op, no host read).
+
+    ``own``: ``flag`` is the caller's own new tensor, reduced in place (no copy; the step
+    plan's flag, python_api._step_plan)."""
     import torch.distributed as dist
 
-    flag = flag.detach().clone()
+    if not own:
+        flag = flag.detach().clone()
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return flag
 

@@ -22,10 +22,48 @@ What is checked where:
 Gradient clipping (``max_grad_norm``) is planned: the descent reuses the norm of ``g1`` it takes
 for the finite check, as the unplanned path does.
 
+Plain DDP (torch.distributed initialized, the gradients all-reduced by a
+``DistributedDataParallel`` model or otherwise, no AMP or data-parallel helper of ours) is
+planned too. The unplanned step performs one collective of its own there: in the descent,
+``SAMFamily._gate_ok`` takes the MIN of the finite flag over ``opt.process_group`` (a loss is
+each rank's own; a rank that skipped alone would leave the replicas apart), after the flag is
+complete (``ok`` of the ascent, which already holds ``finite(L0)``, times ``finite(||g1||)`` and
+``finite(L1)``) and before clipping and the base step. The ascent has none (the norm is of the
+all-reduced gradients; its flag is only reduced in the descent). So a distributed step runs the
+ascent as one op, as a single process does, and the descent as two, with the unplanned path's
+all-reduce between them (``SAM._planned_gated_descent``):
+
+.. code-block:: text
+
+    plan_ascent                                      (no collective)
+    plan_descent_flag -> ok, ||g1||                  (the flag before the gate)
+    _all_reduce_min(ok, opt.process_group)           (_gate_ok's all-reduce, in place)
+    plan_descent_apply(ok, ||g1||)                   (clipping, base steps, counters, marks)
+
+Three dispatched ops in the descent (the all-reduce is ``c10d.allreduce_``), four per step;
+the same bits as the unplanned path, no host read. Whether a step is distributed is read when
+its descent runs, as ``_gate_ok`` reads it.
+
+The ranks never diverge on the collectives, whatever each rank's plan does: every path of a
+plain-DDP SAM step, planned or not, performs exactly one all-reduce, the MIN of the same 0-d
+flag, at the same point of the step, and a plan only ever falls back where that stays true:
+
+- before the all-reduce (the Python checks, ``plan_ascent`` or ``plan_descent_flag`` finding a
+  gradient or parameter changed): nothing written, and the unplanned path from there performs
+  the all-reduce itself (an ascent has none, in either path). So one rank may run planned and
+  another unplanned in the same step (a rank rebuilding its plan, a gradient missing on one
+  rank): the collectives still pair up, and the results are the same bits either way;
+- after it (``plan_descent_apply`` checks the plan again; nothing but the all-reduce ran since
+  ``plan_descent_flag`` checked it, so this does not happen in practice): nothing written, and
+  the step continues as the unplanned base step from after its gate, with the reduced flag
+  (``_base_step(..., gated=True)``), never a second all-reduce.
+
+No plan decision is itself a collective or depends on another rank.
+
 Not planned (the unplanned path runs, as before): any other class or base optimizer, Triton or
 eager ops, fp64, a learning rate given as a tensor, several (adaptive, eta) settings in one
-optimizer, a group that is not perturbed while others are, torch.compile tracing, a
-distributed run.
+optimizer, a group that is not perturbed while others are, torch.compile tracing, a step under
+a GradScaler or a data-parallel helper (``SAMDDPStep``, ``FSDP2SAMStep``).
 """
 
 from __future__ import annotations
@@ -239,7 +277,6 @@ def build(opt: Any) -> PlannedStep | Unplanned | None:
         or opt._amp is not None
         or opt._dist is not None
         or torch.compiler.is_compiling()
-        or _distributed()
         or not sk.step_plan_available(opt._device)
     ):
         return Unplanned(plan_key(opt))
@@ -270,7 +307,12 @@ def build(opt: Any) -> PlannedStep | Unplanned | None:
     return step if step.hyper() is not None else None
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
+def _not_distributed() -> bool:
+    return False
 
-    return dist.is_available() and dist.is_initialized()
+
+#: torch.distributed is initialized (``python_api._hooks._distributed``, without its import and
+#: availability check on every call: read once per planned step)
+distributed = (
+    torch.distributed.is_initialized if torch.distributed.is_available() else _not_distributed
+)

@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 
 from python_api import _conventions, _step_plan
 from python_api._base import Closure, SAMFamily, check_nonneg, finite01
+from python_api._hooks import _all_reduce_min
 
 
 class SAM(SAMFamily):
@@ -179,11 +180,42 @@ class SAM(SAMFamily):
         ):
             return False
         hyper = plan.hyper()
-        if hyper is None or not plan.plan.descent(ok, hyper, loss, self.max_grad_norm):
+        if hyper is None:
+            self._step_plan = None
+            return False
+        if _step_plan.distributed():
+            return self._planned_gated_descent(plan, ok, perturbed, loss, hyper)
+        if not plan.plan.descent(ok, hyper, loss, self.max_grad_norm):
             self._step_plan = None
             return False
         self._live = []
         self._marks_by = plan  # this step's stale-gradient marks: recorded by its plan
+        return True
+
+    def _planned_gated_descent(
+        self,
+        plan: _step_plan.PlannedStep,
+        ok: torch.Tensor,
+        perturbed: list[torch.Tensor],
+        loss: torch.Tensor | None,
+        hyper: list[float],
+    ) -> bool:
+        # A distributed step (plain DDP; the key rules out every hook): the descent in two ops
+        # with _gate_ok's all-reduce between them. Every path performs that one all-reduce and
+        # no other (the reasoning: python_api._step_plan's docstring).
+        flag = plan.plan.descent_flag(ok, loss)
+        if flag is None:  # before the all-reduce: the unplanned descent performs it
+            self._step_plan = None
+            return False
+        ok, n1 = flag
+        # _gate_ok with no hook installed: MIN over the ranks (the flag is the op's new tensor)
+        ok = _all_reduce_min(ok, self.process_group, own=True)
+        if plan.plan.descent_apply(ok, n1, hyper, self.max_grad_norm):
+            self._live = []
+            self._marks_by = plan
+        else:  # after the all-reduce: the unplanned base step from after its gate
+            self._step_plan = None
+            self._base_step(ok, perturbed, norm=n1, gated=True)
         return True
 
     def _plan_marks(self) -> _step_plan.PlanMarks | None:

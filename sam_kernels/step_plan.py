@@ -15,10 +15,12 @@ tensor list (the gradients are read from the parameters in C++):
               marked (stale for the next step)
 
 the same ops, in the same order, as the unplanned path of :class:`python_api.SAM` (so the same
-bits), without its per-step Python (list building, validation, scalar glue). Each call first
-checks that every gradient is present exactly where the plan expects it and that no parameter
-changed dtype, device or shape; if not it changes nothing and returns ``None`` / ``False``, and
-the caller drops the plan.
+bits), without its per-step Python (list building, validation, scalar glue). A distributed step
+runs the descent as two ops, :meth:`SamStepPlan.descent_flag` (up to this rank's ``ok``) and
+:meth:`SamStepPlan.descent_apply` (the rest, with the flag the caller all-reduced in between).
+Each call first checks that every gradient is present exactly where the plan expects it and
+that no parameter changed dtype, device or shape; if not it changes nothing and returns
+``None`` / ``False``, and the caller drops the plan.
 
 Available where the extension is built (:func:`available`); import never fails without it.
 """
@@ -38,9 +40,12 @@ def available(device: torch.device | str = "cpu") -> bool:
     """True when the built extension has the step plan and runs on ``device``'s tensors."""
     if not _available("ext", device):
         return False
-    # an extension built before the plan existed has the ops but not these
-    return hasattr(getattr(torch.ops, _NS), "plan_ascent") and hasattr(
-        torch.classes.sam_kernels_C, "SamStepPlan"
+    # an extension built before the plan (or its two-part descent) existed lacks these
+    ops = getattr(torch.ops, _NS)
+    return (
+        hasattr(ops, "plan_ascent")
+        and hasattr(ops, "plan_descent_apply")
+        and hasattr(torch.classes.sam_kernels_C, "SamStepPlan")
     )
 
 
@@ -51,7 +56,7 @@ class SamStepPlan:
     then call :meth:`ascent` and :meth:`descent` once per step.
     """
 
-    __slots__ = ("_plan", "_counters", "_ascent", "_descent")
+    __slots__ = ("_plan", "_counters", "_ascent", "_descent", "_descent_flag", "_descent_apply")
 
     def __init__(self, counters: torch.Tensor) -> None:
         self._plan = torch.classes.sam_kernels_C.SamStepPlan()
@@ -62,6 +67,8 @@ class SamStepPlan:
         # traced), about as long as the C++ side of a small step
         self._ascent = ops.plan_ascent.default._op
         self._descent = ops.plan_descent.default._op
+        self._descent_flag = ops.plan_descent_flag.default._op
+        self._descent_apply = ops.plan_descent_apply.default._op
 
     def watch(self, params: Sequence[torch.Tensor]) -> None:
         """Every parameter of every group; the gradients present now are the ones expected."""
@@ -153,3 +160,26 @@ class SamStepPlan:
         changed)."""
         clip = float(max_grad_norm) if max_grad_norm is not None else 0.0
         return self._descent(self._counters, self._plan, ok, loss, hyper, clip)
+
+    def descent_flag(
+        self, ok: torch.Tensor, loss: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The descent's first part: ``(ok * finite(||g1||) [* finite(L1)], ||g1||)``, this
+        rank's flag before the gate and the norm of ``g1``; ``None`` when the plan does not
+        match (nothing was changed). A distributed step reduces the flag over the ranks, then
+        calls :meth:`descent_apply`."""
+        out = self._descent_flag(self._counters, self._plan, ok, loss)
+        return (out[0], out[1]) if out else None
+
+    def descent_apply(
+        self,
+        ok: torch.Tensor,
+        norm: torch.Tensor,
+        hyper: list[float],
+        max_grad_norm: float | None = None,
+    ) -> bool:
+        """The descent's second part with the gated flag ``ok`` and the ``norm`` of
+        :meth:`descent_flag`: clipping, the base steps, the counters and the marks, as
+        :meth:`descent` runs them. False when the plan does not match (nothing was changed)."""
+        clip = float(max_grad_norm) if max_grad_norm is not None else 0.0
+        return self._descent_apply(self._counters, self._plan, ok, norm, hyper, clip)

@@ -445,3 +445,69 @@ def test_group_params_replaced(how, planned):
             assert torch.equal(p, q)
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), old))  # the old ones untouched
     assert _planned(opt) == planned
+
+
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("form", ["two-call", "closure"])
+def test_one_rank_process_group(base, form):
+    """torch.distributed initialized (a one-rank gloo group in process; the two-process DDP runs
+    are tests/integration/test_step_plan_ddp.py): the planned descent is two ops with the flag's
+    MIN all-reduce between them, bit-identical to the unplanned step, and either path performs
+    exactly one all-reduce per step."""
+    from _dist_setup import all_reduces_counted
+
+    m, r, opt, ref = _pair(base, max_grad_norm=0.5 if base == "adamw" else None)
+    run = _two_call if form == "two-call" else _closure_step
+    with all_reduces_counted(True) as calls:
+        for s in range(6):
+            for pair in ((m, opt), (r, ref)):
+                n = len(calls)
+                run([pair], s)
+                assert len(calls) == n + 1
+            _same(m, r, opt, ref)
+        assert _planned(opt)
+        _grads(m, opt, 7)
+        with _Ops() as first:
+            opt.first_step()
+        _grads(m, opt, 8)
+        with _Ops() as second:
+            opt.second_step()
+    assert first.ops == ["sam_kernels_C.plan_ascent.default"]
+    assert second.ops == [
+        "sam_kernels_C.plan_descent_flag.default",
+        "c10d.allreduce_.default",
+        "sam_kernels_C.plan_descent_apply.default",
+    ]
+
+
+def test_descent_in_two_parts():
+    """``descent_flag`` then ``descent_apply`` (no all-reduce between: one process) is
+    ``descent``; each changes nothing and says so when a gradient is not where the plan
+    expects it."""
+    m, r, opt, ref = _pair("adamw", max_grad_norm=0.5)
+    for s in range(3):
+        _two_call([(m, opt), (r, ref)], s)
+    plans = []
+    for model, o in ((m, opt), (r, ref)):
+        o.plan_steps = True
+        _grads(model, o, 5)
+        o.first_step(zero_grad=True)
+        _grads(model, o, 6)
+        plans.append(o._step_plan)
+    assert _planned(opt) and _planned(ref)
+    hyper = plans[0].hyper()
+    ok = torch.ones(())
+    # a missing gradient: nothing written
+    saved = m.fc.bias.grad
+    m.fc.bias.grad = None
+    before = [p.clone() for p in m.parameters()], opt._counters.clone()
+    assert plans[0].plan.descent_flag(ok) is None
+    assert plans[0].plan.descent_apply(ok, torch.zeros(()), hyper, 0.5) is False
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before[0]))
+    assert torch.equal(opt._counters, before[1])
+    m.fc.bias.grad = saved
+    flag, n1 = plans[0].plan.descent_flag(ok)
+    assert flag.dim() == 0 and flag.item() == 1.0
+    assert plans[0].plan.descent_apply(flag, n1, hyper, 0.5) is True
+    assert plans[1].plan.descent(ok, hyper, None, 0.5) is True
+    _same(m, r, opt, ref)
