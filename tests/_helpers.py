@@ -20,6 +20,18 @@ HOST_READ_OPS = SCALAR_AND_NONZERO | {"aten.masked_select"}
 METADATA_OPS = frozenset({"aten.view", "aten.detach"})
 
 
+class DispatchedOps(TorchDispatchMode):
+    """Records the overloads dispatched inside (``"aten.mm.default"``), in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 class HostReads(TorchDispatchMode):
     """Records every op dispatched inside, and counts the host reads among them.
 

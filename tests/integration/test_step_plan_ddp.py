@@ -183,19 +183,11 @@ def _scenario(base: str, form: str):
 def _scenario_ops(rank: int) -> dict:
     """The dispatched ops of planned DDP steps (each form, after the steps that build the
     plan); the closure's forward and backward are not counted."""
+    from _helpers import DispatchedOps as Ops
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+    from torch.utils._python_dispatch import _disable_current_modes
 
     from python_api import SAM
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     out = {}
     for base in BASES:

@@ -14,8 +14,8 @@ import pickle
 
 import pytest
 import torch
+from _helpers import DispatchedOps
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import python_api._step_plan as sp
 from python_api import SAM
@@ -124,14 +124,15 @@ def _same(m, r, opt, ref) -> None:
     assert torch.equal(opt._counters, ref._counters)
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
+def _ops_of_one_step(m, opt) -> tuple[list[str], list[str]]:
+    """The ops dispatched by ``first_step`` and by ``second_step`` (gradients set outside)."""
+    _grads(m, opt, 7)
+    with DispatchedOps() as first:
+        opt.first_step()
+    _grads(m, opt, 8)
+    with DispatchedOps() as second:
+        opt.second_step()
+    return first.ops, second.ops
 
 
 def _planned(opt) -> bool:
@@ -179,14 +180,9 @@ def test_two_dispatched_ops_per_step():
     m, r, opt, ref = _pair("sgd")
     for s in range(3):
         _two_call([(m, opt)], s)
-    _grads(m, opt, 7)
-    with _Ops() as first:
-        opt.first_step()
-    _grads(m, opt, 8)
-    with _Ops() as second:
-        opt.second_step()
-    assert first.ops == ["sam_kernels_C.plan_ascent.default"]
-    assert second.ops == ["sam_kernels_C.plan_descent.default"]
+    first, second = _ops_of_one_step(m, opt)
+    assert first == ["sam_kernels_C.plan_ascent.default"]
+    assert second == ["sam_kernels_C.plan_descent.default"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -466,14 +462,9 @@ def test_one_rank_process_group(base, form):
                 assert len(calls) == n + 1
             _same(m, r, opt, ref)
         assert _planned(opt)
-        _grads(m, opt, 7)
-        with _Ops() as first:
-            opt.first_step()
-        _grads(m, opt, 8)
-        with _Ops() as second:
-            opt.second_step()
-    assert first.ops == ["sam_kernels_C.plan_ascent.default"]
-    assert second.ops == [
+        first, second = _ops_of_one_step(m, opt)
+    assert first == ["sam_kernels_C.plan_ascent.default"]
+    assert second == [
         "sam_kernels_C.plan_descent_flag.default",
         "c10d.allreduce_.default",
         "sam_kernels_C.plan_descent_apply.default",
