@@ -41,14 +41,18 @@ SHAPES = [(0,), (1,), (17,), (3, 5), (2, 3, 4)]
 NONCONTIG = (5, 6)
 
 
-def _backends() -> list[str]:
+def _backends(device: str) -> list[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return [b for b in ("eager", "triton", "ext") if sk.available(b, "cpu")]
+        return [b for b in ("eager", "triton", "ext") if sk.available(b, device)]
 
 
-BACKENDS = _backends()
+BACKENDS = _backends("cpu")
 FUSED = [b for b in BACKENDS if b != "eager"]
+#: (device, backend) for every backend on every device here: a GPU run checks CUDA too
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+PLACES = [(d, b) for d in DEVICES for b in _backends(d)]
+FUSED_PLACES = [(d, b) for d, b in PLACES if b != "eager"]
 
 
 def make(dtype, scale=1.0, positive=False):
@@ -228,12 +232,13 @@ def test_every_declared_op_has_a_parity_case():
     assert set(CASES) | {"noise_perturb", "filter_noise_perturb"} == set(DECLARED)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", PLACES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op,variant", PARITY)
-def test_backend_parity_through_the_schema(op, variant, dtype, backend):
+def test_backend_parity_through_the_schema(op, variant, dtype, device, backend):
     make_case = CASES[op][0]
-    args, written = make_case(dtype, variant)
+    with torch.device(device):  # the factories of the case build on ``device``
+        args, written = make_case(dtype, variant)
     got_args = [_clone(a) for a in args]
     got = _call(op, got_args, backend)
     if backend == "eager":
@@ -259,10 +264,11 @@ def test_backend_parity_through_the_schema(op, variant, dtype, backend):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_schema_call_equals_the_python_entry_point(backend):
+@pytest.mark.parametrize("device,backend", PLACES)
+def test_schema_call_equals_the_python_entry_point(device, backend):
     """``torch.ops.sam_kernels.sgd_step_`` and ``sam_kernels.sgd_step_`` run the same code."""
-    args, _ = case_sgd_step(torch.float32, True)
+    with torch.device(device):
+        args, _ = case_sgd_step(torch.float32, True)
     a = [_clone(x) for x in args]
     b = [_clone(x) for x in args]
     _call("sgd_step", a, backend)
@@ -325,8 +331,8 @@ def test_the_extension_declines_more_terms_than_its_kernels_combine():
 
 
 # ----------------------------------------------------------------------------- torch.compile
-@pytest.mark.parametrize("backend", FUSED)
-def test_fused_ops_compile_as_one_graph(backend):
+@pytest.mark.parametrize("device,backend", FUSED_PLACES)
+def test_fused_ops_compile_as_one_graph(device, backend):
     """A SAM ascent + descent of fused ops compiles with ``fullgraph=True`` (Triton's
     pointer-table launches are not traceable: the declared ops are opaque nodes), one node
     per op, and gives the eager call's values."""
@@ -350,13 +356,15 @@ def test_fused_ops_compile_as_one_graph(backend):
 
     def inputs():
         torch.manual_seed(3)
-        p, g = make(torch.float32), make(torch.float32)
+        with torch.device(device):
+            p, g = make(torch.float32), make(torch.float32)
+            steps = [torch.zeros(()) for _ in p]
         return (
             p,
             g,
             [torch.empty_like(t) for t in p],
             [torch.zeros_like(t) for t in p],
-            [torch.zeros(()) for _ in p],
+            steps,
         )
 
     ref_in, got_in = inputs(), inputs()
