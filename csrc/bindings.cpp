@@ -63,4 +63,6 @@ TORCH_LIBRARY(sam_kernels_C, m) {
       "float[] hyper, float max_grad_norm) -> bool");
   // test hook: one Philox4x32-10 block (CPU)
   m.def("_philox4x32_10(Tensor(a!) out, int[] counter, int[] key) -> ()");
+  // test hook: the noise contract's float32 functions (CPU; ops_math.h)
+  m.def("_noise_math(Tensor(a!) out, Tensor x, Tensor y, int fn) -> ()");
 }

@@ -404,10 +404,40 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
   p.finish();
 }
 
+// noise_perturb_: eps of counters k0 .. k0 + n - 1 (ops_math.h noise_eps: the noise contract),
+// a block at a time into a stack buffer, then (b = w;) w = b + s * eps. Every float operation is
+// an exactly rounded one and none is contracted (-ffp-contract=off), so the simd and AVX2 copies
+// give the scalar formula's bits.
+template <typename T, bool kSave, int kKind>
+SK_KERNEL void noise_chunk(T* w, T* b, int64_t n, uint64_t seed, uint64_t k0, float a, float s) {
+  float eps[kBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t m = std::min(n - i0, kBlock);
+    const uint64_t k = k0 + static_cast<uint64_t>(i0);
+    SK_SIMD
+    for (int64_t i = 0; i < m; ++i) eps[i] = noise_eps(seed, k + static_cast<uint64_t>(i), kKind, a);
+    T* wi = w + i0;
+    T* bi = b + i0;
+    SK_SIMD
+    for (int64_t i = 0; i < m; ++i) {
+      T raw;
+      if constexpr (kSave) {
+        raw = wi[i];
+        bi[i] = raw;
+      } else {
+        raw = bi[i];
+      }
+      wi[i] = static_cast<T>(noise_value(f32(raw), eps[i], s));
+    }
+  }
+}
+
 void noise_perturb_cpu(at::TensorList params, at::TensorList backups, const at::Tensor& scale,
                        int64_t kind, double half_cube_len, bool save_backup,
                        const at::Tensor& seed, const at::Tensor& offset) {
   const char* op = "noise_perturb";
+  // tensors used in place (same dense layout) take their counters in memory order, contiguous
+  // stand-ins in logical order: the element order of the contract (philox.py memory_order)
   Prepared p = prepare_lists(
       op,
       {{"params", params, save_backup ? Access::kReadWrite : Access::kWrite, true},
@@ -422,35 +452,35 @@ void noise_perturb_cpu(at::TensorList params, at::TensorList backups, const at::
   const uint64_t sd = static_cast<uint64_t>(seed.data_ptr<int64_t>()[0]);
   const uint64_t off = static_cast<uint64_t>(offset.data_ptr<int64_t>()[0]);
   const float a = static_cast<float>(half_cube_len);
-  const int k = static_cast<int>(kind);
+  // counter of each tensor's element 0: the offset plus the elements of the tensors before it
+  std::vector<uint64_t> first(p.n);
+  uint64_t acc = off;
+  for (int64_t t = 0; t < p.n; ++t) {
+    first[t] = acc;
+    acc += static_cast<uint64_t>(p.lists[0][t].numel());
+  }
   parallel_chunks(make_chunks(p.lists[0]), [&](const Chunk& c) {
     dispatch(p.lists[0][c.t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       T* w = ptr<T>(p.lists[0][c.t], c.start);
       T* b = ptr<T>(p.lists[1][c.t], c.start);
       const float s = sc[c.t * stride];
-      // chunk starts are multiples of 4: element start + i uses lane (i % 4) of quad (start+i)/4
-      for (int64_t i = 0; i < c.len; i += 4) {
-        float eps[4];
-        noise4(sd, off, static_cast<uint32_t>(c.t), static_cast<uint64_t>(c.start + i) >> 2, k,
-               a, eps);
-        const int64_t m = std::min<int64_t>(4, c.len - i);
-        for (int64_t j = 0; j < m; ++j) {
-          T raw;
-          if (save_backup) {
-            raw = w[i + j];
-            b[i + j] = raw;
-          } else {
-            raw = b[i + j];
-          }
-          w[i + j] = static_cast<T>(f32(raw) + eps[j] * s);
+      const uint64_t k0 = first[c.t] + static_cast<uint64_t>(c.start);
+      if (save_backup) {
+        if (kind == 0) {
+          run_kernel([&] { noise_chunk<T, true, 0>(w, b, c.len, sd, k0, a, s); });
+        } else {
+          run_kernel([&] { noise_chunk<T, true, 1>(w, b, c.len, sd, k0, a, s); });
         }
+      } else if (kind == 0) {
+        run_kernel([&] { noise_chunk<T, false, 0>(w, b, c.len, sd, k0, a, s); });
+      } else {
+        run_kernel([&] { noise_chunk<T, false, 1>(w, b, c.len, sd, k0, a, s); });
       }
     });
   });
   p.finish();
 }
-static_assert(kCpuChunk % 4 == 0, "noise quads must not straddle chunks");
 
 void restore_cpu(at::TensorList params, at::TensorList backups) {
   Prepared p = prepare_lists("restore",
@@ -867,6 +897,39 @@ void philox_cpu(const at::Tensor& out, c10::IntArrayRef counter, c10::IntArrayRe
   for (int j = 0; j < 4; ++j) o[j] = static_cast<int64_t>(r.x[j]);
 }
 
+// Test hook: the noise contract's float32 functions of ops_math.h, element by element (CPU
+// float32 tensors of one size, contiguous): fn 0 log_f32(x), 1 cos2pi_f32(x), 2 the uniform
+// float of the int32 words x (bits), 3 normal_from_uniform(x, y).
+void noise_math_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& y, int64_t fn) {
+  TORCH_CHECK(fn >= 0 && fn <= 3, "noise_math: fn must be 0..3");
+  for (const at::Tensor* t : {&out, &x, &y}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->numel() == out.numel() &&
+                    t->element_size() == 4,
+                "noise_math: contiguous CPU tensors of 4-byte elements, one size");
+  }
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "noise_math: out must be float32");
+  float* o = static_cast<float*>(out.data_ptr());
+  const float* xf = static_cast<const float*>(x.data_ptr());
+  const uint32_t* xu = static_cast<const uint32_t*>(x.data_ptr());
+  const float* yf = static_cast<const float*>(y.data_ptr());
+  const int64_t n = out.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    switch (fn) {
+      case 0:
+        o[i] = log_f32(xf[i]);
+        break;
+      case 1:
+        o[i] = cos2pi_f32(xf[i]);
+        break;
+      case 2:
+        o[i] = uniform_from_word(xu[i]);
+        break;
+      default:
+        o[i] = normal_from_uniform(xf[i], yf[i]);
+    }
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sam_kernels_C, CPU, m) {
@@ -880,6 +943,7 @@ TORCH_LIBRARY_IMPL(sam_kernels_C, CPU, m) {
   m.impl("sgd_step_", &sgd_step_cpu);
   m.impl("adamw_step_", &adamw_step_cpu);
   m.impl("_philox4x32_10", &philox_cpu);
+  m.impl("_noise_math", &noise_math_cpu);
 }
 
 }  // namespace sam_kernels

@@ -37,6 +37,7 @@ struct GroupBuf {
   std::vector<int64_t> rows;  // indices into the prepared lists
   std::vector<int64_t> numel;
   std::vector<int> index;
+  std::vector<int64_t> first;  // element 0's index in the concatenated list (noise counters)
   std::vector<std::vector<void*>> ptrs = std::vector<std::vector<void*>>(kc::kMaxLists);
 
   kc::Group group() const {
@@ -45,6 +46,7 @@ struct GroupBuf {
     g.dtype = to_dtype(dtype);
     g.numel = numel.data();
     g.index = index.data();
+    g.first = first.data();
     for (int l = 0; l < kc::kMaxLists; ++l) g.lists[l] = ptrs[l].empty() ? nullptr : ptrs[l].data();
     return g;
   }
@@ -55,6 +57,7 @@ struct GroupBuf {
 std::vector<GroupBuf> make_groups(const Prepared& p, const std::vector<int>& slots,
                                   const std::vector<std::pair<int, at::TensorList>>& extra = {}) {
   std::vector<GroupBuf> groups;
+  int64_t before = 0;  // elements of the tensors before i, every dtype
   for (int64_t i = 0; i < p.n; ++i) {
     const at::ScalarType dt = p.lists[0][i].scalar_type();
     GroupBuf* g = nullptr;
@@ -70,6 +73,8 @@ std::vector<GroupBuf> make_groups(const Prepared& p, const std::vector<int>& slo
     g->rows.push_back(i);
     g->numel.push_back(p.lists[0][i].numel());
     g->index.push_back(static_cast<int>(i));
+    g->first.push_back(before);
+    before += p.lists[0][i].numel();
     for (size_t l = 0; l < slots.size(); ++l) {
       if (slots[l] < 0 || !p.has(l)) continue;
       g->ptrs[slots[l]].push_back(p.lists[l][i].data_ptr());

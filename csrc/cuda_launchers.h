@@ -20,12 +20,14 @@ constexpr int kMaxLists = 10;
 
 // A group of n tensors. lists[l][j] is the data pointer of tensor j in list l (nullptr lists are
 // absent). index[j] is the tensor's position in the caller's full list: it selects per-tensor
-// coefficients ([n] / [K, n] tensors) and is the tensor word of the noise counter.
+// coefficients ([n] / [K, n] tensors). first[j] is the index of its element 0 in the
+// concatenated list (the elements of the tensors before it, all dtypes): the noise counters.
 struct Group {
   int n = 0;
   DType dtype = kFloat32;
   const int64_t* numel = nullptr;
   const int* index = nullptr;
+  const int64_t* first = nullptr;
   void* const* lists[kMaxLists] = {};
 };
 
@@ -46,7 +48,8 @@ void launch_aesam_finalize(const double* partials, int64_t count, float* stats, 
 // lists: 0 params (in/out), 1 grads, 2 backups (out). scale: 0-d (stride 0) or [n] (stride 1).
 void launch_perturb(const Group& g, const float* scale, int scale_stride, bool adaptive,
                     float eta, void* stream);
-// lists: 0 params (out), 1 backups (in/out). kind 0 normal, 1 uniform.
+// lists: 0 params (out), 1 backups (in/out). kind 0 normal, 1 uniform; eps of element e of
+// tensor j: the noise contract (ops_math.h noise_eps) at counter *offset + first[j] + e.
 void launch_noise_perturb(const Group& g, const float* scale, int scale_stride, int kind,
                           float half_cube_len, bool save_backup, const int64_t* seed,
                           const int64_t* offset, void* stream);

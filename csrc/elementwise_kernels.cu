@@ -1,5 +1,6 @@
-// Element-wise multi-tensor ops: perturb with backup, noise perturb (in-kernel Philox), restore,
-// linear combination of gradient lists, Frob-SAM accumulation. One launch per dtype group.
+// Element-wise multi-tensor ops: perturb with backup, noise perturb (the counter noise contract),
+// restore, linear combination of gradient lists, Frob-SAM accumulation. One launch per dtype
+// group.
 #include "multi_tensor.cuh"
 
 namespace sam_kernels {
@@ -46,20 +47,23 @@ void launch_perturb(const Group& g, const float* scale, int scale_stride, bool a
   });
 }
 
-// ---- noise perturb: (b = p;)  p = b + s * eps,  eps from Philox(seed, offset) ----
+// ---- noise perturb: (b = p;)  p = b + s * eps,  eps: the noise contract (ops_math.h) ----
+// element e of table slot t takes counter offset + first[t] + e (its index in the caller's
+// concatenated list): the eager and Triton values, bit for bit (no contraction: the _rn
+// intrinsics of ops_math.h)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    noise_perturb_kernel(const __grid_constant__ Meta<2> m, const float* scale, int scale_stride,
-                         int kind, float a, bool save_backup, const int64_t* seed_p,
-                         const int64_t* offset_p) {
+    noise_perturb_kernel(const __grid_constant__ Meta<2, true> m, const float* scale,
+                         int scale_stride, int kind, float a, bool save_backup,
+                         const int64_t* seed_p, const int64_t* offset_p) {
   const ChunkLoc c = locate(m);
   T* p = static_cast<T*>(m.ptr[0][c.t]) + c.start;
   T* b = static_cast<T*>(m.ptr[1][c.t]) + c.start;
   const bool vec = is_aligned<T>(p) && is_aligned<T>(b);
-  const int index = m.index[c.t];
-  const float s = scale[static_cast<int64_t>(index) * scale_stride];
+  const float s = scale[static_cast<int64_t>(m.index[c.t]) * scale_stride];
   const uint64_t seed = static_cast<uint64_t>(*seed_p);
-  const uint64_t offset = static_cast<uint64_t>(*offset_p);
+  const uint64_t k0 = static_cast<uint64_t>(*offset_p) + static_cast<uint64_t>(m.first[c.t]) +
+                      static_cast<uint64_t>(c.start);
   SK_CHUNK_LOOP(i, c) {
     T wraw[kVec];
     if (save_backup) {
@@ -68,16 +72,15 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       load_raw(b, i, c.len, vec, wraw);
     }
-    float eps[kVec], out[kVec];
-    // chunk starts and i are multiples of kVec == 4: one Philox call per 4 elements
-    noise4(seed, offset, static_cast<uint32_t>(index), static_cast<uint64_t>(c.start + i) >> 2,
-           kind, a, eps);
+    float out[kVec];
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) out[j] = to_f(wraw[j]) + eps[j] * s;
+    for (int j = 0; j < kVec; ++j) {
+      const float eps = noise_eps(seed, k0 + static_cast<uint64_t>(i + j), kind, a);
+      out[j] = noise_value(to_f(wraw[j]), eps, s);
+    }
     store_f(p, i, c.len, vec, out);
   }
 }
-static_assert(kVec == 4, "noise4 yields 4 values per counter");
 
 void launch_noise_perturb(const Group& g, const float* scale, int scale_stride, int kind,
                           float half_cube_len, bool save_backup, const int64_t* seed,
@@ -85,7 +88,7 @@ void launch_noise_perturb(const Group& g, const float* scale, int scale_stride, 
   const int ids[2] = {0, 1};
   dispatch_dtype(g.dtype, [&](auto tag) {
     using T = decltype(tag);
-    for_each_table<2>(g, ids, [&](const Meta<2>& m, int blocks, int64_t) {
+    for_each_table<2, true>(g, ids, [&](const Meta<2, true>& m, int blocks, int64_t) {
       if (blocks == 0) return;
       noise_perturb_kernel<T><<<blocks, kThreads, 0, as_stream(stream)>>>(
           m, scale, scale_stride, kind, half_cube_len, save_backup, seed, offset);

@@ -32,14 +32,16 @@ constexpr int kVec = 4;        // elements per vector access
 constexpr int kMaxArgBytes = 30000;
 static_assert(kChunk % (kVec * kThreads) == 0, "a chunk is a whole number of block sweeps");
 
-template <int NL>
+template <int NL, bool kCounters = false>
 struct Meta {
-  static constexpr int kMaxT = (kMaxArgBytes - 16) / (8 * NL + 8 + 4 + 4);
+  static constexpr int kMaxT = (kMaxArgBytes - 16) / (8 * NL + 8 + 4 + 4 + (kCounters ? 8 : 0));
   int n;                       // tensors in this launch
   int block_start[kMaxT + 1];  // first block of each tensor; block_start[n] = blocks
   int index[kMaxT];            // position in the caller's list
   int64_t numel[kMaxT];
   void* ptr[NL][kMaxT];
+  // (noise ops, kCounters) each tensor's element 0: its index in the concatenated list
+  int64_t first[kCounters ? kMaxT : 1];
 };
 
 inline void check_cuda(cudaError_t err, const char* what) {
@@ -53,16 +55,17 @@ inline int64_t chunks_of(int64_t numel) { return (numel + kChunk - 1) / kChunk; 
 
 // Pack group g (lists `ids`, -1 = absent) into tables and call launch(meta, blocks, base) for
 // each table; base counts the blocks of the tables before it (norm partial offsets).
-template <int NL, typename F>
+template <int NL, bool kCounters = false, typename F>
 void for_each_table(const Group& g, const int (&ids)[NL], F&& launch) {
-  static_assert(sizeof(Meta<NL>) <= 32764, "kernel argument too large");
-  Meta<NL> m;
+  using M = Meta<NL, kCounters>;
+  static_assert(sizeof(M) <= 32764, "kernel argument too large");
+  M m;
   int j = 0;
   int64_t base = 0;
   while (j < g.n) {
     m.n = 0;
     int64_t blocks = 0;
-    while (j < g.n && m.n < Meta<NL>::kMaxT) {
+    while (j < g.n && m.n < M::kMaxT) {
       const int64_t nc = chunks_of(g.numel[j]);
       if (blocks + nc > INT_MAX) {
         if (m.n == 0) throw std::runtime_error("sam_kernels: tensor too large for one launch");
@@ -71,6 +74,7 @@ void for_each_table(const Group& g, const int (&ids)[NL], F&& launch) {
       m.block_start[m.n] = static_cast<int>(blocks);
       m.index[m.n] = g.index[j];
       m.numel[m.n] = g.numel[j];
+      if constexpr (kCounters) m.first[m.n] = g.first[j];
       for (int l = 0; l < NL; ++l) {
         m.ptr[l][m.n] = (ids[l] >= 0 && g.lists[ids[l]] != nullptr) ? g.lists[ids[l]][j] : nullptr;
       }
@@ -85,8 +89,8 @@ void for_each_table(const Group& g, const int (&ids)[NL], F&& launch) {
 }
 
 // The tensor of block b: the largest t with block_start[t] <= b (empty tensors own no block).
-template <int NL>
-__device__ __forceinline__ int find_tensor(const Meta<NL>& m, int b) {
+template <typename M>
+__device__ __forceinline__ int find_tensor(const M& m, int b) {
   int lo = 0, hi = m.n - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
@@ -105,8 +109,8 @@ struct ChunkLoc {
   int64_t len;    // elements in the chunk
 };
 
-template <int NL>
-__device__ __forceinline__ ChunkLoc locate(const Meta<NL>& m) {
+template <typename M>
+__device__ __forceinline__ ChunkLoc locate(const M& m) {
   ChunkLoc c;
   c.t = find_tensor(m, static_cast<int>(blockIdx.x));
   c.start = static_cast<int64_t>(static_cast<int>(blockIdx.x) - m.block_start[c.t]) * kChunk;

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define SK_HD __host__ __device__ __forceinline__
@@ -19,19 +20,37 @@
 namespace sam_kernels {
 
 // ---------------------------------------------------------------------------------------------
-// Counter-based noise: Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2,
-// 3", SC 2011), written out here so that the CPU and CUDA builds produce the same bits.
+// Counter-based noise: the noise contract of sam_kernels/ops/philox.py, bit for bit the values of
+// the eager backend (torch ops) and of the Triton kernels (sam_kernels/triton/noise.py).
 //
-// Noise contract of noise_perturb_ (both devices): for tensor i of the call (its position in the
-// list) and element e of that tensor (in memory order), with seed s and offset o (int64 device
-// tensors, read, never modified: the caller advances the offset, e.g. by one per sample):
-//   counter = (e / 4, i, lo32(o), hi32(o)),  key = (lo32(s), hi32(s))
-//   x[0..3] = Philox4x32-10(counter, key);   element e uses lane e % 4.
-//   normal:  lanes (0,1) and (2,3) are Box-Muller pairs over u = ((x >> 9) + 0.5) * 2^-23
-//            (u in (0, 1), never 0): z0 = r cos(2 pi u1), z1 = r sin(2 pi u1),
-//            r = sqrt(-2 log u0)
-//   uniform: eps = 2a * u - a with u = (x >> 8) * 2^-24 in [0, 1)
+// Element j of the concatenated list (tensors in list order; within a tensor memory order where
+// the op runs on it in place, which the glue arranges exactly where philox.py says), with the
+// int64 seed s and offset o (device tensors, read, never modified: the caller advances the offset):
+//   k = o + j (wrapping), counter = (lo32(k), hi32(k), 0, 0), key = (lo32(s), hi32(s)),
+//   x0..x3 = Philox4x32-10(counter, key) (Salmon et al., SC 2011; Triton's tl.randint4x words)
+//   f(x) = float(v) * 0x1.fffffep-32, v = x < 2^31 ? x : 2^32 - 1 - x   (Triton's conversion)
+//   uniform: eps = f(x0) * float(2a) - float(a)
+//   normal:  eps = sqrt_rn(-2 log_f32(max(float(1e-7), f(x0)))) * cos2pi_f32(f(x1))
+// log_f32 and cos2pi_f32 are the project's own float32 functions (philox.py gives the formulas
+// and their accuracy): only exactly rounded IEEE operations, in one fixed order, never
+// contracted into an FMA. The host compiler gets -ffp-contract=off (setup.py); the CUDA code
+// uses the _rn intrinsics (which nvcc never contracts), through the SK_F* macros below, so that
+// host and device share this one source.
 // ---------------------------------------------------------------------------------------------
+#if defined(__CUDA_ARCH__)
+#define SK_FADD(a, b) __fadd_rn((a), (b))
+#define SK_FSUB(a, b) __fsub_rn((a), (b))
+#define SK_FMUL(a, b) __fmul_rn((a), (b))
+#define SK_FDIV(a, b) __fdiv_rn((a), (b))
+#define SK_FSQRT(a) __fsqrt_rn((a))
+#else
+#define SK_FADD(a, b) ((a) + (b))
+#define SK_FSUB(a, b) ((a) - (b))
+#define SK_FMUL(a, b) ((a) * (b))
+#define SK_FDIV(a, b) ((a) / (b))
+#define SK_FSQRT(a) std::sqrt(static_cast<float>(a))
+#endif
+
 struct U32x4 {
   uint32_t x[4];
 };
@@ -69,35 +88,117 @@ SK_UNROLL
   return ctr;
 }
 
-// Four noise values for elements 4q .. 4q+3 of tensor `index` (kind 0: normal, 1: uniform).
-SK_HD void noise4(uint64_t seed, uint64_t offset, uint32_t index, uint64_t q, int kind, float a,
-                  float out[4]) {
-  U32x4 c;
-  c.x[0] = static_cast<uint32_t>(q);
-  c.x[1] = index;
-  c.x[2] = static_cast<uint32_t>(offset);
-  c.x[3] = static_cast<uint32_t>(offset >> 32);
-  // tensors beyond 2^34 elements: fold the high bits of q into the tensor-index word
-  c.x[1] ^= static_cast<uint32_t>(q >> 32) << 24;
-  const U32x4 r = philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  if (kind == 0) {
-SK_UNROLL
-    for (int j = 0; j < 4; j += 2) {
-      const float u0 = (static_cast<float>(r.x[j] >> 9) + 0.5f) * 1.1920928955078125e-07f;
-      const float u1 = (static_cast<float>(r.x[j + 1] >> 9) + 0.5f) * 1.1920928955078125e-07f;
-      const float rad = sqrtf(-2.0f * logf(u0));
-      const float th = 6.2831853071795864769f * u1;
-      out[j] = rad * cosf(th);
-      out[j + 1] = rad * sinf(th);
-    }
-  } else {
-SK_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      const float u = static_cast<float>(r.x[j] >> 8) * 5.9604644775390625e-08f;
-      out[j] = (2.0f * a) * u - a;
-    }
-  }
+// the float32 constants of the contract (the hex literals of philox.py)
+namespace noise {
+constexpr float kUniformScale = 0x1.fffffep-32f;  // float32(4.6566127342e-10)
+constexpr float kUMin = 0x1.ad7f2ap-24f;          // float32(1e-7)
+constexpr float kSqrt2 = 0x1.6a09e6p+0f;
+constexpr float kLn2Hi = 0x1.62e3p-1f;  // 17 significant bits: k * kLn2Hi exact for |k| <= 23
+constexpr float kLn2Lo = 0x1.2fefa4p-17f;
+constexpr float kLg1 = 0x1.555556p-1f, kLg2 = 0x1.99999ap-2f, kLg3 = 0x1.24924ap-2f,
+                kLg4 = 0x1.c71c72p-3f, kLg5 = 0x1.745d18p-3f;  // 2/3, 2/5, ..., 2/11
+constexpr float kTwoPi = 0x1.921fb6p+2f;
+constexpr float kTwoPiLo = -0x1.777a5cp-23f;  // 2 pi - kTwoPi
+constexpr float kC2 = 0x1p-1f, kC4 = 0x1.555556p-5f, kC6 = 0x1.6c16c2p-10f,
+                kC8 = 0x1.a01a02p-16f, kC10 = 0x1.27e4fcp-22f;  // 1/2!, ..., 1/10!
+constexpr float kS3 = 0x1.555556p-3f, kS5 = 0x1.111112p-7f, kS7 = 0x1.a01a02p-13f,
+                kS9 = 0x1.71de3ap-19f;  // 1/3!, ..., 1/9!
+}  // namespace noise
+
+SK_HD int32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(x);
+#else
+  int32_t i;
+  std::memcpy(&i, &x, sizeof(i));
+  return i;
+#endif
 }
+
+SK_HD float bits_float(int32_t i) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(i);
+#else
+  float x;
+  std::memcpy(&x, &i, sizeof(x));
+  return x;
+#endif
+}
+
+// log(u) for u in [1e-7, 1): within 0.83 ulp (every float32 u checked against float64)
+SK_HD float log_f32(float u) {
+  using namespace noise;
+  const int32_t i = float_bits(u);
+  int32_t e = (i >> 23) - 127;
+  float m = bits_float((i & 0x7FFFFF) | 0x3F800000);  // [1, 2)
+  const bool big = m > kSqrt2;
+  m = big ? SK_FMUL(m, 0.5f) : m;  // (0.707, 1.414], exact
+  e = big ? e + 1 : e;
+  const float f = SK_FSUB(m, 1.0f);  // exact
+  const float s = SK_FDIV(f, SK_FADD(f, 2.0f));
+  const float z = SK_FMUL(s, s);
+  float p = SK_FADD(kLg4, SK_FMUL(z, kLg5));
+  p = SK_FADD(kLg3, SK_FMUL(z, p));
+  p = SK_FADD(kLg2, SK_FMUL(z, p));
+  p = SK_FADD(kLg1, SK_FMUL(z, p));
+  const float r = SK_FMUL(z, p);
+  const float h = SK_FMUL(SK_FMUL(f, 0.5f), f);
+  const float k = static_cast<float>(e);
+  // k * LN2_HI - ((h - (s * (h + r) + k * LN2_LO)) - f)
+  const float t = SK_FADD(SK_FMUL(s, SK_FADD(h, r)), SK_FMUL(k, kLn2Lo));
+  return SK_FSUB(SK_FMUL(k, kLn2Hi), SK_FSUB(SK_FSUB(h, t), f));
+}
+
+// cos(2 pi u) for u in [0, 1): within 1.65 ulps (every float32 u checked against float64)
+SK_HD float cos2pi_f32(float u) {
+  using namespace noise;
+  const int32_t q = static_cast<int32_t>(SK_FADD(SK_FMUL(u, 4.0f), 0.5f));  // truncation: 0..4
+  const float f = SK_FSUB(u, SK_FMUL(static_cast<float>(q), 0.25f));          // exact
+  const float x = SK_FMUL(f, kTwoPi);
+  const float xl = SK_FMUL(f, kTwoPiLo);
+  const float z = SK_FMUL(x, x);
+  float c = SK_FADD(SK_FMUL(z, -kC10), kC8);
+  c = SK_FSUB(SK_FMUL(z, c), kC6);
+  c = SK_FADD(SK_FMUL(z, c), kC4);
+  c = SK_FSUB(SK_FMUL(z, c), kC2);
+  c = SK_FADD(SK_FMUL(z, c), 1.0f);
+  float p = SK_FSUB(SK_FMUL(z, kS9), kS7);
+  p = SK_FADD(SK_FMUL(z, p), kS5);
+  p = SK_FSUB(SK_FMUL(z, p), kS3);
+  p = SK_FMUL(z, p);
+  const float sn = SK_FADD(x, SK_FADD(xl, SK_FMUL(x, p)));
+  // c, -s, -c, s by quadrant, the sign as a product by -1 or 1 (as eager and Triton: zeros
+  // included)
+  const float v = (q & 1) == 0 ? c : sn;
+  return SK_FMUL(v, ((q + 1) & 2) == 0 ? 1.0f : -1.0f);
+}
+
+// Triton's uint_to_uniform_float: [0, 1), never 1
+SK_HD float uniform_from_word(uint32_t x) {
+  const uint32_t v = x >= 0x80000000u ? ~x : x;  // 2^32 - 1 - x
+  return SK_FMUL(static_cast<float>(static_cast<int32_t>(v)), noise::kUniformScale);
+}
+
+SK_HD float normal_from_uniform(float u1, float u2) {
+  u1 = u1 < noise::kUMin ? noise::kUMin : u1;
+  return SK_FMUL(SK_FSQRT(SK_FMUL(log_f32(u1), -2.0f)), cos2pi_f32(u2));
+}
+
+// The eps of counter k (= offset + j) under seed (kind 0: normal, 1: uniform in [-a, a]).
+SK_HD float noise_eps(uint64_t seed, uint64_t k, int kind, float a) {
+  U32x4 c;
+  c.x[0] = static_cast<uint32_t>(k);
+  c.x[1] = static_cast<uint32_t>(k >> 32);
+  c.x[2] = 0;
+  c.x[3] = 0;
+  const U32x4 r = philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  if (kind == 0) return normal_from_uniform(uniform_from_word(r.x[0]), uniform_from_word(r.x[1]));
+  // float32(2a) == 2 * float32(a) (scaling by 2 is exact)
+  return SK_FSUB(SK_FMUL(uniform_from_word(r.x[0]), SK_FMUL(2.0f, a)), a);
+}
+
+// noise_perturb_: b + s * eps, two roundings (eager: eps * s, then + b)
+SK_HD float noise_value(float b, float eps, float s) { return SK_FADD(b, SK_FMUL(eps, s)); }
 
 // ---------------------------------------------------------------------------------------------
 // Element-wise update rules (fp32 in, fp32 out)

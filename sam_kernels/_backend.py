@@ -18,7 +18,7 @@ One exception to the CPU default: ``noise_perturb`` stays on eager for CPU tenso
 backend is asked for, because its eager implementation draws from the global generator, the
 reference code's random stream (dbahri/universal_sam on the CPU), when no seed is given; the
 fused backends, and eager given a ``seed``, draw from the counter-based ``(seed, offset)`` stream
-instead (:mod:`sam_kernels.ops.philox`; the extension's kernels still key it differently).
+instead (:mod:`sam_kernels.ops.philox`: the same bits on eager, Triton and the extension).
 
 A backend that is asked for explicitly but cannot run raises a ``RuntimeError`` that says why;
 the automatic choice never fails (eager runs everywhere).

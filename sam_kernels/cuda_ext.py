@@ -117,6 +117,7 @@ for _name in (
     "sgd_step_",
     "adamw_step_",
     "_philox4x32_10",
+    "_noise_math",
 ):
     torch.library.register_fake(f"{NAMESPACE}::{_name}", _no_output)
 
@@ -304,3 +305,19 @@ def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> l
     out = torch.empty(4, dtype=torch.int64)
     _ops._philox4x32_10(out, [int(c) for c in counter], [int(k) for k in key])
     return [int(v) for v in out.tolist()]
+
+
+_NOISE_MATH = {"log": 0, "cos2pi": 1, "uniform": 2, "normal": 3}
+
+
+def noise_math(fn: str, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """The extension's float32 noise functions (csrc/ops_math.h) element by element, a test hook
+    (CPU): ``"log"`` ``log_f32(x)``, ``"cos2pi"`` ``cos2pi_f32(x)``, ``"uniform"`` the uniform
+    float of the uint32 words ``x`` (int64 tensor), ``"normal"`` ``normal_from_uniform(x, y)``."""
+    if fn == "uniform":
+        x = x.to(torch.int64).bitwise_and(0xFFFFFFFF).to(torch.int32)  # the same 32 bits
+    x = x.contiguous()
+    y = x if y is None else y.to(torch.float32).contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32)
+    _ops._noise_math(out, x, y, _NOISE_MATH[fn])
+    return out

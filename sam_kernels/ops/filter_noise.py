@@ -11,10 +11,11 @@ them) for ``ndim > 1``, and ``||p|| + eps_1d`` for 1-d and 0-d tensors (the refe
 ``1e-16`` guard). ``s`` is taken from ``p`` before it is perturbed. ``d`` (the perturbation) is
 written to ``deltas``: R-SAM needs it after the evaluation at ``w + d``.
 
-Noise. With a ``seed``, ``z`` is the counter-based stream of :func:`sam_kernels.noise_perturb_`
-(:mod:`sam_kernels.ops.philox`; element ``j`` of the concatenated list uses counter
-``offset + j``) on every backend: the Triton kernel generates it, the eager reference computes
-it with tensor ops (the same values to a few float32 ulps, the math libraries' ``log``/``cos``).
+Noise. With a ``seed``, ``z`` is the normal counter-based stream of
+:func:`sam_kernels.noise_perturb_` (the noise contract of :mod:`sam_kernels.ops.philox`;
+element ``j`` of the concatenated list uses counter ``offset + j``) on every backend: the Triton
+kernel generates it, the eager reference computes it with tensor ops, the same bits (the
+contract's own float32 ``log``/``cos``, no FMA contraction).
 Element order within a tensor: memory order where the kernels run on the tensors in place
 (contiguous; dense with dim 0 outermost, as channels-last, with the three lists' strides
 equal), logical order otherwise (:func:`runs_in_place`). Without a seed the eager reference

@@ -139,15 +139,17 @@ def noise_perturb_(
     ``a = half_cube_len``).
 
     Streams. With a ``seed`` (an int64 0-d device tensor, or an int; ``offset`` likewise,
-    default 0), ``eps`` is the counter-based stream of :mod:`sam_kernels.ops.philox` (Philox4x32-10:
-    element ``j`` of the concatenated list takes counter ``offset + j`` under ``seed``), read on
-    the device only; the caller advances ``offset`` by at least the number of elements between
-    samples. The Triton kernel and the eager backend generate the same stream (uniform: bit for
-    bit; normal: to a few float32 ulps, the math libraries' ``log``/``cos``); the extension's
-    kernels key Philox differently (csrc/ops_math.h ``noise4``) for now. Without a seed the
-    eager backend draws ``eps`` per tensor, in order, from the global generator (the reference
-    code's stream, its default), and a fused backend draws a fresh seed from the global CPU
-    generator. ``noise`` (a test hook) gives the values of ``eps`` directly. The declared op:
+    default 0), ``eps`` is the counter-based noise contract of :mod:`sam_kernels.ops.philox`
+    (Philox4x32-10: element ``j`` of the concatenated list takes counter ``offset + j`` under
+    ``seed``; the normal kind through the contract's own float32 ``log``/``cos``), read on the
+    device only; the caller advances ``offset`` by at least the number of elements between
+    samples. Every backend (eager, Triton, the extension's CPU and CUDA kernels) generates the
+    same values, bit for bit, for both kinds, and ``b + s * eps`` rounds alike (two float32
+    roundings, then one to the dtype), so the whole op is bit-identical across backends.
+    Without a seed the eager backend draws ``eps`` per tensor, in order, from the global
+    generator (the reference code's stream, its default), and a fused backend draws a fresh
+    seed from the global CPU generator. ``noise`` (a test hook) gives the values of ``eps``
+    directly. The declared op:
     ``torch.ops.sam_kernels.noise_perturb_`` (without the hook).
     """
     run(

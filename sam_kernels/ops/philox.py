@@ -1,11 +1,10 @@
-"""The counter-based noise stream of ``noise_perturb_``, in plain torch tensor ops.
+"""The counter-based noise stream of the noise ops, in plain torch tensor ops.
 
-This is the stream the Triton kernel generates with ``tl.rand`` / ``tl.randn`` (Triton 3.x,
-``triton/language/random.py``), reproduced with int64/float32 tensor ops on any device (bit
-for bit but for the last bits of ``log``/``sqrt``/``cos`` in the normal kind, see below): no
-host read, no loop over elements, no Triton. The eager backend uses it when
-``noise_perturb_`` is given a ``seed``, so the same ``(seed, offset)`` gives the same noise there
-as on the fused backends.
+The one noise contract of ``noise_perturb_`` (and of R-SAM's ``filter_noise_perturb_``): the
+eager backend computes it here with int32/int64/float32 tensor ops on any device (no host read,
+no loop over elements, no Triton), the Triton kernels with :mod:`sam_kernels.triton.noise`, the
+compiled extension (CPU and CUDA) with ``csrc/ops_math.h``; all three give the same bits for
+the same ``(seed, offset)``, for both kinds.
 
 Contract. Element ``j`` (0-based) of the concatenated list (tensors in list order), with the
 int64 seed ``s`` and offset ``o``, all words uint32 and arithmetic mod ``2**32`` unless said::
@@ -21,31 +20,52 @@ int64 seed ``s`` and offset ``o``, all words uint32 and arithmetic mod ``2**32``
                (hi, lo: the high and low 32-bit words of the 64-bit product; 10 rounds, the
                key bumped after each)
 
-    f(x)       = float32(v) * float32(4.6566127342e-10),  v = x if x < 2**31 else 2**32 - 1 - x
+    f(x)       = float32(v) * SCALE,  v = x if x < 2**31 else 2**32 - 1 - x,
+                 SCALE = 0x1.fffffep-32 (float32(4.6566127342e-10))
                  (Triton's uint_to_uniform_float: v in [0, 2**31 - 1], int -> float32 rounded
                  to nearest even, one float32 product; f(x) in [0, 1), never 1)
     uniform:   eps = f(x0) * float32(2a) - float32(a)       (two float32 roundings)
     normal:    u1  = max(float32(1e-7), f(x0)),  u2 = f(x1)
-               eps = sqrt(-2 * log(u1)) * cos(float32(2 pi) * u2)
-                                                      (Box-Muller, cosine branch only; every
-                                                      operation's result rounded to float32)
+               eps = sqrt_rn(-2 * log_f32(u1)) * cos2pi_f32(u2)     (Box-Muller, cosine branch)
 
-Lanes ``x2`` and ``x3`` are unused (Triton's ``tl.randn`` keeps only the first value of the pair).
+Lanes ``x2`` and ``x3`` are unused (the words of ``tl.randint4x``; the normal kind keeps the
+first value of the Box-Muller pair, as ``tl.randn`` does).
+
+``log_f32`` and ``cos2pi_f32`` are this project's own float32 functions (below), not a math
+library's: every step is an exactly rounded IEEE float32 operation (``+ - *``, division,
+``sqrt_rn`` correctly rounded), an exact int32 operation on the float's bits, an exact
+int <-> float conversion, a comparison or a select, in the one order written here, never fused
+into a multiply-add. So every backend computes the same bits: torch ops (each op one rounding),
+Triton launched with ``enable_fp_fusion=False`` (``div_rn``/``sqrt_rn``), C++ compiled with
+``-ffp-contract=off`` and CUDA with ``__fadd_rn``/``__fmul_rn``/``__fdiv_rn``/``__fsqrt_rn``.
+No intermediate is subnormal (so flushing them, as some GPU modes do, changes nothing)::
+
+    log_f32(u), u in [1e-7, 1)   (fdlibm's logf reduction, Taylor coefficients)
+        i = bits(u);  e = (i >> 23) - 127;  m = float((i & 0x7FFFFF) | 0x3F800000)   (m in [1, 2))
+        if m > SQRT2:  m = m * 0.5;  e = e + 1                    (m in (0.707, 1.414], exact)
+        f = m - 1   (exact);  s = f / (f + 2);  z = s * s
+        R = z * (LG1 + z * (LG2 + z * (LG3 + z * (LG4 + z * LG5))))      (LGk = float32(2/(2k+1)))
+        h = 0.5 * f * f;  k = float(e)
+        log = k * LN2_HI - ((h - (s * (h + R) + k * LN2_LO)) - f)
+              (LN2_HI = 0x1.62e3p-1 has 17 significant bits: k * LN2_HI is exact for |e| <= 23)
+
+    cos2pi_f32(u) = cos(2 pi u), u in [0, 1)
+        q = int(u * 4 + 0.5)  (truncation; 0..4);  f = u - float(q) * 0.25   (exact, |f| <= 1/8)
+        x = f * TWO_PI;  xl = f * TWO_PI_LO;  z = x * x   (TWO_PI + TWO_PI_LO: 2 pi within 2**-47)
+        c = 1 + z * (-C2 + z * (C4 + z * (-C6 + z * (C8 + z * -C10))))     (Cn = float32(1/n!))
+        s = x + (xl + x * (z * (-S3 + z * (S5 + z * (-S7 + z * S9)))))    (Sn = float32(1/n!))
+        cos2pi = c * 1, s * -1, c * -1, s * 1  for  q & 3 = 0, 1, 2, 3
+                 (negation as a product by -1: exact, zeros included; Triton's unary minus is
+                 0 - x, which gives +0 for +0)
+
+Accuracy, checked against float64 over every float32 input of the domain: ``log_f32`` within
+0.83 ulp of ``log``, ``cos2pi_f32`` within 1.65 ulps of ``cos(2 pi u)`` (the rounding of
+``x``); see tests/ops/test_noise_contract.py, which checks a sample (with the distribution of the
+normal values) on every run.
 
 Element order inside a tensor: memory order when the parameter and its backup are dense with
-identical strides (the Triton kernel then runs on them in place), the logical (row-major) order
+identical strides (the kernels then run on them in place), the logical (row-major) order
 otherwise; the two coincide for contiguous tensors.
-
-Agreement with other implementations: the Philox words and ``f(x)`` are integer and exactly
-rounded float32 operations, so they are bit-identical everywhere; so is the uniform ``eps``
-where the two float32 operations are not fused (the CPU, Triton's interpreter; a GPU compiler
-contracts them into one FMA: a difference of at most one rounding, below ``ulp(a)``). The
-normal ``eps`` goes through ``log``, ``sqrt`` and ``cos``, whose last bits depend on the math
-library. Here each is rounded correctly to float32 (evaluated in float64 and rounded once), so
-the eager stream is the same on every device with float64; Triton's interpreter uses numpy's
-float32 functions (its ``log`` up to 3 ulps off: the normal ``eps`` then differ by up to 5
-float32 ulps, in about a quarter of the elements), compiled Triton libdevice's ``logf``/``cosf``
-and ``sqrt.approx.ftz``.
 
 32-bit products are formed from 16-bit halves so that every intermediate stays below ``2**49``
 in int64 (as :mod:`sam_kernels.ops.counter_rng` does).
@@ -62,10 +82,29 @@ M32 = 0xFFFFFFFF
 PHILOX_A, PHILOX_B = 0xD2511F53, 0xCD9E8D57
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 ROUNDS = 10
-#: float32 constants of Triton's conversion and Box-Muller transform
-UNIFORM_SCALE = 4.6566127342e-10
-NORMAL_U_MIN = 1.0e-7
-TWO_PI = 6.283185307179586
+#: float32 constants of the contract, as hex (the same literals as csrc/ops_math.h): Triton's
+#: uniform conversion, the normal kind's lower clamp of u1, and log_f32 / cos2pi_f32's constants
+UNIFORM_SCALE = float.fromhex("0x1.fffffep-32")  # float32(4.6566127342e-10)
+NORMAL_U_MIN = float.fromhex("0x1.ad7f2ap-24")  # float32(1e-7)
+SQRT2 = float.fromhex("0x1.6a09e6p+0")
+LN2_HI = float.fromhex("0x1.62e3p-1")
+LN2_LO = float.fromhex("0x1.2fefa4p-17")
+#: 2/3, 2/5, 2/7, 2/9, 2/11
+LOG_COEFS = tuple(
+    float.fromhex(h) for h in ("0x1.555556p-1", "0x1.99999ap-2", "0x1.24924ap-2", "0x1.c71c72p-3",
+                               "0x1.745d18p-3")
+)  # fmt: skip
+TWO_PI = float.fromhex("0x1.921fb6p+2")
+TWO_PI_LO = float.fromhex("-0x1.777a5cp-23")
+#: 1/2!, 1/4!, 1/6!, 1/8!, 1/10!
+COS_COEFS = tuple(
+    float.fromhex(h) for h in ("0x1p-1", "0x1.555556p-5", "0x1.6c16c2p-10", "0x1.a01a02p-16",
+                               "0x1.27e4fcp-22")
+)  # fmt: skip
+#: 1/3!, 1/5!, 1/7!, 1/9!
+SIN_COEFS = tuple(
+    float.fromhex(h) for h in ("0x1.555556p-3", "0x1.111112p-7", "0x1.a01a02p-13", "0x1.71de3ap-19")
+)
 #: elements generated per block on the CPU (int64 temporaries of 512 KiB stay in cache: 2.5x
 #: faster than 2**20) and on other devices (fewer launches; about 60 bytes per element)
 CPU_BLOCK = 1 << 16
@@ -145,23 +184,66 @@ def _words(seed: torch.Tensor, offset: torch.Tensor, start: int, n: int, lanes: 
     return x[:lanes]
 
 
-def _rounded(fn, x: torch.Tensor) -> torch.Tensor:
-    """``fn(x)`` rounded correctly to float32 (but in about one case in ``2**28``): evaluated in
-    float64 and rounded once. ATen's float32 ``log``/``cos``/``sqrt`` are not correctly rounded
-    on the CPU (SLEEF: up to 1 ulp, ``sqrt`` too) and differ between devices. Devices without
-    float64 (MPS) use their float32 functions."""
+def log_f32(u: torch.Tensor) -> torch.Tensor:
+    """The contract's ``log_f32`` of float32 ``u`` in ``[1e-7, 1)`` (a new float32 tensor).
+
+    Torch ops only, each one exactly rounded float32 (or exact int32) operation: the same bits on
+    every device, and as the Triton and extension kernels compute them.
+    """
+    i = u.contiguous().view(torch.int32)
+    e = (i >> 23).sub_(127)
+    m = ((i & 0x7FFFFF) | 0x3F800000).view(torch.float32)
+    big = m > SQRT2
+    m = torch.where(big, m * 0.5, m)  # exact
+    k = e.add_(big.to(torch.int32)).to(torch.float32)
+    f = m.sub_(1.0)  # exact (Sterbenz)
+    s = f / (f + 2.0)
+    z = s * s
+    lg1, lg2, lg3, lg4, lg5 = LOG_COEFS
+    r = (z * lg5).add_(lg4).mul_(z).add_(lg3).mul_(z).add_(lg2).mul_(z).add_(lg1).mul_(z)
+    h = (f * 0.5).mul_(f)
+    # k * LN2_HI - ((h - (s * (h + R) + k * LN2_LO)) - f)
+    t = s.mul_(r.add_(h)).add_(k * LN2_LO)
+    t = h.sub_(t).sub_(f)
+    return k.mul_(LN2_HI).sub_(t)
+
+
+def cos2pi_f32(u: torch.Tensor) -> torch.Tensor:
+    """The contract's ``cos2pi_f32``: ``cos(2 pi u)`` of float32 ``u`` in ``[0, 1)`` (a new
+    float32 tensor)."""
+    q = (u * 4.0).add_(0.5).to(torch.int32)  # truncation: 0 .. 4
+    f = u - q.to(torch.float32).mul_(0.25)  # exact
+    x = f * TWO_PI
+    xl = f.mul_(TWO_PI_LO)
+    z = x * x
+    c2, c4, c6, c8, c10 = COS_COEFS
+    c = (z * -c10).add_(c8).mul_(z).sub_(c6).mul_(z).add_(c4).mul_(z).sub_(c2).mul_(z).add_(1.0)
+    s3, s5, s7, s9 = SIN_COEFS
+    p = (z * s9).sub_(s7).mul_(z).add_(s5).mul_(z).sub_(s3).mul_(z)
+    s = xl.add_(p.mul_(x)).add_(x)  # x + (xl + x * p): addition commutes, the roundings stay
+    # quadrant q: c, -s, -c, s; the sign as a product by -1 or 1 (an exact negation, zeros
+    # included: Triton's unary minus is 0 - x, which makes -(+0) +0)
+    sign = torch.where((q + 1) & 2 == 0, 1.0, -1.0)
+    return torch.where(q & 1 == 0, c, s).mul_(sign)
+
+
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``sqrt`` rounded correctly: evaluated in float64 and rounded once (exact for
+    ``sqrt``: 53 >= 2 * 24 + 2 bits). ATen's float32 ``sqrt`` is not correctly rounded on every
+    CPU path. Devices without float64 (MPS) use their float32 ``sqrt``."""
     if x.device.type == "mps":
-        return fn(x)
-    return fn(x.double()).float()
+        return torch.sqrt(x)
+    return torch.sqrt(x.double()).float()
+
+
+def normal_from_uniform(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+    """``sqrt_rn(-2 log_f32(max(1e-7, u1))) * cos2pi_f32(u2)`` (float32; ``u1`` is not written)."""
+    lg = log_f32(u1.clamp_min(NORMAL_U_MIN))
+    return sqrt_rn(lg.mul_(-2.0)).mul_(cos2pi_f32(u2))
 
 
 def _normal_from(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-    # op for op as tl.randn: u1 clamped, theta, radius, radius * cos; the products are float32
-    # (exact roundings everywhere), log/sqrt/cos correctly rounded to float32
-    u1 = uint_to_uniform_float(x0).clamp_min_(NORMAL_U_MIN)
-    th = uint_to_uniform_float(x1).mul_(TWO_PI)
-    r = _rounded(torch.sqrt, _rounded(torch.log, u1).mul_(-2.0))
-    return r.mul_(_rounded(torch.cos, th))
+    return normal_from_uniform(uint_to_uniform_float(x0), uint_to_uniform_float(x1))
 
 
 def _generate(seed, offset, n, block_fn, device) -> torch.Tensor:
@@ -189,7 +271,8 @@ def uniform(seed: torch.Tensor, offset: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def normal(seed: torch.Tensor, offset: torch.Tensor, n: int) -> torch.Tensor:
-    """``tl.randn(seed, offset + arange(n))``: float32 ``[n]``, standard normal."""
+    """The normal ``eps`` of counters ``offset + arange(n)``: float32 ``[n]``, standard normal
+    (the contract: Box-Muller of the first two Philox words, ``log_f32`` and ``cos2pi_f32``)."""
     return _generate(
         seed, offset, n, lambda s, m: _normal_from(*_words(seed, offset, s, m, 2)), seed.device
     )

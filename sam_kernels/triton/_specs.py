@@ -27,6 +27,7 @@ from sam_kernels.triton import (
     frob_accumulate,
     grad_norm,
     lincomb,
+    noise,
     perturb,
     restore,
     sgd_step,
@@ -145,6 +146,13 @@ def variants():
     return v
 
 
+#: kernels launched with options (the noise kernels: no FMA contraction), compiled with them
+OPTIONS = {
+    perturb._noise_kernel.fn.__name__: noise.LAUNCH_OPTIONS,
+    filter_noise._filter_noise_kernel.fn.__name__: noise.LAUNCH_OPTIONS,
+}
+
+
 def signature(kernel, constexprs):
     sig = {}
     for p in kernel.params:
@@ -174,10 +182,8 @@ def compile_one(kernel, constexprs, capability: int):
             signature={names.index(k): t for k, t in sig.items() if t != "constexpr"},
             constants={names.index(k): c for k, c in constexprs.items()},
         )
-    warps = _launch.NUM_WARPS
-    compiled = triton.compile(
-        src, target=GPUTarget("cuda", capability, 32), options={"num_warps": warps}
-    )
+    options = {"num_warps": _launch.NUM_WARPS, **OPTIONS.get(kernel.fn.__name__, {})}
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
     return compiled.asm
 
 
@@ -208,6 +214,9 @@ def main(argv):
                     ptx=len(ptx),
                     cubin=len(asm.get("cubin", b"")),
                     vector=any("ld.global.v" in line for line in ptx.splitlines()),
+                    # fp32 contractions and approximate fp32 math (the noise kernels have none)
+                    fma32=ptx.count("fma.rn.f32"),
+                    approx32=sum(ptx.count(i) for i in ("div.full.f32", ".approx.")),
                     elementwise=elementwise,
                     aligned=bool(constexprs.get("ALIGNED", False)),
                 )

@@ -6,9 +6,11 @@
    tensor's ``sigma``: ``coef[row]``, fp32, in a step-local buffer.
 2. ``_filter_noise_kernel``, the chunked elementwise launch of the other ops (chunk table of
    :mod:`sam_kernels.triton._launch`): ``b = w`` (bit for bit), ``d = eps * coef[row(j)]``
-   rounded to the deltas' dtype, ``p = w + d``. ``eps`` is Triton's Philox ``tl.randn`` at
-   counter ``offset + j`` under ``seed`` (``j``: the element's index in the concatenated list),
-   the counters of ``noise_perturb``. Seed and offset are loaded in the kernel: no host read.
+   rounded to the deltas' dtype, ``p = w + d``. ``eps`` is the normal noise contract of
+   :mod:`sam_kernels.ops.philox` (:func:`sam_kernels.triton.noise.normal_eps`, launched
+   without FMA contraction) at counter ``offset + j`` under ``seed`` (``j``: the element's
+   index in the concatenated list), the values of ``noise_perturb``, bit for bit. Seed and
+   offset are loaded in the kernel: no host read.
 
 Rows. Element ``j`` of a tensor (memory order) is in row ``j // rowlen``, so every tensor runs
 with dim 0 outermost in memory: contiguous or channels-last weights in place; any other layout
@@ -30,6 +32,7 @@ import triton.language as tl
 
 from sam_kernels._backend import Declined, register
 from sam_kernels.ops.filter_noise import runs_in_place
+from sam_kernels.triton import noise as N
 from sam_kernels.triton._launch import (
     GPU_BLOCK,
     INTERP_MAX_BLOCK,
@@ -102,7 +105,7 @@ def _filter_noise_body(
         c = tl.load(cp + r, mask=offs < rem, other=0.0)
     else:
         c = tl.load(cp + r)
-    d = cast(tl.randn(seed, ctr + offs) * c, DT_D)
+    d = cast(N.normal_eps(seed, ctr + offs) * c, DT_D)
     st(dp, offs, rem, d, DT_D, MASKED)
     st(pp, offs, rem, w.to(tl.float32) + d.to(tl.float32), DT_P, MASKED)
 
@@ -284,6 +287,7 @@ def filter_noise_perturb_triton(
                 g.table, g.n, meta, coef, seed, offset,
                 DT_P=g.dtypes[0], DT_B=g.dtypes[1], DT_D=g.dtypes[2],
                 ALIGNED=g.aligned, CHUNK=g.chunk, BLOCK=g.block, num_warps=NUM_WARPS,
+                **N.LAUNCH_OPTIONS,
             )  # fmt: skip
     pl.finish()
     for dst, src in back:

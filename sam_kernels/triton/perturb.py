@@ -3,13 +3,16 @@
 ``perturb``: reads ``w`` and ``g``, writes ``b = w`` (bit for bit, parameter dtype) and
 ``w + s_i * T(w)^2 * g`` with ``s`` read from device memory (0-d, or one entry per tensor).
 
-``noise_perturb``: ``p = b + s_i * eps`` with ``eps`` generated in the kernel by Triton's
-counter-based Philox generator: element ``j`` of the concatenated list (tensors in list order)
-uses counter ``offset + j`` under ``seed`` (both int64 0-d device tensors, loaded in the kernel:
-no host read). Gaussian (``tl.randn``) or ``Uniform[-a, a]`` (``2a * tl.rand - a``). The same
-``(seed, offset)`` regenerates the same values; the caller advances ``offset`` (on the device)
-by at least the total number of elements between samples. With ``seed=None`` a seed is drawn
-from torch's global CPU generator (no device read); ``offset=None`` means 0.
+``noise_perturb``: ``p = b + s_i * eps`` with ``eps`` generated in the kernel, the noise
+contract of :mod:`sam_kernels.ops.philox` (:mod:`sam_kernels.triton.noise`): element ``j`` of
+the concatenated list (tensors in list order) uses counter ``offset + j`` under ``seed`` (both
+int64 0-d device tensors, loaded in the kernel: no host read), Triton's Philox words, Gaussian
+(Box-Muller with the contract's own float32 ``log``/``cos``) or ``Uniform[-a, a]``
+(``2a * tl.rand - a``); bit for bit the eager backend's and the extension's values. Launched
+without FMA contraction (``enable_fp_fusion=False``), so ``b + s * eps`` is two roundings, as on
+eager. The same ``(seed, offset)`` regenerates the same values; the caller advances ``offset``
+(on the device) by at least the total number of elements between samples. With ``seed=None`` a
+seed is drawn from torch's global CPU generator (no device read); ``offset=None`` means 0.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import triton
 import triton.language as tl
 
 from sam_kernels._backend import Declined, register
+from sam_kernels.triton import noise as N
 from sam_kernels.triton._launch import (
     NUM_WARPS,
     device_guard,
@@ -105,9 +109,9 @@ def _noise_body(
         b = ldf(bp, offs, rem, MASKED)
     c = ctr + offs
     if NORMAL:
-        eps = tl.randn(seed, c)
+        eps = N.normal_eps(seed, c)
     else:
-        eps = tl.rand(seed, c) * two_a - a
+        eps = N.uniform_eps(seed, c, a, two_a)
     st(pp, offs, rem, b + eps * s, DT_P, MASKED)
 
 
@@ -174,5 +178,6 @@ def noise_perturb_triton(
                 NORMAL=kind == "normal", SAVE=bool(save_backup),
                 DT_P=g.dtypes[0], DT_B=g.dtypes[1],
                 ALIGNED=g.aligned, CHUNK=g.chunk, BLOCK=g.block, num_warps=NUM_WARPS,
+                **N.LAUNCH_OPTIONS,
             )  # fmt: skip
     pl.finish()

@@ -6,6 +6,9 @@
 - the Triton kernels against the eager reference fed the same ``z``: the counter stream of
   ``sk.noise_perturb_`` (same seed and offset, zero "params", scale 1, as R-SAM's per-tensor
   draw takes it); backups bit for bit, every output element written (outputs start as NaN);
+  ``z`` itself bit for bit on both backends (rows of norm 1, sigma 1: the deltas are ``z``);
+  the row norms may round differently (eager's ``vector_norm`` in the weights' precision, the
+  kernel's fp64 sum), so the scaled values are compared with a tolerance;
 - shapes (empty, one element, 0-d, 1-d, odd sizes, transposed, strided, channels-last, lists
   mixing them), dtypes (fp32, bf16, fp16), sigma as a float, a list or a tensor, bad inputs;
 - R-SAM's draw through the op: the same step as the per-tensor draw, and a fixed number of
@@ -299,6 +302,53 @@ def test_triton_matches_eager(case, dtype, small_blocks):
     # the noise is there (random weights: every scale s(w) is positive)
     for i, t in enumerate(td):
         assert t.numel() == 0 or bool((t != 0).any()), f"deltas[{i}] is zero"
+
+
+def unit_rows(items, dtype=torch.float32):
+    """Tensors of ``items``' shapes and layouts whose every output unit (row) has norm exactly 1
+    (one 1 per row, the rest 0; a 0-d tensor 1): ``s(w) = 1`` on every backend, so with
+    ``sigma = 1`` the deltas are ``z`` itself, rounded to the dtype."""
+    out = []
+    for shape, layout in items:
+        w = torch.zeros(shape, device=DEVICE)
+        if w.numel():
+            flat = w.view(shape[0], -1) if w.dim() > 1 else w.view(1, -1)
+            cols = torch.arange(flat.shape[0], device=DEVICE) * 7 % flat.shape[1]
+            flat[torch.arange(flat.shape[0], device=DEVICE), cols] = 1.0
+        w = w.to(dtype)
+        if layout == "t":
+            w = w.t().contiguous().t()
+        elif layout == "s":
+            base = torch.zeros(*shape[:-1], 2 * shape[-1], dtype=dtype, device=DEVICE)
+            base[..., ::2] = w
+            w = base[..., ::2]
+        elif layout == "cl":
+            w = w.contiguous(memory_format=torch.channels_last)
+        out.append(w)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_z_is_the_counter_stream_bit_for_bit(dtype):
+    """Rows of norm 1 and ``sigma = 1``: the deltas are ``z``, bit for bit the normal counter
+    stream of ``noise_perturb_`` (its eager form) in the kernels' element order, on every
+    backend (the Triton kernel and the eager reference share the noise contract: the same
+    normal function, no FMA contraction), and ``p = w + z``."""
+    items = CASES["mixed"]
+    w = unit_rows(items, dtype)
+    seed, offset = 31, 2**32 - 100  # the counter's low word wraps inside the list
+    z = counter_z(w, seed, offset, backend="eager")
+    kw = dict(seed=torch.tensor(seed, device=DEVICE), offset=torch.tensor(offset, device=DEVICE))
+    outs = {}
+    for backend in ["eager"] + (["triton"] if HAS_TRITON else []):
+        b, d, p = run(w, 1.0, backend, **kw)
+        assert_exact(b, w, f"{backend} backups")
+        assert_exact(d, [zi.to(dtype) for zi in z], f"{backend} deltas vs the counter stream")
+        outs[backend] = p
+    want = [(wi.float() + zi.to(dtype).float()).to(dtype) for wi, zi in zip(w, z)]
+    for backend, p in outs.items():
+        assert_exact(p, want, f"{backend} params")
+    assert any(bool((zi != 0).any()) for zi in z)
 
 
 @needs_triton

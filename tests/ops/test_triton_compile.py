@@ -66,3 +66,20 @@ def test_aligned_elementwise_kernels_use_vector_loads(compiled):
         if r["ok"] and r["elementwise"] and r["aligned"] and not r["vector"]
     ]
     assert not scalar, "scalar loads in: " + ", ".join(scalar)
+
+
+def test_noise_kernels_are_compiled_without_contraction(compiled):
+    """The noise kernels are launched (and compiled here) with ``enable_fp_fusion=False``: no
+    fp32 FMA in their PTX (the noise contract rounds every product and sum on its own; a
+    contracted ``a * b + c`` would give other bits than eager and the extension), and no
+    approximate division or square root (``div_rn``/``sqrt_rn``). The SASS still holds the FMAs
+    of the correctly rounded division and square root routines."""
+    from sam_kernels.triton import _specs
+
+    noisy = [r for r in compiled if r["kernel"] in _specs.OPTIONS and r["ok"]]
+    assert {r["kernel"] for r in noisy} == set(_specs.OPTIONS), "a noise kernel was not compiled"
+    for r in noisy:
+        assert r["fma32"] == 0, f"{r['label']} sm_{r['cap']}: {r['fma32']} fma.rn.f32"
+        assert r["approx32"] == 0, f"{r['label']} sm_{r['cap']}: approximate fp32 math"
+    # the check sees contractions where they are allowed (the other elementwise kernels)
+    assert any(r["fma32"] for r in compiled if r["ok"] and r["kernel"] not in _specs.OPTIONS)
