@@ -212,7 +212,7 @@ def _clone(x):
     if isinstance(x, torch.Tensor):
         return x.clone()
     if isinstance(x, list):
-        return [t.clone() for t in x]
+        return [t.clone() if isinstance(t, torch.Tensor) else t for t in x]
     return x
 
 
@@ -229,7 +229,7 @@ def _call(op, args, backend):
 
 
 def test_every_declared_op_has_a_parity_case():
-    assert set(CASES) | {"noise_perturb", "filter_noise_perturb"} == set(DECLARED)
+    assert set(CASES) | set(NOISE_OPS) == set(DECLARED)
 
 
 @pytest.mark.parametrize("device,backend", PLACES)
@@ -262,6 +262,112 @@ def test_backend_parity_through_the_schema(op, variant, dtype, device, backend):
             assert torch.equal(got, ref)
         else:
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- noise ops
+#: the noise ops: one counter-based contract (sam_kernels.ops.philox), so the same (seed, offset)
+#: gives the same bits on every backend, not only close values
+NOISE_OPS = ("noise_perturb", "filter_noise_perturb")
+SEED_OFFSETS = [(0, 0), (20261204, 977), (-(2**62) + 12345, 2**40 + 3)]
+#: a few thousand elements more, so that a one-ulp slip in the noise math shows in fp16/bf16 too
+BIG = (61, 67)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns (so that -0.0 != +0.0 and NaN payloads count)."""
+    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+    return t.contiguous().view(ints[t.dtype])
+
+
+def assert_same_bits(actual, ref, what):
+    assert len(actual) == len(ref)
+    for i, (a, r) in enumerate(zip(actual, ref)):
+        assert a.shape == r.shape and a.dtype == r.dtype, (what, i)
+        assert bool(torch.isfinite(a).all()), f"{what}[{i}]: not written in full"
+        diff = int((_bits(a) != _bits(r)).sum())
+        assert diff == 0, f"{what}[{i}]: {diff} of {a.numel()} elements differ in their bits"
+
+
+def _seed_offset(seed, offset):
+    return torch.tensor(seed, dtype=torch.int64), torch.tensor(offset, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("device,backend", FUSED_PLACES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["normal", "uniform"])
+@pytest.mark.parametrize("save_backup,per_tensor", [(True, False), (False, True)])
+@pytest.mark.parametrize("seed,offset", SEED_OFFSETS)
+def test_noise_perturb_is_bit_identical_across_backends(
+    seed, offset, save_backup, per_tensor, kind, dtype, device, backend
+):
+    """``noise_perturb_`` through the schema: every fused backend writes the eager backend's
+    bits, for the same ``(seed, offset)``, in every dtype (not a tolerance: the contract)."""
+    with torch.device(device):
+        params = [torch.randn(BIG).to(dtype), *make(dtype)]
+        backups = nans_like(params) if save_backup else [torch.randn(BIG).to(dtype), *make(dtype)]
+        scale = torch.rand(len(params)) + 0.5 if per_tensor else torch.tensor(0.7)
+        seed_t, offset_t = _seed_offset(seed, offset)
+    args = (params, backups, scale, kind, 0.03, save_backup, seed_t, offset_t)
+    got = [_clone(a) for a in args]
+    ref = [_clone(a) for a in args]
+    _call("noise_perturb", got, backend)
+    _call("noise_perturb", ref, "eager")
+    assert_same_bits(got[0], ref[0], "params")
+    assert_same_bits(got[1], ref[1], "backups")
+    # and the noise is there: params moved off the backups (the sizes > 1 at least)
+    moved = [bool((p != b).any()) for p, b in zip(got[0], got[1]) if p.numel() > 1]
+    assert moved and all(moved)
+
+
+def unit_rows(dtype):
+    """Tensors of :func:`make`'s shapes (the non-contiguous view last) whose every output unit
+    (row: dims 1.. of an ndim > 1 tensor; the whole tensor for 1-d) has norm exactly 1, one
+    element of +-1 per row: the filter's scale is then exact on every backend, so its ``deltas``
+    are ``sigma * z`` and the op's bits are the noise contract's."""
+
+    def one_hot_rows(shape):
+        rows, cols = (shape[0], torch.Size(shape[1:]).numel()) if len(shape) > 1 else (1, shape[0])
+        t = torch.zeros(rows, cols)
+        if rows and cols:
+            signs = torch.randint(2, (rows,)) * 2.0 - 1
+            t[torch.arange(rows), torch.randint(cols, (rows,))] = signs
+        return t.reshape(shape).to(dtype)
+
+    out = [one_hot_rows(s) for s in [BIG, *SHAPES]]
+    base = torch.zeros(NONCONTIG[0], 2 * NONCONTIG[1], dtype=dtype)
+    base[:, ::2] = one_hot_rows(NONCONTIG)
+    out.append(base[:, ::2])
+    assert not out[-1].is_contiguous()
+    return out
+
+
+@pytest.mark.parametrize("device,backend", FUSED_PLACES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed,offset", SEED_OFFSETS)
+def test_filter_noise_perturb_is_bit_identical_across_backends(
+    seed, offset, dtype, device, backend
+):
+    """``filter_noise_perturb_`` (R-SAM) through the schema: with rows of norm exactly 1 the
+    scale is exact everywhere, so every fused backend writes the eager backend's bits."""
+    if backend not in {
+        b
+        for b in _backends(device)
+        if "filter_noise_perturb" in _backend._REGISTRY
+        and b in _backend._REGISTRY["filter_noise_perturb"]
+    }:
+        pytest.skip(f"{backend} has no filter_noise_perturb_ (the chooser runs eager)")
+    with torch.device(device):
+        params = unit_rows(dtype)
+        seed_t, offset_t = _seed_offset(seed, offset)
+    sigmas = [0.5 + 0.25 * i for i in range(len(params))]
+    args = (params, nans_like(params), nans_like(params), None, sigmas, seed_t, offset_t, 0.0)
+    got = [_clone(a) for a in args]
+    ref = [_clone(a) for a in args]
+    _call("filter_noise_perturb", got, backend)
+    _call("filter_noise_perturb", ref, "eager")
+    for k, name in enumerate(("params", "backups", "deltas")):
+        assert_same_bits(got[k], ref[k], name)
+    assert any(bool((d != 0).any()) for d in got[2])
 
 
 @pytest.mark.parametrize("device,backend", PLACES)
