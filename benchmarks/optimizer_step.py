@@ -12,8 +12,8 @@ everything the optimizer does between and around the evaluations. Per optimizer 
   ``aten::_local_scalar_dense`` calls (``.item()``) seen by the profiler;
 - graph capture: whether ``opt.step(closure)`` can be captured in a CUDA graph, the error if
   not, and the replay time if so;
-- dispatched ops (CPU, eager foreach path): top-level aten ops of one step for a 10-tensor and a
-  300-tensor model, counted with a ``TorchDispatchMode``.
+- dispatched ops (CPU: the eager path, and the compiled extension where built): top-level aten
+  ops of one step for a 10-tensor and a 300-tensor model, counted with a ``TorchDispatchMode``.
 
 Byte floors, in elements read plus written per parameter element, SGD-momentum base step (an
 AdamW base step reads and writes m and v instead of buf: +2):
@@ -458,7 +458,7 @@ class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def dispatch_count(name: str, backend: str, base: str, n_tensors: int) -> dict:
-    """Top-level aten ops of one step on the CPU (eager foreach path) for ``n_tensors``."""
+    """Top-level aten ops of one step on the CPU on ``backend`` for ``n_tensors``."""
     device = torch.device("cpu")
     shapes = [(8, 8)] * n_tensors
     params = make_params(shapes, device)
@@ -521,10 +521,14 @@ def plan(cfg: dict) -> list[Item]:
         names = [n for n in names if n in cfg["optimizers"]]
     fused = fused_backends(cfg)
     items: list[Item] = []
-    # dispatch counts first: cheap, on the CPU, and the smoke run's main report
+    # dispatch counts first: cheap, on the CPU, and the smoke run's main report; the compiled
+    # extension too where it is built (the CPU default: issue 14's ops-per-step target)
+    import sam_kernels as sk
+
+    counted = ["eager", *(["ext"] if sk.available("ext", "cpu") else []), "davda54"]
     for name in names:
         for base in ("SGD", "AdamW") if not cfg["quick"] else ("SGD",):
-            for backend in ("eager", "davda54"):
+            for backend in counted:
                 if backend == "davda54" and name != "SAM":
                     continue
                 meta = {"optimizer": name, "backend": backend, "base": base}
