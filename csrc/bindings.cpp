@@ -33,6 +33,12 @@ TORCH_LIBRARY(sam_kernels_C, m) {
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, "
       "Tensor[] backups, Tensor? lr_tensor, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool amsgrad, bool maximize, Tensor? ok) -> ()");
+  // the scalar glue of a step (scalar_glue.cpp; CPU only)
+  m.def("finite_and(Tensor? ok, Tensor[] values) -> Tensor");
+  m.def(
+      "ascent_scale(Tensor norm, Tensor rho, Tensor? factor_tensor, float factor, bool negated) "
+      "-> Tensor[]");
+  m.def("count_step_(Tensor(a!) counters, Tensor ok) -> ()");
   // the cached SAM step plan (step_plan.h): built once, then two calls per step
   m.class_<sam_kernels::SamStepPlan>("SamStepPlan")
       .def(torch::init<>())

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 import sam_kernels as sk
-from python_api._checks import _combine_norms, _dense_grads, finite01
+from python_api._checks import _combine_norms, _dense_grads
 
 #: elements combined at once when the norm of a LinComb gradient is taken for clipping
 #: (step-local scratch of at most this size, or of one tensor when that is larger)
@@ -29,7 +29,8 @@ class StepCounters:
 
     def _add_step(self, ok: torch.Tensor) -> None:
         """Count one step: applied where ``ok`` is 1, skipped where it is 0 (device op)."""
-        self._counters.add_(torch.stack([ok, 1.0 - ok]))
+        # counters += [ok, 1 - ok]: one fused op
+        sk.count_step_(self._counters, ok, backend=getattr(self, "backend", None))
 
     @property
     def skipped_steps(self) -> int:
@@ -184,7 +185,7 @@ class BaseStep(StepCounters):
                 norm = torch.linalg.vector_norm(n64).to(norms[0].dtype)
         norm = norm.to(self._device)
         norm = self._reduce_norm(norm)  # sharded parameters: the global norm over the shards
-        ok = ok * finite01(norm)
+        ok = self._and_finite(ok, norm)
         scale = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         # a non-finite norm skips the step (ok = 0); its scale is made harmless
         scale = torch.nan_to_num(scale, nan=0.0, posinf=0.0, neginf=0.0)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 import sam_kernels as sk
-from python_api._checks import NonFiniteError, _check_dense, finite01
+from python_api._checks import NonFiniteError, _check_dense
 from python_api.batchnorm import preserve_bn_stats
 
 Closure = Callable[[], Any]
@@ -195,12 +195,17 @@ class ClosureContract:
     # ----------------------------------------------------------------- non-finite values
     def _ok_from(self, *values: torch.Tensor | None) -> torch.Tensor:
         """1.0 where every given 0-d value is finite, else 0.0 (device tensor)."""
-        ok = None
-        for v in values:
-            if v is not None:
-                f = finite01(v.reshape(()).to(self._device))
-                ok = f if ok is None else ok * f
-        return ok if ok is not None else torch.ones((), dtype=torch.float32, device=self._device)
+        if all(v is None for v in values):
+            return torch.ones((), dtype=torch.float32, device=self._device)
+        return self._and_finite(None, *values)
+
+    def _and_finite(self, ok: torch.Tensor | None, *values: torch.Tensor | None) -> torch.Tensor:
+        """``ok`` (None: 1) times 1.0 where every given one-element value (losses, norms) is
+        finite, else 0.0: one fused op (:func:`sam_kernels.finite_and`), no host read."""
+        vals = [
+            v if v.device == self._device else v.to(self._device) for v in values if v is not None
+        ]
+        return sk.finite_and(ok, vals, backend=self.backend)
 
     def _check_raise(self, ok: torch.Tensor, what: str, backups_of: Sequence | None = None):
         """``on_nonfinite="raise"``: one host read; restore weights, then raise."""
@@ -222,7 +227,12 @@ class ClosureContract:
 
     def _finite_and_norm(self, grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`_finite_flag` and the plain norm it is read from (for clipping to reuse)."""
+        n = self._checked_norm(grads)
+        return self._and_finite(None, n), n
+
+    def _checked_norm(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The plain norm of ``grads`` (one fused norm, its lists trusted as the plan's; sparse
+        ones refused): finite iff every element is, so its flag is the gradients'."""
         grads = _check_dense(self, list(grads))
         with sk.prevalidated():
-            n = sk.grad_norm(grads, backend=self.backend)
-        return finite01(n), n
+            return sk.grad_norm(grads, backend=self.backend)

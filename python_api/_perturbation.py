@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 import sam_kernels as sk
-from python_api._checks import _combine_norms, _dense_grads, ascent_inv
+from python_api._checks import _combine_norms, _dense_grads
 from python_api._plans import _ModePlan
 
 
@@ -124,8 +124,8 @@ class Perturbation:
             closure, perturbed=True, need_loss=need_loss, what=what, restore=perturbed
         )
         grads = self._collect_grads(ps)
-        fin, norm = self._finite_and_norm(grads)
-        ok = ok * fin * self._ok_from(loss)
+        norm = self._checked_norm(grads)
+        ok = self._and_finite(ok, norm, loss)  # one fused op: ok * [norm, loss finite]
         self._check_raise(ok, what if at is None else at, perturbed)
         return loss, grads, ok, norm
 
@@ -224,10 +224,8 @@ class Perturbation:
         plan = self._modes()
         if not plan.pert:
             return []
-        inv = ascent_inv(norm)
-        if isinstance(factor, torch.Tensor) or factor != 1.0:
-            inv = inv * factor
-        scale = plan.rho * inv
+        # rho * nan_to_num(1/(norm + 1e-12)) * factor: one fused op
+        (scale,) = sk.ascent_scale(norm, plan.rho, factor, backend=self.backend)
         perturbed: list[torch.Tensor] = []
         for (adaptive, eta, ps, sel), backups in zip(plan.pert, plan.backups(self)):
             with sk.prevalidated():  # checked with the plan's backups

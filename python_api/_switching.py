@@ -228,9 +228,8 @@ class SwitchingSAM(SAMFamily):
             raise
         with torch.no_grad():
             gs = self._collect_grads(ps)
-            ok, n1 = self._finite_and_norm(gs)  # the norm: reused by clipping
-            if l1 is not None:
-                ok = ok * self._ok_from(l1)
+            n1 = self._checked_norm(gs)  # the norm: reused by clipping
+            ok = self._ok_from(n1, l1)  # one fused op: [n1, l1 finite]
             if l0_gate is not None:
                 ok = ok * l0_gate
             try:

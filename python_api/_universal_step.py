@@ -70,11 +70,8 @@ class UniversalStep:
         closure = self._require_closure(closure)
         l0, _ = self._initial_eval(closure, loss, need_loss=self._needs_l0)
         ps = self._params_with_grad()
-        ok = self._ok_from(l0)
-        n0 = None
-        if ps:
-            fin, n0 = self._finite_and_norm([p.grad for p in ps])
-            ok = ok * fin
+        n0 = self._checked_norm([p.grad for p in ps]) if ps else None
+        ok = self._ok_from(l0, n0)  # one fused op
         self._check_raise(ok, "the evaluation at w (loss L0, gradient g0)")
         groups = self._perturbed_groups()
         pert = [p for _, gps in groups for p in gps]

@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 import sam_kernels as sk
-from python_api._base import Closure, SAMFamily, ascent_inv, check_nonneg, finite01
+from python_api._base import Closure, SAMFamily, check_nonneg
 
 #: a log term of the paper form is used only while its argument exceeds this
 LOG_ARG_MIN = 1e-12
@@ -187,17 +187,19 @@ class CRSAM(SAMFamily):
         # (a zero scale if not finite)
         g0 = self._take_grads(ps)
         norm = self._grad_norm()
-        ok = ok * finite01(norm)
+        ok = self._and_finite(ok, norm)
         self._check_raise(ok, "the evaluation at w (loss L0, gradient g0)")
         groups = self._perturbed_groups()
         pert = [p for _, gps in groups for p in gps]
         g0_of = {id(p): b for p, b in zip(ps, g0)}
         g0_pert = [g0_of[id(p)] for p in pert]
         backups = self._backups(pert)
-        scale = None
+        scale = neg_scale = None
         if pert:
-            inv = ascent_inv(norm)
-            scale = self._rho_vector(groups) * inv
+            # rho / (||g0|| + 1e-12) per tensor (0 if not finite), and its negation for w - e
+            scale, neg_scale = sk.ascent_scale(
+                norm, self._rho_vector(groups), negated=True, backend=self.backend
+            )
             sk.perturb_(pert, g0_pert, backups, scale, backend=self.backend)
             self._live.extend(pert)
 
@@ -209,7 +211,7 @@ class CRSAM(SAMFamily):
         # w - e, formed from the saved w (never from w + e): restore, then step by -e
         if pert:
             sk.restore_(pert, backups, backend=self.backend)
-            sk.perturb_(pert, g0_pert, backups, -scale, backend=self.backend)
+            sk.perturb_(pert, g0_pert, backups, neg_scale, backend=self.backend)
         at = "the evaluation at w - e (loss L-, gradient g-)"
         lm, _, ok, _ = self._evaluate_perturbed(closure, ps, pert, ok, "w - e", self.log_form, at)
 

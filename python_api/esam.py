@@ -13,7 +13,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 import sam_kernels as sk
-from python_api._base import SAMFamily, ascent_inv, check_nonneg, check_range
+from python_api._base import SAMFamily, check_nonneg, check_range
 from python_api.sssam import ESAM_STREAM, check_seed
 from sam_kernels import counter_uniform, uniform_threshold
 
@@ -152,9 +152,9 @@ class ESAM(SAMFamily):
             return []
         flat = [p for _, ps in groups for p in ps]
         rho = self._rho_vector(groups)
-        inv = ascent_inv(norm)
         coins = self._coins(flat).to(rho.dtype)
-        scale = rho * inv * coins / self.beta
+        (scale,) = sk.ascent_scale(norm, rho, backend=self.backend)  # rho/(norm + 1e-12), fused
+        scale = scale * coins / self.beta
         sk.perturb_(flat, [p.grad for p in flat], self._backups(flat), scale, backend=self.backend)
         self._live.extend(flat)
         return flat

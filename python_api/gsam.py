@@ -23,7 +23,6 @@ from python_api._base import (
     _dense_grads,
     check_nonneg,
     check_range,
-    finite01,
 )
 
 
@@ -201,7 +200,7 @@ class GSAM(SAMFamily):
         g0 = self._take_grads(ps)
         g0_of = dict(zip(ps, g0))
         n0 = self._grad_norm()
-        ok = ok * finite01(n0)
+        ok = self._and_finite(ok, n0)
         self._check_raise(ok, "the evaluation at w (gradient g0)")
         pert = self._perturb_along_grad(n0, factor)
 
@@ -213,7 +212,7 @@ class GSAM(SAMFamily):
         self._collect_grads(ps)
         g1 = _dense_grads(self, ps)
         n1 = self._plain_norm(g1)  # finite iff every element of g1 is (fp64 squares)
-        ok = ok * finite01(n1) * self._ok_from(l1)
+        ok = self._and_finite(ok, n1, l1)
         self._check_raise(ok, "the evaluation at w + e (gradient g1)", pert)
 
         # cos, and the base-step gradient c * g1 - alpha * g0 (device scalars)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from python_api import _conventions, _step_plan
-from python_api._base import Closure, SAMFamily, check_nonneg, finite01
+from python_api._base import Closure, SAMFamily, check_nonneg
 from python_api._hooks import _all_reduce_min
 
 
@@ -141,7 +141,7 @@ class SAM(SAMFamily):
     def _ascend(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self._follow_device()
         norm = self._grad_norm()
-        ok = finite01(norm)
+        ok = self._ok_from(norm)
         self._check_raise(ok, "the first evaluation (gradient at w)")
         return ok, self._perturb_along_grad(norm)
 
@@ -235,10 +235,8 @@ class SAM(SAMFamily):
     ) -> None:
         ps = self._params_with_grad()
         # the finite check is the fused norm of g1: clipping (max_grad_norm) reuses it
-        fin, n1 = self._finite_and_norm([p.grad for p in ps])
-        ok = ok * fin
-        if loss is not None:
-            ok = ok * self._ok_from(loss)
+        n1 = self._checked_norm([p.grad for p in ps])
+        ok = self._and_finite(ok, n1, loss)  # one fused op: ok * [n1, loss finite]
         self._check_raise(ok, "the perturbed evaluation (gradient at w + e)", perturbed)
         self._base_step(ok, perturbed, norm=n1)
 
@@ -260,7 +258,7 @@ class SAM(SAMFamily):
             else:
                 ok, perturbed = self._ascend()
                 if l0 is not None:
-                    ok = ok * self._ok_from(l0)
+                    ok = self._and_finite(ok, l0)
                     self._check_raise(ok, "the loss at w", perturbed)
                 self.zero_grad(set_to_none=True)
         l1 = self._call_closure(

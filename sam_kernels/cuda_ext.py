@@ -104,6 +104,16 @@ def _aesam_stats_fake(grads, stats, delta, c):
     return torch.empty((), dtype=torch.int32, device=stats.device)
 
 
+@torch.library.register_fake(f"{NAMESPACE}::finite_and")
+def _finite_and_fake(ok, values):
+    return torch.empty((), dtype=torch.float32, device=(ok if ok is not None else values[0]).device)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::ascent_scale")
+def _ascent_scale_fake(norm, rho, factor_tensor, factor, negated):
+    return [torch.empty_like(rho) for _ in range(2 if negated else 1)]
+
+
 def _no_output(*args, **kwargs) -> None:
     return None
 
@@ -114,6 +124,7 @@ for _name in (
     "restore_",
     "lincomb_",
     "frob_accumulate_",
+    "count_step_",
     "sgd_step_",
     "adamw_step_",
     "_philox4x32_10",
@@ -130,6 +141,14 @@ def _f32(x: torch.Tensor | float, device: torch.device) -> torch.Tensor:
     if x.device != device or x.dtype != torch.float32:
         x = x.to(device=device, dtype=torch.float32)
     return x.contiguous()
+
+
+def _flag(ok: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """The step's flag as a 0-d float32 tensor (a 0-d one as it is: no view dispatched)."""
+    if ok is None:
+        return None
+    ok = _f32(ok, device)
+    return ok if ok.dim() == 0 else ok.reshape(())
 
 
 def _i64(x: torch.Tensor | int, device: torch.device) -> torch.Tensor:
@@ -255,7 +274,7 @@ def sgd_step_ext(params, grads, momentum_buffers, steps, backups, hyper: SgdHype
         bool(nesterov),
         float(weight_decay),
         bool(maximize),
-        _f32(ok, device).reshape(()) if ok is not None else None,
+        _flag(ok, device),
     )
 
 
@@ -291,13 +310,59 @@ def adamw_step_ext(
         float(weight_decay),
         bool(amsgrad),
         bool(maximize),
-        _f32(ok, device).reshape(()) if ok is not None else None,
+        _flag(ok, device),
     )
 
 
 @register("aesam_stats", "ext")
 def aesam_stats_ext(grads, stats, delta: float, c: float) -> torch.Tensor:
     return _ops.aesam_stats_(list(grads), stats, float(delta), float(c))
+
+
+# the scalar glue of a step (csrc/scalar_glue.cpp): CPU scalars only; the chooser runs other
+# devices and dtypes on the next backend
+_F32_F64 = (torch.float32, torch.float64)
+
+
+def _cpu(*tensors: torch.Tensor | None) -> None:
+    for t in tensors:
+        if t is not None and t.device.type != "cpu":
+            raise Declined(f"a tensor on {t.device}: the scalar ops run on CPU tensors")
+
+
+@register("finite_and", "ext")
+def finite_and_ext(ok, values) -> torch.Tensor:
+    values = list(values)
+    if ok is None and not values:  # no tensor to dispatch on
+        raise Declined("no tensor")
+    _cpu(ok, *values)
+    if ok is not None and ok.dtype != torch.float32:
+        raise Declined(f"ok of dtype {ok.dtype}")
+    if any(v.is_complex() for v in values):
+        raise Declined("a complex value")
+    return _ops.finite_and(ok, values)
+
+
+@register("ascent_scale", "ext")
+def ascent_scale_ext(norm, rho, factor, negated: bool) -> list[torch.Tensor]:
+    factor_t = factor if isinstance(factor, torch.Tensor) else None
+    _cpu(norm, rho, factor_t)
+    if norm.dtype not in _F32_F64 or rho.dtype not in _F32_F64 or not rho.is_contiguous():
+        raise Declined(f"norm {norm.dtype}, rho {rho.dtype} (contiguous: {rho.is_contiguous()})")
+    if factor_t is not None and (factor_t.dim() != 0 or factor_t.dtype != norm.dtype):
+        raise Declined("a factor tensor of another dtype or shape than the norm")
+    f = 1.0 if factor_t is not None else float(factor)
+    return _ops.ascent_scale(norm, rho, factor_t, f, bool(negated))
+
+
+@register("count_step", "ext")
+def count_step_ext(counters, ok) -> None:
+    _cpu(counters, ok)
+    if counters.dtype != torch.float32 or not counters.is_contiguous():
+        raise Declined(f"counters of dtype {counters.dtype}")
+    if ok.dtype != torch.float32:
+        raise Declined(f"ok of dtype {ok.dtype}")
+    _ops.count_step_(counters, ok)
 
 
 def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> list[int]:

@@ -20,9 +20,12 @@ from sam_kernels.ops.aesam_stats import (
     DECISION_SAM,
     aesam_stats_,
 )
+from sam_kernels.ops.ascent_scale import ascent_scale
+from sam_kernels.ops.count_step import count_step_
 from sam_kernels.ops.counter_rng import counter_uniform, uniform_threshold
 from sam_kernels.ops.dot import dot
 from sam_kernels.ops.filter_noise import filter_noise_perturb_
+from sam_kernels.ops.finite_and import finite_and
 from sam_kernels.ops.frob_accumulate import frob_accumulate_
 from sam_kernels.ops.grad_norm import finite_flag, grad_norm
 from sam_kernels.ops.lincomb import LinComb, lincomb_
@@ -38,12 +41,15 @@ __all__ = [
     "NOISE_KINDS",
     "LinComb",
     "adamw_step_",
+    "ascent_scale",
     "check_lists",
     "check_no_overlap",
     "aesam_stats_",
+    "count_step_",
     "counter_uniform",
     "dot",
     "filter_noise_perturb_",
+    "finite_and",
     "finite_flag",
     "frob_accumulate_",
     "grad_norm",

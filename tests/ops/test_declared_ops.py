@@ -194,7 +194,37 @@ def case_dot(dtype, _):
     return (make(dtype), make(dtype)), ()
 
 
+def case_finite_and(dtype, variant):
+    """Losses and norms of ``dtype`` (a one-element non-0-d one too); ``variant``: the flag
+    given or not, every value finite or not."""
+    values = [torch.tensor(1.5).to(dtype), torch.tensor([[0.25]]).to(dtype), torch.tensor(3)]
+    if variant == "nonfinite":
+        values.insert(1, torch.tensor(float("inf")).to(dtype))
+    ok = None if variant == "no-ok" else torch.tensor(1.0)
+    return (ok, values), ()
+
+
+def case_ascent_scale(dtype, variant):
+    """fp32 norm and radii (the dtypes a step gives them; fp64 in the bit test below): 17 radii,
+    none, a factor as a float or a tensor, the negated scale, a norm that is not finite."""
+    rho = torch.rand(0 if variant == "empty" else 17)
+    norm = torch.tensor(float("nan") if variant == "nonfinite" else 2.75)
+    factor = {"factor": 0.3, "factor-tensor": torch.tensor(0.6)}.get(variant, 1.0)
+    factor_t = factor if isinstance(factor, torch.Tensor) else None
+    return (norm, rho, factor_t, 1.0 if factor_t is not None else factor, variant == "negated"), ()
+
+
+def case_count_step(dtype, ok):
+    return (torch.tensor([5.0, 2.0]), torch.tensor(ok)), (0,)
+
+
 CASES = {
+    "finite_and": (case_finite_and, ["no-ok", "nonfinite", "ok"]),
+    "ascent_scale": (
+        case_ascent_scale,
+        ["plain", "empty", "factor", "factor-tensor", "nonfinite", "negated"],
+    ),
+    "count_step": (case_count_step, [0.0, 1.0]),
     "grad_norm": (case_grad_norm, [False, True]),
     "perturb": (case_perturb, [False, True]),
     "restore": (case_restore, [None]),
@@ -256,9 +286,14 @@ def test_backend_parity_through_the_schema(op, variant, dtype, device, backend):
         ref = _call(op, ref_args, "eager")
         for k in written:
             assert_close_lists(got_args[k], ref_args[k], f"{op} arg {k}")
+    if isinstance(ref, list):  # ascent_scale: one scale, or the scale and its negation
+        assert len(got) == len(ref)
+        for x, y in zip(got, ref):
+            assert x.shape == y.shape and x.dtype == y.dtype
+            assert torch.equal(x, y), op
     if isinstance(ref, torch.Tensor):
         assert got.shape == ref.shape and got.dtype == ref.dtype
-        if op == "aesam_stats":
+        if op in ("aesam_stats", "finite_and"):
             assert torch.equal(got, ref)
         else:
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
@@ -385,6 +420,73 @@ def test_schema_call_equals_the_python_entry_point(device, backend):
     )  # fmt: skip
     for x, y in zip(a[0] + a[3] + a[4], params + bufs + steps):
         assert torch.equal(x, y)
+
+
+# ----------------------------------------------------------------------------- scalar glue
+#: norms and losses at the edges: signed zeros, around -1e-12 (where norm + 1e-12 is 0), the
+#: smallest subnormal, the largest float32, infinities and NaN
+EDGE_VALUES = [0.0, -0.0, 1.0, 2.5, 1e-12, -1e-12, -1.0000001e-12, 7e-13, 1e-45, 1e-38, 3.4e38,
+               float("inf"), -float("inf"), float("nan")]  # fmt: skip
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
+
+
+@pytest.mark.parametrize("device,backend", FUSED_PLACES)
+@pytest.mark.parametrize("norm_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("rho_dtype", [torch.float32, torch.float64], ids=str)
+def test_ascent_scale_is_bit_identical_to_eager(device, backend, norm_dtype, rho_dtype):
+    """The fused scale has the eager chain's bits (fp64 rho for fp64 parameters, a norm of
+    either dtype), for every edge value, factor kind and sign."""
+    with torch.device(device):
+        rho = torch.tensor([0.05, 0.1, 1e-30, 3.0, 0.0, 2.0**-20], dtype=rho_dtype)
+        factors = [1.0, 0.37, torch.tensor(0.61, dtype=norm_dtype)]
+        for v in EDGE_VALUES:
+            norm = torch.tensor(v, dtype=norm_dtype)
+            for factor in factors:
+                for negated in (False, True):
+                    args = (norm, rho, factor)
+                    ref = sk.ascent_scale(*args, negated=negated, backend="eager")
+                    got = sk.ascent_scale(*args, negated=negated, backend=backend)
+                    assert len(got) == len(ref) == 1 + negated
+                    for x, y in zip(got, ref):
+                        assert _same_bits(x, y), (v, factor, negated, x, y)
+
+
+@pytest.mark.parametrize("device,backend", FUSED_PLACES)
+def test_finite_and_and_count_step_are_bit_identical_to_eager(device, backend):
+    """The flag and the counters: every dtype of value (a NaN flag stays NaN), any flag."""
+    with torch.device(device):
+        dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+        values = [torch.tensor(v, dtype=d) for v in EDGE_VALUES for d in dtypes]
+        values += [torch.tensor([[1]]), torch.tensor(5, dtype=torch.int32)]
+        for ok in (None, torch.tensor(1.0), torch.tensor(0.0), torch.tensor(float("nan"))):
+            assert _same_bits(
+                sk.finite_and(ok, [], backend=backend), sk.finite_and(ok, [], backend="eager")
+            )
+            for i in range(len(values)):
+                pair = [values[i], values[(7 * i + 3) % len(values)]]
+                ref = sk.finite_and(ok, pair, backend="eager")
+                assert _same_bits(sk.finite_and(ok, pair, backend=backend), ref), (ok, pair)
+        for ok in (0.0, 1.0, 0.5, float("nan")):
+            c_ref, c_got = torch.tensor([7.0, 3.0]), torch.tensor([7.0, 3.0])
+            sk.count_step_(c_ref, torch.tensor(ok), backend="eager")
+            sk.count_step_(c_got, torch.tensor(ok), backend=backend)
+            assert _same_bits(c_got, c_ref), ok
+
+
+def test_scalar_glue_ops_refuse_wrong_shapes():
+    with pytest.raises(ValueError, match="one-element"):
+        sk.finite_and(None, [torch.zeros(2)])
+    with pytest.raises(ValueError, match="0-d norm"):
+        sk.ascent_scale(torch.zeros(1), torch.zeros(3))
+    with pytest.raises(ValueError, match="shape"):
+        sk.count_step_(torch.zeros(3), torch.tensor(1.0))
 
 
 # ----------------------------------------------------------------------------- opcheck
