@@ -33,6 +33,7 @@ CPU_SOURCES = [
     "csrc/cpu_ops.cpp",
     "csrc/step_plan.cpp",
     "csrc/scalar_glue.cpp",
+    "csrc/list_ops.cpp",
 ]
 CUDA_SOURCES = ["csrc/cuda_glue.cpp"] + sorted(
     os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cu"))

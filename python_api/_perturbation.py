@@ -55,11 +55,14 @@ class Perturbation:
             out.append(b)
         return out
 
-    @staticmethod
-    def _scratch(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _scratch(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Step-local buffers shaped like ``params`` (uninitialised), held only by the caller's
-        locals: freed when the step returns or raises, never in ``state`` or a cached plan."""
-        return [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+        locals: freed when the step returns or raises, never in ``state`` or a cached plan.
+
+        One op for the list (:func:`sam_kernels.empty_like_list`; on the extension the loop over
+        the tensors runs in C++), so a step's host work does not grow by a dispatch per tensor.
+        """
+        return sk.empty_like_list(params, backend=self.backend)
 
     @staticmethod
     def _take_grads(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -245,7 +245,8 @@ class FriendlySAM(SAMFamily):
         coefs_m = torch.stack(
             [okd * lmbda * first_done + keep, okd * (1.0 - lmbda * first_done)]
         ).to(cdtype)
-        sk.sanitize_(g0, ok)  # g0 = g0 if ok else +0, bit for bit (NaN and inf too)
+        # g0 = g0 if ok else +0, bit for bit (NaN and inf too); one op for the list
+        sk.zero_unless_(g0, ok, backend=self.backend)
         sk.lincomb_(m, (m, g0), coefs_m, backend=self.backend)
         self._m_init.index_copy_(0, idx, torch.maximum(first_done.to(torch.float32), ok))
         return l0 if l0 is not None else l1

@@ -30,6 +30,7 @@ from sam_kernels.ops import (
     count_step_,
     counter_uniform,
     dot,
+    empty_like_list,
     filter_noise_perturb_,
     finite_and,
     finite_flag,
@@ -47,6 +48,7 @@ from sam_kernels.ops import (
     select_,
     sgd_step_,
     uniform_threshold,
+    zero_unless_,
 )
 from sam_kernels.step_plan import SamStepPlan
 from sam_kernels.step_plan import available as step_plan_available
@@ -106,6 +108,7 @@ __all__ = [
     "available",
     "backend_name",
     "dot",
+    "empty_like_list",
     "filter_noise_perturb_",
     "finite_and",
     "finite_flag",
@@ -128,4 +131,5 @@ __all__ = [
     "step_plan_available",
     "uniform_threshold",
     "why_unavailable",
+    "zero_unless_",
 ]

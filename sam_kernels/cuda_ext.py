@@ -109,6 +109,11 @@ def _finite_and_fake(ok, values):
     return torch.empty((), dtype=torch.float32, device=(ok if ok is not None else values[0]).device)
 
 
+@torch.library.register_fake(f"{NAMESPACE}::empty_like_list")
+def _empty_like_list_fake(like):
+    return [torch.empty_like(t, memory_format=torch.preserve_format) for t in like]
+
+
 @torch.library.register_fake(f"{NAMESPACE}::ascent_scale")
 def _ascent_scale_fake(norm, rho, factor_tensor, factor, negated):
     return [torch.empty_like(rho) for _ in range(2 if negated else 1)]
@@ -125,6 +130,7 @@ for _name in (
     "lincomb_",
     "frob_accumulate_",
     "count_step_",
+    "zero_unless_",
     "sgd_step_",
     "adamw_step_",
     "_philox4x32_10",
@@ -363,6 +369,21 @@ def count_step_ext(counters, ok) -> None:
     if ok.dtype != torch.float32:
         raise Declined(f"ok of dtype {ok.dtype}")
     _ops.count_step_(counters, ok)
+
+
+# the per-tensor bookkeeping of a step (csrc/list_ops.cpp): the loop over the tensors in C++
+@register("empty_like_list", "ext")
+def empty_like_list_ext(like) -> list[torch.Tensor]:
+    _cpu(*like)
+    return list(_ops.empty_like_list(list(like)))
+
+
+@register("zero_unless", "ext")
+def zero_unless_ext(tensors, ok) -> None:
+    _cpu(ok, *tensors)
+    if ok.dtype != torch.float32:
+        raise Declined(f"ok of dtype {ok.dtype}")
+    _ops.zero_unless_(list(tensors), ok)
 
 
 def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> list[int]:

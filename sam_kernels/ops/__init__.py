@@ -32,6 +32,7 @@ from sam_kernels.ops.lincomb import LinComb, lincomb_
 from sam_kernels.ops.looksam import looksam_project_, looksam_reuse
 from sam_kernels.ops.perturb import NOISE_KINDS, noise_perturb_, perturb_
 from sam_kernels.ops.restore import restore_
+from sam_kernels.ops.scratch import empty_like_list, zero_unless_
 from sam_kernels.ops.sgd_step import sgd_step_
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "count_step_",
     "counter_uniform",
     "dot",
+    "empty_like_list",
     "filter_noise_perturb_",
     "finite_and",
     "finite_flag",
@@ -64,5 +66,6 @@ __all__ = [
     "sanitize_",
     "select_",
     "sgd_step_",
+    "zero_unless_",
     "uniform_threshold",
 ]
