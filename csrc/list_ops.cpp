@@ -29,10 +29,11 @@ std::vector<at::Tensor> empty_like_list_cpu(at::TensorList like) {
 void zero_unless_cpu(at::TensorList tensors, const at::Tensor& ok) {
   TORCH_CHECK(ok.device().is_cpu() && ok.dim() == 0 && ok.scalar_type() == at::kFloat,
               "sam_kernels.zero_unless_: ok must be a 0-d float32 CPU tensor");
-  // the eager reference multiplies the bits by ok cast to an integer (truncation)
-  const auto mask = static_cast<int64_t>(*ok.const_data_ptr<float>());
-  TORCH_CHECK(mask == 0 || mask == 1, "sam_kernels.zero_unless_: ok must be 0 or 1");
-  if (mask == 1) {
+  // the eager reference multiplies the bits by ok cast to an integer; the flags of a step are
+  // exactly 0.0 or 1.0 (checked as floats: casting a NaN to an integer is undefined)
+  const float flag = *ok.const_data_ptr<float>();
+  TORCH_CHECK(flag == 0.0f || flag == 1.0f, "sam_kernels.zero_unless_: ok must be 0 or 1");
+  if (flag == 1.0f) {
     return;
   }
   for (const auto& t : tensors) {

@@ -218,6 +218,14 @@ def case_count_step(dtype, ok):
     return (torch.tensor([5.0, 2.0]), torch.tensor(ok)), (0,)
 
 
+def case_empty_like_list(dtype, _):
+    return (make(dtype),), ()
+
+
+def case_zero_unless(dtype, ok):
+    return (make(dtype), torch.tensor(ok)), (0,)
+
+
 CASES = {
     "finite_and": (case_finite_and, ["no-ok", "nonfinite", "ok"]),
     "ascent_scale": (
@@ -234,6 +242,8 @@ CASES = {
     "adamw_step": (case_adamw_step, [False, True]),
     "aesam_stats": (case_aesam_stats, [None]),
     "dot": (case_dot, [None]),
+    "empty_like_list": (case_empty_like_list, [None]),
+    "zero_unless": (case_zero_unless, [0.0, 1.0]),
 }
 PARITY = [(op, v) for op, (_, variants) in CASES.items() for v in variants]
 
@@ -286,11 +296,16 @@ def test_backend_parity_through_the_schema(op, variant, dtype, device, backend):
         ref = _call(op, ref_args, "eager")
         for k in written:
             assert_close_lists(got_args[k], ref_args[k], f"{op} arg {k}")
-    if isinstance(ref, list):  # ascent_scale: one scale, or the scale and its negation
+    if op == "empty_like_list":  # allocations: the layout of the inputs' own dtype
+        ref = _call(op, [_clone(a) for a in args], "eager")
+    if isinstance(ref, list):  # ascent_scale's scales; empty_like_list's new tensors
         assert len(got) == len(ref)
         for x, y in zip(got, ref):
             assert x.shape == y.shape and x.dtype == y.dtype
-            assert torch.equal(x, y), op
+            if op == "empty_like_list":  # uninitialised: the layout is what is compared
+                assert x.stride() == y.stride() and x.device == y.device, op
+            else:
+                assert torch.equal(x, y), op
     if isinstance(ref, torch.Tensor):
         assert got.shape == ref.shape and got.dtype == ref.dtype
         if op in ("aesam_stats", "finite_and"):
@@ -499,7 +514,10 @@ def test_opcheck(op):
     args = [torch.zeros_like(a) if isinstance(a, torch.Tensor) and a.isnan().any() else a
             for a in args]  # fmt: skip
     args = [[torch.nan_to_num(t) for t in a] if isinstance(a, list) else a for a in args]
-    torch.library.opcheck(DECLARED[op].overload, (*args, None))
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if op != "empty_like_list":  # whose outputs are uninitialised: the aot check compares values
+        utils += ("test_aot_dispatch_dynamic",)
+    torch.library.opcheck(DECLARED[op].overload, (*args, None), test_utils=utils)
 
 
 # ----------------------------------------------------------------------------- declining
