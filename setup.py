@@ -28,7 +28,12 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXT_NAME = "sam_kernels._C"
-CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu_ops.cpp", "csrc/step_plan.cpp"]
+CPU_SOURCES = [
+    "csrc/bindings.cpp",
+    "csrc/cpu_ops.cpp",
+    "csrc/cpu_filter_noise.cpp",
+    "csrc/step_plan.cpp",
+]
 CUDA_SOURCES = ["csrc/cuda_glue.cpp"] + sorted(
     os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cu"))
 )
