@@ -165,9 +165,9 @@ inline void blocked(int64_t n, const PF& pf, const F& body) {
 }
 
 // ------------------------------------------------------------------ reductions
-// fp64 sum of squares of x(i), i < n, over kLanes interleaved accumulators (vectorisable without
-// reassociation: lane j is a plain serial sum of the elements j, j + kLanes, ...), combined as a
-// fixed pairwise tree, then the tail. x(i) is the fp32 value of element i.
+// fp64 sums of a per-element term (sum_term: a square or a product of fp32 values) over kLanes
+// interleaved accumulators (vectorisable without reassociation: lane j is a plain serial sum of
+// the elements j, j + kLanes, ...), combined as a fixed pairwise tree, then the tail.
 constexpr int kLanes = 16;
 
 inline double combine_lanes(double* acc) {
