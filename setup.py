@@ -31,6 +31,7 @@ EXT_NAME = "sam_kernels._C"
 CPU_SOURCES = [
     "csrc/bindings.cpp",
     "csrc/cpu_ops.cpp",
+    "csrc/cpu_filter_noise.cpp",
     "csrc/step_plan.cpp",
     "csrc/scalar_glue.cpp",
     "csrc/list_ops.cpp",

@@ -14,12 +14,18 @@
 TORCH_LIBRARY(sam_kernels_C, m) {
   m.def("grad_norm(Tensor[] grads, Tensor[] params, float eta) -> Tensor");
   m.def("aesam_stats_(Tensor[] grads, Tensor(a!) stats, float delta, float c) -> Tensor");
+  // fp64 global inner product, a 0-d fp64 tensor (CPU only: on CUDA tensors Triton's runs)
+  m.def("dot(Tensor[] a, Tensor[] b) -> Tensor");
   m.def(
       "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor scale, "
       "bool adaptive, float eta) -> ()");
   m.def(
       "noise_perturb_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor scale, int kind, "
       "float half_cube_len, bool save_backup, Tensor seed, Tensor offset) -> ()");
+  // R-SAM's filter-wise noise (CPU only: on CUDA tensors the chooser runs Triton's)
+  m.def(
+      "filter_noise_perturb_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor(c!)[] deltas, "
+      "Tensor sigma, float eps_1d, Tensor seed, Tensor offset) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
   m.def("lincomb_(Tensor(a!)[] out, Tensor[] terms, Tensor coefs) -> ()");
   m.def("frob_accumulate_(Tensor(a!)[] cross, Tensor(b!)[] gsum, Tensor[] grads, Tensor loss) -> ()");

@@ -1,20 +1,8 @@
-// CPU implementations of the fused ops: loops over fixed-size chunks of every tensor, the chunks
-// spread over threads with at::parallel_for (OpenMP), fp32 math (the formulas of ops_math.h,
-// shared with the CUDA kernels), bf16/fp16 converted with the c10 types.
-//
-// Vectorisation: the inner loops are `#pragma omp simd` loops (no cross-iteration dependence, so
-// the compiler vectorises them without alias checks) whose bodies are the per-element formulas
-// of ops_math.h with every loop-invariant option turned into a compile-time parameter or a
-// select, so each element is computed with exactly the operations, in exactly the order, of the
-// scalar formula: element-wise results are bit-identical to a scalar loop (setup.py passes
-// -ffp-contract=off, so no a*b+c is ever contracted into an FMA, whatever the -m flags; only the
-// sign of a NaN produced from NaN/inf inputs may differ between vector and scalar code, or
-// between the baseline and AVX2 copies of a kernel, see run_kernel).
-//
-// Reductions are deterministic whatever the thread count: each chunk's sum of squares is
-// accumulated in fp64 over kLanes interleaved partial sums (lane j takes the elements j, j +
-// kLanes, ...) combined in a fixed order, and the chunk sums are added in chunk order (chunks
-// read side by side give the same bits as chunks read one by one).
+// CPU implementations of the fused ops (but filter_noise_perturb_, cpu_filter_noise.cpp): loops
+// over fixed-size chunks of every tensor, the chunks spread over threads, fp32 math (the
+// formulas of ops_math.h, shared with the CUDA kernels), bf16/fp16 converted with the c10 types.
+// The chunking, vectorisation and reductions are cpu_kernels.h's (its comment says how results
+// stay bit-identical to scalar loops and independent of the thread count).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -32,248 +20,21 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_kernels.h"
 #include "glue.h"
 #include "ops_math.h"
 
 namespace sam_kernels {
 namespace {
 
-constexpr int64_t kCpuChunk = 32768;
+using namespace cpu;
 
-struct Chunk {
-  int64_t t;
-  int64_t start;
-  int64_t len;
-};
-
-std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& ref) {
-  std::vector<Chunk> out;
-  for (int64_t t = 0; t < static_cast<int64_t>(ref.size()); ++t) {
-    const int64_t n = ref[t].numel();
-    for (int64_t s = 0; s < n; s += kCpuChunk) out.push_back({t, s, std::min(kCpuChunk, n - s)});
-  }
-  return out;
-}
-
-template <typename F>
-void parallel_chunks(const std::vector<Chunk>& chunks, const F& f) {
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) f(chunks[i]);
-  });
-}
-
-// f(T{}) with T the C++ element type of dtype
-template <typename F>
-void dispatch(at::ScalarType dt, const F& f) {
-  switch (dt) {
-    case at::kFloat:
-      f(float{});
-      break;
-    case at::kHalf:
-      f(c10::Half{});
-      break;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
-    default:
-      TORCH_CHECK(false, "sam_kernels: unsupported dtype ", dt);
-  }
-}
-
-template <typename T>
-T* ptr(const at::Tensor& t, int64_t start) {
-  return static_cast<T*>(t.data_ptr()) + start;
-}
-
-inline float f32(float x) { return x; }
-inline float f32(c10::Half x) { return static_cast<float>(x); }
-inline float f32(c10::BFloat16 x) { return static_cast<float>(x); }
-
-const at::Device kCpu(at::kCPU);
-
-#define SK_SIMD _Pragma("omp simd")
-// the kernels of one chunk: plain inline functions, compiled inside run_kernel's wrappers
-#define SK_KERNEL inline
-
-// Instruction sets. The extension is built without -m flags (the baseline x86-64: SSE2), and
-// SSE2 leaves the norms compute-bound on one core: 2 floats per fp64 convert, and 16 xmm
-// registers, too few for grad_norm's 16 fp64 lanes (accumulators spilled to the stack, a
-// store-to-load chain every iteration: a list that stays in the cache was summed at 14 GB/s,
-// where torch's sum reads 23 GB/s). So every chunk kernel is compiled twice, for the baseline
-// and for AVX2 (no FMA: -ffp-contract=off holds either way, so each element sees the same
-// operations in the same order; only the sign of a NaN made from two NaN operands may differ,
-// the compiler picking the operand order), and run_kernel picks the AVX2 copy where the CPU has
-// it. The wrappers are `flatten`: every call inside the kernel (the formulas of ops_math.h, the
-// c10 dtype conversions, the loop bodies) is inlined into the wrapper and compiled for its
-// instruction set, so the simd loops have no calls left in them.
-template <typename F>
-__attribute__((flatten, noinline)) void run_baseline(const F& f) {
-  f();
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-template <typename F>
-__attribute__((flatten, noinline, target("avx2"))) void run_avx2(const F& f) {
-  f();
-}
-
-const bool kHasAvx2 = [] {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") != 0;
-}();
-
-const bool kHasAvx512 = [] {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") != 0;
-}();
-#endif
-
-// f() (one chunk's kernel call), compiled for the best instruction set the CPU has
-template <typename F>
-inline void run_kernel(const F& f) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (kHasAvx2) return run_avx2(f);
-#endif
-  run_baseline(f);
-}
-
-// Blocks and software prefetch. The kernels walk a chunk in blocks of kBlock elements (one simd
-// loop each) and, per block, prefetch every stream kPrefetchBytes ahead: one core's hardware
-// prefetchers alone leave these streaming loops 20-40% below the core's bandwidth (measured on
-// the 2-core Xeon of benchmarks/results). A prefetch never faults, so running past the end of a
-// tensor is harmless (the address is formed as an integer).
-constexpr int64_t kBlock = 64;
-constexpr uintptr_t kPrefetchBytes = 2048;
-// the blocks of the kernels with streaming stores (perturb_, the steps): 128 elements, ~3%
-// faster per op than 64 on ResNet-50's shapes (256: the same, 512: slower)
-constexpr int64_t kStoreBlock = 128;
-
-// (read prefetches for the written streams too: x86 builds without -mprfchw drop write
-// prefetches, and a read prefetch brings the line in for the store just as well)
-// (prefetches the kLen elements from p + i + kPrefetchBytes on)
-template <int64_t kLen = kBlock, typename T>
-inline void prefetch(const T* p, int64_t i) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p + i) + kPrefetchBytes;
-  for (uintptr_t l = 0; l < kLen * sizeof(T); l += 64) {
-    __builtin_prefetch(reinterpret_cast<const void*>(a + l), 0, 3);
-  }
-}
-
-// body(i) for i < n, one simd loop per block; pf(i0) issues the block's prefetches
-template <typename PF, typename F>
-inline void blocked(int64_t n, const PF& pf, const F& body) {
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    const int64_t e = std::min(n, i0 + kBlock);
-    pf(i0);
-    SK_SIMD
-    for (int64_t i = i0; i < e; ++i) body(i);
-  }
-}
-
-// ------------------------------------------------------------------ reductions
-// fp64 sum of squares of x(i), i < n, over kLanes interleaved accumulators (vectorisable without
-// reassociation: lane j is a plain serial sum of the elements j, j + kLanes, ...), combined as a
-// fixed pairwise tree, then the tail. x(i) is the fp32 value of element i.
-constexpr int kLanes = 16;
-
-inline double combine_lanes(double* acc) {
-  for (int w = kLanes / 2; w >= 1; w /= 2) {
-    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
-  }
-  return acc[0];
-}
-
-static_assert(kBlock % kLanes == 0, "blocks hold whole lane groups");
-
-// the fp32 value whose square is summed: g, or the ASAM-weighted (|w| + eta) * g
-template <bool kWeighted, typename T>
-inline double norm_value(const T* g, const T* w, int64_t i, float eta) {
-  if constexpr (kWeighted) {
-    return weighted(f32(w[i]), f32(g[i]), eta);
-  } else {
-    return f32(g[i]);
-  }
-}
-
-// Chunks summed side by side. One read stream leaves a core's memory pipeline mostly waiting:
-// on the 2-core Xeon of benchmarks/results a cold 100 MB list reads at ~8-10 GB/s in one stream,
-// ~30% faster in 4 (a fused SGD step reads its 3 streams at ~14 GB/s). So the norms read
-// kNormGroup chunks in turns of one block each (256 bytes per stream with fp32; turns of 2, 8
-// and 32 blocks and groups of 2 chunks were slower, groups of 8 no faster). Each chunk keeps its
-// own lanes, summed in the same order as one chunk alone, so the partial sums are the same bits.
-constexpr int kNormGroup = 4;
-
-// out[k] = the sum of squares of chunk k (n[k] elements from g[k], w[k]), k < m <= kNormGroup
-template <bool kWeighted, typename T>
-SK_KERNEL void sumsq_group(const T* const* g, const T* const* w, const int64_t* n, int m,
-                           float eta, double* out) {
-  double acc[kNormGroup][kLanes] = {};
-  int64_t full[kNormGroup];
-  int64_t longest = 0;
-  for (int k = 0; k < m; ++k) {
-    full[k] = n[k] - n[k] % kLanes;
-    longest = std::max(longest, full[k]);
-  }
-  for (int64_t i0 = 0; i0 < longest; i0 += kBlock) {
-    for (int k = 0; k < m; ++k) {
-      if (i0 >= full[k]) continue;
-      const T* gk = g[k];
-      const T* wk = w[k];
-      prefetch(gk, i0);
-      if constexpr (kWeighted) prefetch(wk, i0);
-      const int64_t e = std::min(full[k], i0 + kBlock);
-      double a[kLanes];
-      for (int j = 0; j < kLanes; ++j) a[j] = acc[k][j];
-      for (int64_t i = i0; i < e; i += kLanes) {
-        for (int j = 0; j < kLanes; ++j) {
-          const double v = norm_value<kWeighted>(gk, wk, i + j, eta);
-          a[j] += v * v;
-        }
-      }
-      for (int j = 0; j < kLanes; ++j) acc[k][j] = a[j];
-    }
-  }
-  for (int k = 0; k < m; ++k) {
-    double tail = 0.0;
-    for (int64_t i = full[k]; i < n[k]; ++i) {
-      const double v = norm_value<kWeighted>(g[k], w[k], i, eta);
-      tail += v * v;
-    }
-    out[k] = combine_lanes(acc[k]) + tail;
-  }
-}
-
-double sumsq(const Prepared& p, float eta) {
+// the sum of the terms of the lists x = p.lists[0] (and y = p.lists[1]), in chunk order
+double sum_lists(const Prepared& p, Sum kind, float eta) {
   const auto chunks = make_chunks(p.lists[0]);
   std::vector<double> partial(chunks.size(), 0.0);
-  const bool weighted_norm = p.has(1);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t c0 = b; c0 < e;) {
-      // a group: up to kNormGroup consecutive chunks of one dtype
-      const at::ScalarType dt = p.lists[0][chunks[c0].t].scalar_type();
-      int m = 1;
-      while (m < kNormGroup && c0 + m < e && p.lists[0][chunks[c0 + m].t].scalar_type() == dt) ++m;
-      dispatch(dt, [&](auto tag) {
-        using T = decltype(tag);
-        const T* g[kNormGroup];
-        const T* w[kNormGroup] = {};
-        int64_t n[kNormGroup];
-        for (int k = 0; k < m; ++k) {
-          const Chunk& c = chunks[c0 + k];
-          g[k] = ptr<T>(p.lists[0][c.t], c.start);
-          if (weighted_norm) w[k] = ptr<T>(p.lists[1][c.t], c.start);
-          n[k] = c.len;
-        }
-        double* out = partial.data() + c0;
-        if (weighted_norm) {
-          run_kernel([&] { sumsq_group<true>(g, w, n, m, eta, out); });
-        } else {
-          run_kernel([&] { sumsq_group<false>(g, w, n, m, eta, out); });
-        }
-      });
-      c0 += m;
-    }
-  });
+  static const std::vector<at::Tensor> kNone;
+  chunk_sums(p.lists[0], p.has(1) ? p.lists[1] : kNone, chunks, kind, eta, partial.data());
   double total = 0.0;
   for (double v : partial) total += v;
   return total;
@@ -284,7 +45,8 @@ at::Tensor grad_norm_cpu(at::TensorList grads, at::TensorList params, double eta
                              {{"grads", grads, Access::kRead, true},
                               {"params", params, Access::kRead, false}},
                              kCpu);
-  const double s = sumsq(p, static_cast<float>(eta));
+  const double s = sum_lists(p, p.has(1) ? Sum::kWeightedSquares : Sum::kSquares,
+                             static_cast<float>(eta));
   return at::full({}, static_cast<float>(std::sqrt(s)), at::TensorOptions().dtype(at::kFloat));
 }
 
@@ -295,10 +57,41 @@ at::Tensor aesam_stats_cpu(at::TensorList grads, const at::Tensor& stats, double
               "sam_kernels.aesam_stats: stats must be a contiguous float32 [2] tensor on the "
               "grads' device");
   Prepared p = prepare_lists("aesam_stats", {{"grads", grads, Access::kRead, true}}, kCpu);
-  const float s = static_cast<float>(sumsq(p, 0.0f));
+  const float s = static_cast<float>(sum_lists(p, Sum::kSquares, 0.0f));
   const int d = aesam_update(s, stats.data_ptr<float>(), static_cast<float>(delta),
                              static_cast<float>(c));
   return at::full({}, d, at::TensorOptions().dtype(at::kInt));
+}
+
+// dot: sum_i <a_i, b_i> as a 0-d fp64 tensor, the products and sums in fp64 (sum_lists: fixed
+// chunks, each summed in a fixed order, the chunk sums added in chunk order: the same bits
+// whatever the thread count). A pair of different dtypes (fp32 with bf16, ...) is read through
+// fp32 copies of both: exact (fp32 holds every bf16/fp16 value), so the products do not change,
+// and the kernels keep one dtype per index.
+at::Tensor dot_cpu(at::TensorList a, at::TensorList b) {
+  const char* op = "dot";
+  TORCH_CHECK(a.size() == b.size(), "sam_kernels.dot: b has ", b.size(), " tensors, expected ",
+              a.size(), " (as a)");
+  std::vector<at::Tensor> a32, b32;
+  at::TensorList la = a, lb = b;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i].scalar_type() == b[i].scalar_type()) continue;
+    if (a32.empty()) {
+      a32.assign(a.begin(), a.end());
+      b32.assign(b.begin(), b.end());
+      la = a32;
+      lb = b32;
+    }
+    TORCH_CHECK(supported_dtype(a[i].scalar_type()) && supported_dtype(b[i].scalar_type()),
+                "sam_kernels.dot: the compiled ops take float32, float16 or bfloat16 tensors, got ",
+                a[i].scalar_type(), " and ", b[i].scalar_type(), " (a[", i, "], b[", i, "])");
+    a32[i] = a[i].to(at::kFloat);
+    b32[i] = b[i].to(at::kFloat);
+  }
+  Prepared p =
+      prepare_lists(op, {{"a", la, Access::kRead, true}, {"b", lb, Access::kRead, true}}, kCpu);
+  const double s = sum_lists(p, Sum::kProducts, 0.0f);
+  return at::full({}, s, at::TensorOptions().dtype(at::kDouble));
 }
 
 // ------------------------------------------------------------------ element-wise
@@ -935,6 +728,7 @@ void noise_math_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor
 TORCH_LIBRARY_IMPL(sam_kernels_C, CPU, m) {
   m.impl("grad_norm", &grad_norm_cpu);
   m.impl("aesam_stats_", &aesam_stats_cpu);
+  m.impl("dot", &dot_cpu);
   m.impl("perturb_", &perturb_cpu);
   m.impl("noise_perturb_", &noise_perturb_cpu);
   m.impl("restore_", &restore_cpu);

@@ -45,8 +45,12 @@ inline bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
+// in_place_ok: an op's further condition on a layout it runs in place (nullptr: any layout the
+// lists share); an index whose shared layout fails it runs on contiguous stand-ins, like one
+// whose layouts differ.
 inline Prepared prepare_lists(const char* op, const std::vector<ListSpec>& specs,
-                              at::Device device) {
+                              at::Device device,
+                              bool (*in_place_ok)(const at::Tensor& ref) = nullptr) {
   Prepared out;
   out.n = static_cast<int64_t>(specs[0].tensors.size());
   out.lists.resize(specs.size());
@@ -82,6 +86,7 @@ inline Prepared prepare_lists(const char* op, const std::vector<ListSpec>& specs
         same_layout = false;
       }
     }
+    if (same_layout && in_place_ok != nullptr && !in_place_ok(ref)) same_layout = false;
     for (size_t l = 0; l < specs.size(); ++l) {
       const auto& s = specs[l];
       if (s.tensors.empty()) continue;

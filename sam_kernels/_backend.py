@@ -14,11 +14,13 @@ tensors; CPU tensors only under ``TRITON_INTERPRET=1``) and ``"ext"``, the compi
 extension built from ``csrc/`` (CPU and CUDA tensors). ``"cuda"`` is the extension's former
 name and still selects it.
 
-One exception to the CPU default: ``noise_perturb`` stays on eager for CPU tensors unless a
-backend is asked for, because its eager implementation draws from the global generator, the
-reference code's random stream (dbahri/universal_sam on the CPU), when no seed is given; the
-fused backends, and eager given a ``seed``, draw from the counter-based ``(seed, offset)`` stream
-instead (:mod:`sam_kernels.ops.philox`: the same bits on eager, Triton and the extension).
+Two exceptions to the CPU default: ``noise_perturb`` and ``filter_noise_perturb`` (R-SAM's
+filter-wise noise) stay on eager for CPU tensors unless a backend is asked for, because their
+eager implementations draw from the global generator, the reference code's random stream
+(dbahri/universal_sam, R-SAM's per-tensor ``torch.randn``, on the CPU), when no seed is given;
+the fused backends, and eager given a ``seed``, draw from the counter-based ``(seed, offset)``
+stream instead (:mod:`sam_kernels.ops.philox`: the same bits on eager, Triton and the
+extension).
 
 A backend that is asked for explicitly but cannot run raises a ``RuntimeError`` that says why;
 the automatic choice never fails (eager runs everywhere).
@@ -44,7 +46,7 @@ BACKENDS = ("eager", "triton", "ext")
 #: former names that still select a backend
 ALIASES = {"cuda": "ext"}
 #: ops whose CPU default stays the eager reference (see the module docstring)
-_EAGER_BY_DEFAULT_ON_CPU = frozenset({"noise_perturb"})
+_EAGER_BY_DEFAULT_ON_CPU = frozenset({"noise_perturb", "filter_noise_perturb"})
 ENV_VAR = "SAM_KERNELS_BACKEND"
 
 # op name -> backend name -> implementation
@@ -232,9 +234,9 @@ def candidates(
     if not fusable:
         return (eager,)
     # Backends may implement only part of the op set, or decline a call: on CUDA tensors the
-    # other fused backend comes next when it has the op and can run (the extension has no
-    # ``dot``: Triton's one kernel instead of eager's loop of per-tensor ops), then the
-    # reference implementation.
+    # other fused backend comes next when it has the op and can run (the extension's ``dot``
+    # and ``filter_noise_perturb`` are CPU kernels that decline CUDA tensors: Triton's kernels
+    # instead of eager's loop of per-tensor ops), then the reference implementation.
     chain = [impls[name]] if name in impls else []
     if device.type == "cuda":
         for other in ("triton", "ext"):

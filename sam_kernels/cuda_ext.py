@@ -10,7 +10,8 @@ Triton / eager, and says why when this backend was asked for).
 
 :func:`supports` tells the chooser where the ops run: CPU tensors always (the C++ ops), CUDA
 tensors when the library was built with CUDA. Calls the extension cannot take (a noise tensor
-given directly, more gradient terms than its kernels combine) are declined
+given directly, more gradient terms than its kernels combine, and ``dot`` and
+``filter_noise_perturb`` on CUDA tensors, whose kernels are CPU-only) are declined
 (:class:`sam_kernels._backend.Declined`): the chooser runs them on the next backend.
 """
 
@@ -119,6 +120,11 @@ def _ascent_scale_fake(norm, rho, factor_tensor, factor, negated):
     return [torch.empty_like(rho) for _ in range(2 if negated else 1)]
 
 
+@torch.library.register_fake(f"{NAMESPACE}::dot")
+def _dot_fake(a, b):
+    return torch.empty((), dtype=torch.float64, device=a[0].device)
+
+
 def _no_output(*args, **kwargs) -> None:
     return None
 
@@ -126,6 +132,7 @@ def _no_output(*args, **kwargs) -> None:
 for _name in (
     "perturb_",
     "noise_perturb_",
+    "filter_noise_perturb_",
     "restore_",
     "lincomb_",
     "frob_accumulate_",
@@ -225,6 +232,57 @@ def noise_perturb_ext(
         _i64(seed, device),
         _i64(offset, device),
     )
+
+
+def _cpu_only(op: str, device: torch.device) -> None:
+    # the ops with CPU kernels only: on CUDA tensors the chooser runs Triton's (then eager)
+    if device.type != "cpu":
+        raise Declined(f"the extension's {op} runs on CPU tensors only")
+
+
+def _sigma_arg(sigma, device: torch.device) -> torch.Tensor:
+    """``sigma`` (a float, floats, a 0-d or [n] tensor) as a float32 0-d or [n] tensor."""
+    if isinstance(sigma, torch.Tensor):
+        return _f32(sigma, device)
+    vals = [float(sigma)] if isinstance(sigma, int | float) else [float(s) for s in sigma]
+    if len(set(vals)) == 1:  # one value for every tensor (R-SAM's single group)
+        vals = vals[:1]
+    return torch.tensor(vals[0] if len(vals) == 1 else vals, dtype=torch.float32, device=device)
+
+
+@register("filter_noise_perturb", "ext")
+def filter_noise_perturb_ext(params, backups, deltas, sigma, seed, offset, eps_1d, noise) -> None:
+    if noise is not None:  # the test hook: the caller gives z itself
+        raise Declined("noise given directly")
+    params = list(params)
+    if not params:
+        return
+    device = params[0].device
+    _cpu_only("filter_noise_perturb", device)
+    sig = _sigma_arg(sigma, device)
+    # drawn once the call is taken: a declined call leaves the global generator as it was
+    if seed is None:  # a fresh stream from the global CPU generator, as noise_perturb's
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    if offset is None:
+        offset = 0
+    _ops.filter_noise_perturb_(
+        params,
+        list(backups),
+        list(deltas),
+        sig,
+        float(eps_1d),
+        _i64(seed, device),
+        _i64(offset, device),
+    )
+
+
+@register("dot", "ext")
+def dot_ext(a, b) -> torch.Tensor:
+    a = list(a)
+    if not a:
+        return torch.zeros((), dtype=torch.float64)
+    _cpu_only("dot", a[0].device)
+    return _ops.dot(a, list(b))
 
 
 @register("restore", "ext")

@@ -20,9 +20,12 @@ backend multiplies and sums in fp64:
   elements above ~1.8e19 overflowed to ``inf`` and each product was rounded to fp32, relative
   error ~6e-8 per term); this reference does not: it is finite and accurate wherever the fp64
   sum is, like the Triton kernels.
-- the compiled extension (``"ext"`` backend) does not implement ``dot``: the backend chooser
-  (:func:`sam_kernels._backend.resolve`) runs it on Triton for CUDA tensors (when Triton can
-  run), else on the eager reference.
+- the compiled extension (``"ext"`` backend): one C++ op over the two lists on CPU tensors,
+  the fp64 products summed in fp64 over fixed chunks, each chunk in a fixed order (interleaved
+  fp64 lanes) and the chunk sums in chunk order: the same bits whatever the thread count. A
+  pair of different dtypes is read through fp32 copies (exact). On CUDA tensors it declines
+  (:class:`sam_kernels._backend.Declined`) and the chooser runs Triton's kernels (when Triton
+  can run), else the eager reference.
 
 fp64 inputs always run on the eager reference (as every op's do). The result is ``inf`` or
 ``nan`` when some element is not finite (``inf * 0`` and ``inf - inf`` give ``nan``), which is
@@ -46,8 +49,8 @@ def dot(a: TensorList, b: TensorList, *, backend: str | None = None) -> torch.Te
 
     Returns a 0-d float64 tensor on the tensors' device (0 for empty lists; never read on the
     host). Products and sums are in fp64 on every backend (see the module docstring); ``nan`` or
-    ``inf`` when an element is not finite. The ``"ext"`` backend (the compiled extension) has
-    no kernel for it (Triton runs it on CUDA tensors, eager on others).
+    ``inf`` when an element is not finite. The ``"ext"`` backend (the compiled extension) runs
+    it on CPU tensors (on CUDA tensors Triton's kernels run, else eager).
 
     Raises ``ValueError`` (naming the argument and index) when the lists differ in length, a
     pair of tensors differs in shape, or the tensors are on more than one device. The declared

@@ -21,12 +21,16 @@ Element order within a tensor: memory order where the kernels run on the tensors
 equal), logical order otherwise (:func:`runs_in_place`). Without a seed the eager reference
 draws ``z`` per tensor, in list order, from the global generator of the tensors' device
 (``torch.normal(0, 1, p.shape)``: the numbers of ``torch.randn``, the reference code's stream,
-in logical order), and the Triton backend draws a seed from torch's CPU generator. ``noise`` (a
+in logical order), and the fused backends (Triton, the extension) draw a seed from torch's CPU
+generator. On CPU tensors the automatic choice is therefore eager (the reference's stream, as
+for ``noise_perturb``); ``backend="ext"`` runs the extension's kernels. ``noise`` (a
 test hook) gives ``z`` directly (the eager reference runs then).
 
 Launches on the Triton backend: a row-norm kernel (one program per output unit), then one
 elementwise kernel (backup, noise, ``d`` and ``p`` in one pass), per dtype group, whatever the
-number of tensors. The eager reference loops over the tensors (the norms of tensors of
+number of tensors. The extension (``"ext"``, CPU tensors; it declines CUDA tensors, which run
+on Triton) is one C++ op with the same two passes (csrc/cpu_filter_noise.cpp): fp64 row norms,
+then the element-wise pass. The eager reference loops over the tensors (the norms of tensors of
 different shapes; the draw from the global generator is per tensor anyway).
 """
 
@@ -67,7 +71,8 @@ def filter_noise_perturb_(
     ``sigma``: one float for every tensor, a sequence of floats (one per tensor), or a 0-d or
     ``[len(params)]`` float tensor on the parameters' device. ``seed``/``offset``: the
     counter-based stream of fused backends (int64 one-element device tensors; ``seed=None``
-    draws one from torch's CPU generator on Triton and the global generator's stream on eager,
+    draws one from torch's CPU generator on the fused backends and the global generator's stream
+    on eager,
     ``offset=None`` is 0). The caller advances ``offset`` by the number of elements. The
     declared op: ``torch.ops.sam_kernels.filter_noise_perturb_`` (without the ``noise`` hook).
     """

@@ -6,7 +6,9 @@ cancellation). Both backends form the products in fp64 (exact for fp32/bf16/fp16
 sum in fp64, so the bound is :data:`RTOL` = 1e-12 (the observed errors are ~1e-16) for every
 input dtype; products of elements up to the fp32 maximum (overflowing fp32) stay finite and
 accurate. Triton runs in its interpreter on the CPU here: sizes stay at 64K elements per call or
-below, except the eager-only test of tensors split into pieces.
+below, except the eager-only test of tensors split into pieces and the extension's tests of
+tensors over several of its chunks. The extension (``"ext"``, its former name ``"cuda"``) runs
+``dot`` on CPU tensors (on CUDA tensors it declines: Triton's kernels run).
 """
 
 from __future__ import annotations
@@ -231,12 +233,75 @@ def test_exported():
     if sk.available("triton", DEVICE):
         assert sk.has_implementation("dot", "triton")
     if sk.available("ext", DEVICE):
-        # the compiled extension has no dot: the chooser runs Triton's on CUDA tensors (when it
-        # can run), else the eager reference
+        # the compiled extension's dot is a CPU kernel: on CUDA tensors it declines, and the
+        # chooser runs Triton's (when it can run), else the eager reference
         x = [torch.ones(3, device=DEVICE)]
-        assert not sk.has_implementation("dot", "ext")
-        on_cuda = DEVICE == "cuda" and sk.available("triton", DEVICE)
-        assert sk.runs_on("dot", x, "ext") == ("triton" if on_cuda else "eager")
+        assert sk.has_implementation("dot", "ext")
+        assert sk.runs_on("dot", x, "ext") == "ext"
+        if DEVICE.type == "cpu":
+            assert sk.runs_on("dot", x) == "ext"  # the CPU default
+        else:
+            got = sk.dot(x, x, backend="ext")
+            assert float(got) == 3.0 and got.device == DEVICE
+
+
+# ------------------------------------------------------------------------ the extension on CPU
+HAS_EXT_CPU = sk.available("ext", "cpu")
+needs_ext = pytest.mark.skipif(not HAS_EXT_CPU, reason="the extension is not built")
+#: over several of the extension's chunks (32768 elements; up to 4 summed side by side), dtypes
+#: mixed across the list and within pairs
+EXT_LARGE = [((70001,), torch.float32, torch.float32), ((3, 40000), torch.bfloat16, None),
+             ((5,), torch.float16, None), ((300, 230), torch.float32, torch.bfloat16),
+             ((0,), torch.float32, None), ((131072,), torch.float16, torch.float16)]  # fmt: skip
+
+
+def ext_large(gen, transposed=False):
+    a, b = [], []
+    for shape, da, db in EXT_LARGE:
+        a.append(rand(shape, da, gen).cpu())
+        y = rand(shape, db or da, gen).cpu()
+        b.append(layout(y, "transposed") if transposed else y)
+    return a, b
+
+
+@needs_ext
+@pytest.mark.parametrize("transposed", [False, True])
+def test_ext_over_several_chunks(transposed):
+    gen = torch.Generator().manual_seed(12)
+    a, b = ext_large(gen, transposed)
+    assert sk.runs_on("dot", a + b) == "ext"
+    got = sk.dot(a, b, backend="ext")
+    assert got.dtype == torch.float64 and got.dim() == 0 and got.device.type == "cpu"
+    assert rel_err(got, a, b) < RTOL
+    eager = sk.dot(a, b, backend="eager")
+    assert abs(float(got) - float(eager)) <= 2 * RTOL * ref_dot(a, b)[1]
+
+
+@needs_ext
+def test_ext_is_independent_of_the_thread_count():
+    gen = torch.Generator().manual_seed(13)
+    a, b = ext_large(gen)
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got.append(sk.dot(a, b, backend="ext"))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(g, got[0]) for g in got[1:])
+
+
+@needs_ext
+def test_ext_is_one_op():
+    """One dispatched op per call (the extension's), whatever the number of tensors."""
+    from _helpers import DispatchedOps
+
+    for n in (10, 300):
+        x = [torch.randn(7) for _ in range(n)]
+        with DispatchedOps() as spy:
+            sk.dot(x, x, backend="ext")
+        assert spy.ops == ["sam_kernels_C.dot.default"], spy.ops
 
 
 # ------------------------------------------------------------------------ host reads

@@ -3,7 +3,8 @@
 - the eager reference against the spec's formula written here in plain torch (``noise=`` given;
   without it, the documented streams: ``torch.randn(p.shape)`` per tensor, in order, or with a
   ``seed`` the counter stream of ``noise_perturb_``);
-- the Triton kernels against the eager reference fed the same ``z``: the counter stream of
+- the fused backends (the Triton kernels, the extension's C++ op on CPU tensors) against the
+  eager reference fed the same ``z``: the counter stream of
   ``sk.noise_perturb_`` (same seed and offset, zero "params", scale 1, as R-SAM's per-tensor
   draw takes it); backups bit for bit, every output element written (outputs start as NaN);
   ``z`` itself bit for bit on both backends (rows of norm 1, sigma 1: the deltas are ``z``);
@@ -12,7 +13,8 @@
 - shapes (empty, one element, 0-d, 1-d, odd sizes, transposed, strided, channels-last, lists
   mixing them), dtypes (fp32, bf16, fp16), sigma as a float, a list or a tensor, bad inputs;
 - R-SAM's draw through the op: the same step as the per-tensor draw, and a fixed number of
-  launches (and of other ops) whatever the number of parameters.
+  launches (and of other ops) whatever the number of parameters;
+- the extension: rows over several of its chunks, a result independent of the thread count.
 
 The Triton tests run in the interpreter on CPU tensors (``TRITON_INTERPRET=1``, set by
 conftest.py when there is no GPU) and unchanged on a CUDA device; they are skipped where the
@@ -41,6 +43,10 @@ DEVICE = (
 )
 HAS_TRITON = sk.available("triton", DEVICE)
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="the Triton backend cannot run here")
+# the extension's op is a CPU kernel (on CUDA tensors it declines: Triton's runs)
+HAS_EXT = DEVICE.type == "cpu" and sk.available("ext", DEVICE)
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="the extension is not built (CPU kernels)")
+FUSED = (["triton"] if HAS_TRITON else []) + (["ext"] if HAS_EXT else [])
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {
@@ -251,13 +257,13 @@ def test_eager_with_a_seed_takes_the_counter_stream(case, dtype):
     assert_close_lists(p, fp, dtype, "params vs formula")
 
 
-@needs_triton
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_triton_and_eager_agree_given_the_same_seed(dtype):
+def test_fused_and_eager_agree_given_the_same_seed(dtype, backend):
     w = make(CASES["mixed"], dtype)
     sigma, _ = sigma_of("tensor_1d", len(w))
     kw = dict(seed=torch.tensor(8, device=DEVICE), offset=torch.tensor(40, device=DEVICE))
-    tb, td, tp = run(w, sigma, "triton", **kw)
+    tb, td, tp = run(w, sigma, backend, **kw)
     eb, ed, ep = run(w, sigma, "eager", **kw)
     assert_exact(tb, eb, "backups")
     assert_close_lists(td, ed, dtype, "deltas")
@@ -279,19 +285,67 @@ def test_eager_float64():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_triton_matches_eager(case, dtype, small_blocks):
-    w = make(CASES[case], dtype)
+    fused_matches_eager("triton", CASES[case], dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ext_matches_eager(case, dtype):
+    fused_matches_eager("ext", CASES[case], dtype)
+
+
+# rows over several of the extension's chunks (32768 elements): rows longer than a chunk (summed
+# in pieces), rows starting inside a chunk, a 1-d tensor over several chunks, a transposed view
+# run on a contiguous stand-in
+EXT_LARGE = [((3, 40000), "c"), ((1000, 70), "c"), ((70001,), "c"), ((3, 5), "c"),
+             ((300, 230), "t"), ((40, 16, 3, 30), "cl")]  # fmt: skip
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ext_matches_eager_over_several_chunks(dtype):
+    # sigma scaled down so that d stays at the weights' scale on rows of ~200 norm: p = w + d
+    # is then compared at the tolerance the small cases meet (d is off by an ulp of its own
+    # where the fp32 and fp64 row norms round apart)
+    fused_matches_eager("ext", EXT_LARGE, dtype, sigma_scale=0.01)
+
+
+@needs_ext
+def test_ext_is_independent_of_the_thread_count():
+    w = make(EXT_LARGE + CASES["mixed"])
+    sigma, _ = sigma_of("list", len(w))
+    kw = dict(seed=torch.tensor(17, device=DEVICE), offset=torch.tensor(5, device=DEVICE))
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(run(w, sigma, "ext", **kw))
+    finally:
+        torch.set_num_threads(threads)
+    for b, d, p in outs[1:]:
+        assert_exact(b, outs[0][0], "backups")
+        assert_exact(d, outs[0][1], "deltas")
+        assert_exact(p, outs[0][2], "params")
+
+
+def fused_matches_eager(backend, items, dtype, sigma_scale=1.0):
+    """``backend`` with a seed against the eager reference fed the same counter stream."""
+    w = make(items, dtype)
     sigma, sigmas = sigma_of("list", len(w))
+    sigma = sigmas = [s * sigma_scale for s in sigmas]
     seed, offset = 1234, 77
     z = counter_z(w, seed, offset)
     tb, td, tp = run(
         w,
         sigma,
-        "triton",
+        backend,
         seed=torch.tensor(seed, device=DEVICE),
         offset=torch.tensor(offset, device=DEVICE),
     )
     eb, ed, ep = run(w, sigma, "eager", noise=z)
-    assert_exact(tb, w, "triton backups")
+    assert_exact(tb, w, f"{backend} backups")
     assert_exact(eb, w, "eager backups")
     assert_close_lists(td, ed, dtype, "deltas")
     assert_close_lists(tp, ep, dtype, "params")
@@ -340,7 +394,7 @@ def test_z_is_the_counter_stream_bit_for_bit(dtype):
     z = counter_z(w, seed, offset, backend="eager")
     kw = dict(seed=torch.tensor(seed, device=DEVICE), offset=torch.tensor(offset, device=DEVICE))
     outs = {}
-    for backend in ["eager"] + (["triton"] if HAS_TRITON else []):
+    for backend in ["eager", *FUSED]:
         b, d, p = run(w, 1.0, backend, **kw)
         assert_exact(b, w, f"{backend} backups")
         assert_exact(d, [zi.to(dtype) for zi in z], f"{backend} deltas vs the counter stream")
@@ -351,22 +405,22 @@ def test_z_is_the_counter_stream_bit_for_bit(dtype):
     assert any(bool((zi != 0).any()) for zi in z)
 
 
-@needs_triton
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("sigma_kind", SIGMAS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_triton_sigma_forms(dtype, sigma_kind):
+def test_fused_sigma_forms(dtype, sigma_kind, backend):
     w = make(CASES["mixed"], dtype)
     sigma, sigmas = sigma_of(sigma_kind, len(w))
     z = counter_z(w, 5, 0)
-    tb, td, tp = run(w, sigma, "triton", seed=torch.tensor(5, device=DEVICE))
+    tb, td, tp = run(w, sigma, backend, seed=torch.tensor(5, device=DEVICE))
     eb, ed, ep = run(w, sigma, "eager", noise=z)
     assert_exact(tb, w, "backups")
     assert_close_lists(td, ed, dtype, "deltas")
     assert_close_lists(tp, ep, dtype, "params")
     # the same values however sigma is given: a list of them, one tensor of them
     seed = torch.tensor(5, device=DEVICE)
-    _, d2, p2 = run(w, list(sigmas), "triton", seed=seed)
-    _, d3, p3 = run(w, torch.tensor(sigmas, device=DEVICE), "triton", seed=seed)
+    _, d2, p2 = run(w, list(sigmas), backend, seed=seed)
+    _, d3, p3 = run(w, torch.tensor(sigmas, device=DEVICE), backend, seed=seed)
     assert_exact(d2, td, "deltas (list)")
     assert_exact(p3, tp, "params (tensor)")
     assert_exact(d3, td, "deltas (tensor)")
@@ -380,11 +434,20 @@ def test_triton_mixed_dtypes_in_one_list(small, monkeypatch):
 
         monkeypatch.setattr(_launch, "INTERP_MAX_BLOCK", 64)
         monkeypatch.setattr(filter_noise, "INTERP_MAX_BLOCK", 64)
+    mixed_dtypes_in_one_list("triton")
+
+
+@needs_ext
+def test_ext_mixed_dtypes_in_one_list():
+    mixed_dtypes_in_one_list("ext")
+
+
+def mixed_dtypes_in_one_list(backend):
     items = CASES["mixed"]
     w = [t for dt in DTYPES for t in make(items, dt)]
     sigma, _ = sigma_of("tensor_1d", len(w))
     z = counter_z(w, 9, 3)
-    tb, td, tp = run(w, sigma, "triton", seed=torch.tensor(9, device=DEVICE), offset=3)
+    tb, td, tp = run(w, sigma, backend, seed=torch.tensor(9, device=DEVICE), offset=3)
     eb, ed, ep = run(w, sigma, "eager", noise=z)
     assert_exact(tb, w, "backups")
     for i, t in enumerate(w):
@@ -392,23 +455,28 @@ def test_triton_mixed_dtypes_in_one_list(small, monkeypatch):
         torch.testing.assert_close(tp[i], ep[i], **TOL[t.dtype], msg=f"params[{i}]")
 
 
-@needs_triton
-def test_triton_stream_is_seeded_and_follows_the_offset():
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_stream_is_seeded_and_follows_the_offset(backend):
     w = make(CASES["mixed"])
     seed = torch.tensor(3, device=DEVICE)
-    _, d1, _ = run(w, 0.1, "triton", seed=seed, offset=torch.tensor(0, device=DEVICE))
-    _, d2, _ = run(w, 0.1, "triton", seed=seed)  # offset=None is 0
+    _, d1, _ = run(w, 0.1, backend, seed=seed, offset=torch.tensor(0, device=DEVICE))
+    _, d2, _ = run(w, 0.1, backend, seed=seed)  # offset=None is 0
     assert_exact(d2, d1, "offset None vs 0")
-    _, d3, _ = run(w, 0.1, "triton", seed=seed, offset=torch.tensor(1, device=DEVICE))
+    _, d3, _ = run(w, 0.1, backend, seed=seed, offset=torch.tensor(1, device=DEVICE))
     assert not torch.equal(d3[0], d1[0])
-    _, d4, _ = run(w, 0.1, "triton", seed=torch.tensor(4, device=DEVICE))
+    _, d4, _ = run(w, 0.1, backend, seed=torch.tensor(4, device=DEVICE))
     assert not torch.equal(d4[0], d1[0])
     # seed=None: a seed from torch's CPU generator (replayed by seeding it)
     torch.manual_seed(0)
-    _, d5, _ = run(w, 0.1, "triton")
+    _, d5, _ = run(w, 0.1, backend)
     torch.manual_seed(0)
-    _, d6, _ = run(w, 0.1, "triton")
+    _, d6, _ = run(w, 0.1, backend)
     assert_exact(d6, d5, "seed None after the same manual_seed")
+    # ... one draw from it: the same seed as Triton's and noise_perturb_'s
+    torch.manual_seed(0)
+    seed0 = torch.randint(0, 2**62, (), dtype=torch.int64)
+    _, d7, _ = run(w, 0.1, backend, seed=seed0.to(DEVICE))
+    assert_exact(d7, d5, "seed None vs the seed drawn from the same generator state")
 
 
 @needs_triton
@@ -433,18 +501,15 @@ def test_triton_fallback_keeps_the_counter_stream(monkeypatch):
     assert_close_lists(p2, p1, torch.float32, "params")
 
 
-@pytest.mark.parametrize("backend", ["eager"] + (["triton"] if HAS_TRITON else []))
+@pytest.mark.parametrize("backend", ["eager", *FUSED])
 def test_zero_weights_the_1d_guard(backend):
     """All-zero weights: ``s = 0 + 1e-16`` for 0-d and 1-d tensors (a tiny, non-zero noise),
     ``s = 0`` for the rows of a matrix (no noise)."""
     w = [torch.zeros(9, device=DEVICE), torch.zeros((), device=DEVICE)]
     w += [torch.zeros(3, 4, device=DEVICE)]
-    z = (
-        counter_z(w, 2, 0)
-        if backend == "triton"
-        else [torch.randn(t.shape, device=DEVICE) for t in w]
-    )
-    kw = dict(seed=torch.tensor(2, device=DEVICE)) if backend == "triton" else dict(noise=z)
+    fused = backend != "eager"
+    z = counter_z(w, 2, 0) if fused else [torch.randn(t.shape, device=DEVICE) for t in w]
+    kw = dict(seed=torch.tensor(2, device=DEVICE)) if fused else dict(noise=z)
     b, d, p = run(w, 0.5, backend, **kw)
     for i in range(2):
         torch.testing.assert_close(d[i], 0.5 * 1e-16 * z[i], rtol=1e-6, atol=0)
@@ -452,16 +517,16 @@ def test_zero_weights_the_1d_guard(backend):
     assert bool((d[2] == 0).all()) and bool((p[2] == 0).all())
 
 
-@needs_triton
-def test_triton_empty_list_and_all_empty_tensors():
-    sk.filter_noise_perturb_([], [], [], 0.1, backend="triton")
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_empty_list_and_all_empty_tensors(backend):
+    sk.filter_noise_perturb_([], [], [], 0.1, backend=backend)
     w = make(CASES["empty"])
-    b, d, p = run(w, 0.1, "triton", seed=torch.tensor(1, device=DEVICE))
+    b, d, p = run(w, 0.1, backend, seed=torch.tensor(1, device=DEVICE))
     assert [t.shape for t in p] == [t.shape for t in w]
 
 
 # ------------------------------------------------------------------------------ bad inputs
-BAD_BACKENDS = ["eager"] + (["triton"] if HAS_TRITON else [])
+BAD_BACKENDS = ["eager", *FUSED]
 
 
 @pytest.mark.parametrize("backend", BAD_BACKENDS)
@@ -533,12 +598,12 @@ def _closure(net, x, y):
     return closure
 
 
-@needs_triton
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_rsam_fused_draw_equals_the_per_tensor_draw(layout):
+def test_rsam_fused_draw_equals_the_per_tensor_draw(layout, backend):
     net = _net(layout)
     twin = copy.deepcopy(net)
-    kw = dict(rho=0.05, sigma=0.05, seed=7, backend="triton", lr=0.1, momentum=0.9)
+    kw = dict(rho=0.05, sigma=0.05, seed=7, backend=backend, lr=0.1, momentum=0.9)
     opt = RSAM(net.parameters(), torch.optim.SGD, **kw)
     ref = RSAM(twin.parameters(), torch.optim.SGD, **kw)
     ref._draw = _per_tensor(ref)
