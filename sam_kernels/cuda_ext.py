@@ -218,10 +218,6 @@ def noise_perturb_ext(
     if not params:
         return
     device = params[0].device
-    if seed is None:  # a fresh stream from the global CPU generator (no device read)
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    if offset is None:
-        offset = 0
     _ops.noise_perturb_(
         params,
         list(backups),
@@ -229,9 +225,19 @@ def noise_perturb_ext(
         _NOISE_KIND[kind],
         float(half_cube_len),
         bool(save_backup),
-        _i64(seed, device),
-        _i64(offset, device),
+        *_stream(seed, offset, device),
     )
+
+
+def _stream(
+    seed: torch.Tensor | int | None, offset: torch.Tensor | int | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise stream's (seed, offset) as int64 tensors on ``device``: without a seed a fresh
+    one from the global CPU generator (no device read; drawn only once the call is taken, so a
+    declined call leaves the generator as it was), offset 0 by default."""
+    if seed is None:
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    return _i64(seed, device), _i64(0 if offset is None else offset, device)
 
 
 def _cpu_only(op: str, device: torch.device) -> None:
@@ -260,19 +266,8 @@ def filter_noise_perturb_ext(params, backups, deltas, sigma, seed, offset, eps_1
     device = params[0].device
     _cpu_only("filter_noise_perturb", device)
     sig = _sigma_arg(sigma, device)
-    # drawn once the call is taken: a declined call leaves the global generator as it was
-    if seed is None:  # a fresh stream from the global CPU generator, as noise_perturb's
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    if offset is None:
-        offset = 0
     _ops.filter_noise_perturb_(
-        params,
-        list(backups),
-        list(deltas),
-        sig,
-        float(eps_1d),
-        _i64(seed, device),
-        _i64(offset, device),
+        params, list(backups), list(deltas), sig, float(eps_1d), *_stream(seed, offset, device)
     )
 
 
