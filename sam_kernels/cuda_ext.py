@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from sam_kernels._backend import Declined, register
+from sam_kernels.ops import philox
 from sam_kernels.ops._step_args import AdamWHyper, SgdHyper
 from sam_kernels.ops.lincomb import LinComb
 
@@ -164,14 +165,6 @@ def _flag(ok: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return ok if ok.dim() == 0 else ok.reshape(())
 
 
-def _i64(x: torch.Tensor | int, device: torch.device) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        return torch.tensor(int(x), dtype=torch.int64, device=device)
-    if x.device != device or x.dtype != torch.int64:
-        x = x.to(device=device, dtype=torch.int64)
-    return x.reshape(()).contiguous()
-
-
 def _grad_args(grads, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """A gradient argument as (flattened term lists, coefs or None)."""
     if isinstance(grads, LinComb):
@@ -225,19 +218,8 @@ def noise_perturb_ext(
         _NOISE_KIND[kind],
         float(half_cube_len),
         bool(save_backup),
-        *_stream(seed, offset, device),
+        *philox.stream_scalars(seed, offset, device),
     )
-
-
-def _stream(
-    seed: torch.Tensor | int | None, offset: torch.Tensor | int | None, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The noise stream's (seed, offset) as int64 tensors on ``device``: without a seed a fresh
-    one from the global CPU generator (no device read; drawn only once the call is taken, so a
-    declined call leaves the generator as it was), offset 0 by default."""
-    if seed is None:
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    return _i64(seed, device), _i64(0 if offset is None else offset, device)
 
 
 def _cpu_only(op: str, device: torch.device) -> None:
@@ -267,7 +249,12 @@ def filter_noise_perturb_ext(params, backups, deltas, sigma, seed, offset, eps_1
     _cpu_only("filter_noise_perturb", device)
     sig = _sigma_arg(sigma, device)
     _ops.filter_noise_perturb_(
-        params, list(backups), list(deltas), sig, float(eps_1d), *_stream(seed, offset, device)
+        params,
+        list(backups),
+        list(deltas),
+        sig,
+        float(eps_1d),
+        *philox.stream_scalars(seed, offset, device),
     )
 
 

@@ -195,8 +195,7 @@ def counter_noise(params, backups, deltas, seed, offset) -> list[torch.Tensor]:
     :mod:`sam_kernels.ops.philox` (``noise_perturb_``'s), element ``j`` of the concatenated list
     at counter ``offset + j``, in the kernels' element order. One generation, then views."""
     device = params[0].device
-    seed = philox.int64_scalar(seed, device, "seed")
-    offset = philox.int64_scalar(0 if offset is None else offset, device, "offset")
+    seed, offset = philox.stream_scalars(seed, offset, device)
     numels = [p.numel() for p in params]
     total = sum(numels)
     if total:

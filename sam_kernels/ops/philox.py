@@ -175,6 +175,19 @@ def int64_scalar(x: torch.Tensor | int, device: torch.device, what: str) -> torc
     return x.to(torch.int64).reshape(())
 
 
+def stream_scalars(
+    seed: torch.Tensor | int | None, offset: torch.Tensor | int | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A call's ``(seed, offset)`` as 0-d int64 tensors on ``device`` (:func:`int64_scalar`),
+    ``offset=None`` meaning 0. ``seed=None`` (the fused backends' default) draws a fresh seed
+    from torch's global CPU generator: no device read; the backends call this only once they
+    take the call, so a declined call leaves the generator as it was."""
+    if seed is None:
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    offset = 0 if offset is None else offset
+    return int64_scalar(seed, device, "seed"), int64_scalar(offset, device, "offset")
+
+
 def _words(seed: torch.Tensor, offset: torch.Tensor, start: int, n: int, lanes: int):
     """The first ``lanes`` Philox words of elements ``start .. start + n - 1``."""
     k = torch.arange(start, start + n, dtype=torch.int64, device=seed.device).add_(offset)
@@ -315,8 +328,7 @@ def list_noise(
     """``eps`` for each tensor of ``params`` (float32, their shapes), counters continuing across
     the list: one generation over the total element count, then views of it per tensor."""
     device = params[0].device
-    seed = int64_scalar(seed, device, "seed")
-    offset = int64_scalar(0 if offset is None else offset, device, "offset")
+    seed, offset = stream_scalars(seed, offset, device)
     numels = [p.numel() for p in params]
     flat = noise(seed, offset, sum(numels), kind, half_cube_len)
     out, start = [], 0

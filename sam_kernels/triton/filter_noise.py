@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from sam_kernels._backend import Declined, register
+from sam_kernels.ops import philox as P
 from sam_kernels.ops.filter_noise import runs_in_place
 from sam_kernels.triton import noise as N
 from sam_kernels.triton._launch import (
@@ -54,7 +55,6 @@ from sam_kernels.triton._launch import (
     tl_dtype,
     tptr,
 )
-from sam_kernels.triton.perturb import _int64_scalar
 
 #: rows longer than this run on the eager reference (the elementwise kernel's in-row index is
 #: 32-bit)
@@ -265,13 +265,7 @@ def filter_noise_perturb_triton(
     work, back = _work_lists(params, list(backups), list(deltas))
     pl = plan(work, written=(0, 1, 2), tag="fnoise")
     row_groups = _row_groups(work[0], rows, lens)
-    # drawn once the call is taken: a declined call leaves the global generator as it was
-    if seed is None:
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    if offset is None:
-        offset = torch.zeros((), dtype=torch.int64)
-    seed = _int64_scalar(seed, device, "seed")
-    offset = _int64_scalar(offset, device, "offset")
+    seed, offset = P.stream_scalars(seed, offset, device)  # once the call is taken
     if not pl.groups:
         return
     coef = torch.empty(total, dtype=torch.float32, device=device)

@@ -17,11 +17,11 @@ seed is drawn from torch's global CPU generator (no device read); ``offset=None`
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from sam_kernels._backend import Declined, register
+from sam_kernels.ops import philox as P
 from sam_kernels.triton import noise as N
 from sam_kernels.triton._launch import (
     NUM_WARPS,
@@ -136,18 +136,6 @@ def _noise_kernel(
             _noise_body(pp, bp, offs, rem, ctr, seed, s, a, two_a, NORMAL, SAVE, DT_P, DT_B, True)
 
 
-def _int64_scalar(x, device: torch.device, what: str) -> torch.Tensor:
-    if isinstance(x, int) and not isinstance(x, bool):
-        x = torch.tensor(x, dtype=torch.int64)  # a host value anyway
-    if not isinstance(x, torch.Tensor) or x.numel() != 1:
-        raise TypeError(f"{what} must be a 1-element int64 device tensor")
-    if x.device != device:
-        x = x.to(device, non_blocking=True)
-    if x.dtype != torch.int64:
-        x = x.to(torch.int64)
-    return x.reshape(())
-
-
 @register("noise_perturb", "triton")
 def noise_perturb_triton(
     params, backups, scale, kind, half_cube_len, save_backup, seed, offset, noise
@@ -163,13 +151,7 @@ def noise_perturb_triton(
     stride = per_tensor_strides(scale, n)
     written = (0, 1) if save_backup else (0,)
     pl = plan([params, list(backups)], written=written, tag="noise")
-    # drawn once the call is taken: a declined call leaves the global generator as it was
-    if seed is None:
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    if offset is None:
-        offset = torch.zeros((), dtype=torch.int64)
-    seed = _int64_scalar(seed, device, "seed")
-    offset = _int64_scalar(offset, device, "offset")
+    seed, offset = P.stream_scalars(seed, offset, device)  # once the call is taken
     a = float(half_cube_len)
     with device_guard(device):
         for g in pl.groups:
