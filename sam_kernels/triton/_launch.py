@@ -215,6 +215,29 @@ def block_shape(max_numel: int) -> tuple[int, int]:
     return b, b
 
 
+def owner_table(
+    head: list[int], counts: list[int], device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """A launch table (int64, on ``device``) and its unit count ``s = sum(counts)``: ``head``,
+    then the first unit of each item (prefix sums of ``counts``), then the owning item of each
+    of the ``s`` units (item ``i`` repeated ``counts[i]`` times: the grid's chunks or rows)."""
+    firsts, s = [], 0
+    for c in counts:
+        firsts.append(s)
+        s += c
+    head = head + firsts
+    host = torch.empty(len(head) + s, dtype=torch.int64)
+    host[: len(head)] = torch.tensor(head, dtype=torch.int64)
+    # output_size given: without it repeat_interleave reads its total on the host (a
+    # ``.item()`` per table build, every step where gradients moved)
+    host[len(head) :] = torch.repeat_interleave(
+        torch.arange(len(counts), dtype=torch.int64),
+        torch.tensor(counts, dtype=torch.int64),
+        output_size=s,
+    )
+    return _to_device(host, device), s
+
+
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return host
@@ -356,21 +379,7 @@ def plan(
 
         def build(flat=flat, numels=g_numels, idx=idx, eb=eb, chunk=chunk):
             nch = [-(-m // chunk) for m in numels]
-            firsts, s = [], 0
-            for c in nch:
-                firsts.append(s)
-                s += c
-            head = flat + list(numels) + list(idx) + list(eb) + firsts
-            host = torch.empty(len(head) + s, dtype=torch.int64)
-            host[: len(head)] = torch.tensor(head, dtype=torch.int64)
-            # output_size given: without it repeat_interleave reads its total on the host
-            # (a ``.item()`` per table build, every step where gradients moved)
-            host[len(head) :] = torch.repeat_interleave(
-                torch.arange(len(numels), dtype=torch.int64),
-                torch.tensor(nch, dtype=torch.int64),
-                output_size=s,
-            )
-            return _to_device(host, device), s
+            return owner_table(flat + list(numels) + list(idx) + list(eb), nch, device)
 
         table, grid = _table(key, build)
         dts = tuple(TL_DTYPES[d] for d in sig)

@@ -48,6 +48,7 @@ from sam_kernels.triton._launch import (
     device_scalar,
     ld,
     locate,
+    owner_table,
     per_tensor_strides,
     plan,
     row,
@@ -211,19 +212,7 @@ def _row_groups(params, rows, lens):
             block = GPU_BLOCK
 
         def build(ptrs=ptrs, nrows=nrows, idx=idx, device=device):
-            firsts, s = [], 0
-            for r in nrows:
-                firsts.append(s)
-                s += r
-            head = list(ptrs) + list(idx) + firsts
-            host = torch.empty(len(head) + s, dtype=torch.int64)
-            host[: len(head)] = torch.tensor(head, dtype=torch.int64)
-            host[len(head) :] = torch.repeat_interleave(
-                torch.arange(len(nrows), dtype=torch.int64),
-                torch.tensor(nrows, dtype=torch.int64),
-                output_size=s,
-            )
-            return _to_device(host, device), s
+            return owner_table(list(ptrs) + list(idx), list(nrows), device)
 
         key = ("fnoise-rows", str(device), str(dtype), ptrs, tuple(idx), nrows)
         table, grid = _table(key, build)
