@@ -19,7 +19,6 @@ from python_api._base import (
     ascent_inv,
     check_max_grad_norm,
     check_nonneg,
-    finite01,
 )
 from python_api._base_step import StepCounters
 from python_api._msam_checkpoint import SCALE_KEY, MomentumSAMCheckpoint, _scale_dtype
@@ -225,7 +224,7 @@ class MomentumSAMCore(StepCounters, MomentumSAMCheckpoint, Optimizer):
         scales = [self.state[p][SCALE_KEY] for p in ps]
 
         g_norm = sk.grad_norm(grads, backend=self.backend)
-        ok = finite01(g_norm)
+        ok = sk.finite_and(None, [g_norm], backend=self.backend)
         if self.on_nonfinite == "raise" and not bool(ok.item()):
             raise NonFiniteError(
                 f"{type(self).__name__}: non-finite gradient; weights and optimizer state are "

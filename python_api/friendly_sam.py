@@ -20,7 +20,6 @@ from python_api._base import (
     _dense_grads,
     check_nonneg,
     check_range,
-    finite01,
 )
 from python_api._checks import check_sigma
 
@@ -228,7 +227,7 @@ class FriendlySAM(SAMFamily):
             p.grad = di
         del d
         norm = self._grad_norm()
-        ok = ok * finite01(norm)
+        ok = self._and_finite(ok, norm)
         self._check_raise(ok, "the evaluation at w (gradient g0)")
         pert = self._perturb_along_grad(norm)
 

@@ -21,7 +21,6 @@ from python_api._base import (
     _dense_grads,
     ascent_inv,
     check_nonneg,
-    finite01,
 )
 from python_api._checks import check_sigma
 from python_api._noise_state import NoiseStreamState
@@ -327,7 +326,7 @@ class RSAM(NoiseStreamState, SAMFamily):
             torch._foreach_mul_(plain, 2.0)
         del delta, g_d
         norm = self._grad_norm()
-        ok = ok * finite01(norm)
+        ok = self._and_finite(ok, norm)
         self._check_raise(ok, "the evaluation at w + delta (gradient g_delta)", noisy)
 
         # e = rho u / (||u|| + 1e-12) from w: p = backup + scale * u (one fused pass)
