@@ -162,6 +162,33 @@ def like(ts, fill=float("nan")):
     return out
 
 
+def unit_rows(items, dtype=torch.float32, device=None):
+    """Tensors of ``items``' ``(shape, layout)`` whose every output unit has norm exactly 1: one
+    1 per row (dims 1.. of an ndim > 1 tensor; the whole tensor for 0-d/1-d), the rest 0. R-SAM's
+    filter scale ``s(w)`` is then 1 on every backend, so ``filter_noise_perturb_``'s deltas are
+    ``sigma * z``. Layouts: ``"c"`` contiguous, ``"t"`` transposed, ``"s"`` every other element
+    of the last dim (non-contiguous), ``"cl"`` channels-last. ``device=None``: the default device
+    (a ``torch.device`` context applies)."""
+    out = []
+    for shape, layout in items:
+        w = torch.zeros(shape, device=device)
+        if w.numel():
+            flat = w.view(shape[0], -1) if w.dim() > 1 else w.view(1, -1)
+            cols = torch.arange(flat.shape[0], device=w.device) * 7 % flat.shape[1]
+            flat[torch.arange(flat.shape[0], device=w.device), cols] = 1.0
+        w = w.to(dtype)
+        if layout == "t":
+            w = w.t().contiguous().t()
+        elif layout == "s":
+            base = torch.zeros(*shape[:-1], 2 * shape[-1], dtype=dtype, device=w.device)
+            base[..., ::2] = w
+            w = base[..., ::2]
+        elif layout == "cl":
+            w = w.contiguous(memory_format=torch.channels_last)
+        out.append(w)
+    return out
+
+
 #: the ops tests' max-abs error per unit of scale against a reference, by dtype
 OP_TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 

@@ -14,6 +14,7 @@ from _helpers import (
     close,
     rel_err,
     same,
+    unit_rows,
 )
 
 SGD_HPS = [
@@ -114,3 +115,21 @@ def test_close_fails_beyond_the_tolerance():
     close(torch.tensor([1.0, 0.0]), torch.tensor([1.0, float("inf")]), torch.float32, 1.0, True)
     with pytest.raises(AssertionError):
         close(b.float(), b, torch.float32, alike=True)  # dtypes differ
+
+
+@pytest.mark.parametrize("layout", ["c", "t", "s", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unit_rows_have_norm_one(layout, dtype):
+    shapes = {"c": [(), (1,), (17,), (3, 5), (0, 4)], "t": [(4, 6)], "s": [(5, 6), (9,)],
+              "cl": [(3, 2, 3, 3)]}[layout]  # fmt: skip
+    for shape, w in zip(shapes, unit_rows([(s, layout) for s in shapes], dtype)):
+        assert w.shape == shape and w.dtype == dtype
+        if layout == "s":
+            assert not w.is_contiguous()
+        if layout == "cl":
+            assert w.is_contiguous(memory_format=torch.channels_last)
+        if not w.numel():
+            continue
+        rows = w.double().reshape(shape[0], -1) if w.dim() > 1 else w.double().reshape(1, -1)
+        assert torch.equal(rows.norm(dim=1), torch.ones(rows.shape[0], dtype=torch.float64))
+        assert torch.equal((rows != 0).sum(dim=1), torch.ones(rows.shape[0], dtype=torch.int64))

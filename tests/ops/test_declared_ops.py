@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import unit_rows
 
 import sam_kernels as sk
 from sam_kernels import _backend
@@ -369,28 +370,6 @@ def test_noise_perturb_is_bit_identical_across_backends(
     assert moved and all(moved)
 
 
-def unit_rows(dtype):
-    """Tensors of :func:`make`'s shapes (the non-contiguous view last) whose every output unit
-    (row: dims 1.. of an ndim > 1 tensor; the whole tensor for 1-d) has norm exactly 1, one
-    element of +-1 per row: the filter's scale is then exact on every backend, so its ``deltas``
-    are ``sigma * z`` and the op's bits are the noise contract's."""
-
-    def one_hot_rows(shape):
-        rows, cols = (shape[0], torch.Size(shape[1:]).numel()) if len(shape) > 1 else (1, shape[0])
-        t = torch.zeros(rows, cols)
-        if rows and cols:
-            signs = torch.randint(2, (rows,)) * 2.0 - 1
-            t[torch.arange(rows), torch.randint(cols, (rows,))] = signs
-        return t.reshape(shape).to(dtype)
-
-    out = [one_hot_rows(s) for s in [BIG, *SHAPES]]
-    base = torch.zeros(NONCONTIG[0], 2 * NONCONTIG[1], dtype=dtype)
-    base[:, ::2] = one_hot_rows(NONCONTIG)
-    out.append(base[:, ::2])
-    assert not out[-1].is_contiguous()
-    return out
-
-
 @pytest.mark.parametrize("device,backend", FUSED_PLACES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seed,offset", SEED_OFFSETS)
@@ -407,7 +386,9 @@ def test_filter_noise_perturb_is_bit_identical_across_backends(
     }:
         pytest.skip(f"{backend} has no filter_noise_perturb_ (the chooser runs eager)")
     with torch.device(device):
-        params = unit_rows(dtype)
+        # rows of norm exactly 1: the filter's scale is exact on every backend, so its deltas
+        # are sigma * z and the op's bits are the noise contract's
+        params = unit_rows([(s, "c") for s in [BIG, *SHAPES]] + [(NONCONTIG, "s")], dtype)
         seed_t, offset_t = _seed_offset(seed, offset)
     sigmas = [0.5 + 0.25 * i for i in range(len(params))]
     args = (params, nans_like(params), nans_like(params), None, sigmas, seed_t, offset_t, 0.0)

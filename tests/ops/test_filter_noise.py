@@ -30,7 +30,7 @@ import copy
 
 import pytest
 import torch
-from _helpers import like
+from _helpers import like, unit_rows
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sam_kernels as sk
@@ -358,30 +358,6 @@ def fused_matches_eager(backend, items, dtype, sigma_scale=1.0):
         assert t.numel() == 0 or bool((t != 0).any()), f"deltas[{i}] is zero"
 
 
-def unit_rows(items, dtype=torch.float32):
-    """Tensors of ``items``' shapes and layouts whose every output unit (row) has norm exactly 1
-    (one 1 per row, the rest 0; a 0-d tensor 1): ``s(w) = 1`` on every backend, so with
-    ``sigma = 1`` the deltas are ``z`` itself, rounded to the dtype."""
-    out = []
-    for shape, layout in items:
-        w = torch.zeros(shape, device=DEVICE)
-        if w.numel():
-            flat = w.view(shape[0], -1) if w.dim() > 1 else w.view(1, -1)
-            cols = torch.arange(flat.shape[0], device=DEVICE) * 7 % flat.shape[1]
-            flat[torch.arange(flat.shape[0], device=DEVICE), cols] = 1.0
-        w = w.to(dtype)
-        if layout == "t":
-            w = w.t().contiguous().t()
-        elif layout == "s":
-            base = torch.zeros(*shape[:-1], 2 * shape[-1], dtype=dtype, device=DEVICE)
-            base[..., ::2] = w
-            w = base[..., ::2]
-        elif layout == "cl":
-            w = w.contiguous(memory_format=torch.channels_last)
-        out.append(w)
-    return out
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_z_is_the_counter_stream_bit_for_bit(dtype):
     """Rows of norm 1 and ``sigma = 1``: the deltas are ``z``, bit for bit the normal counter
@@ -389,7 +365,7 @@ def test_z_is_the_counter_stream_bit_for_bit(dtype):
     backend (the Triton kernel and the eager reference share the noise contract: the same
     normal function, no FMA contraction), and ``p = w + z``."""
     items = CASES["mixed"]
-    w = unit_rows(items, dtype)
+    w = unit_rows(items, dtype, DEVICE)
     seed, offset = 31, 2**32 - 100  # the counter's low word wraps inside the list
     z = counter_z(w, seed, offset, backend="eager")
     kw = dict(seed=torch.tensor(seed, device=DEVICE), offset=torch.tensor(offset, device=DEVICE))
