@@ -162,6 +162,21 @@ def like(ts, fill=float("nan")):
     return out
 
 
+#: the integer dtype of each float dtype's width: its bits, for bit-for-bit comparisons
+INT_VIEW = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """The float bits as integers (the sign of a zero, NaN payloads included); a tensor of
+    another dtype as it is."""
+    return x.contiguous().view(INT_VIEW[x.dtype]) if x.dtype in INT_VIEW else x
+
+
 def unit_rows(items, dtype=torch.float32, device=None):
     """Tensors of ``items``' ``(shape, layout)`` whose every output unit has norm exactly 1: one
     1 per row (dims 1.. of an ndim > 1 tensor; the whole tensor for 0-d/1-d), the rest 0. R-SAM's

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import unit_rows
+from _helpers import bits, unit_rows
 
 import sam_kernels as sk
 from sam_kernels import _backend
@@ -324,18 +324,12 @@ SEED_OFFSETS = [(0, 0), (20261204, 977), (-(2**62) + 12345, 2**40 + 3)]
 BIG = (61, 67)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bit patterns (so that -0.0 != +0.0 and NaN payloads count)."""
-    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-    return t.contiguous().view(ints[t.dtype])
-
-
 def assert_same_bits(actual, ref, what):
     assert len(actual) == len(ref)
     for i, (a, r) in enumerate(zip(actual, ref)):
         assert a.shape == r.shape and a.dtype == r.dtype, (what, i)
         assert bool(torch.isfinite(a).all()), f"{what}[{i}]: not written in full"
-        diff = int((_bits(a) != _bits(r)).sum())
+        diff = int((bits(a) != bits(r)).sum())
         assert diff == 0, f"{what}[{i}]: {diff} of {a.numel()} elements differ in their bits"
 
 
@@ -426,11 +420,7 @@ EDGE_VALUES = [0.0, -0.0, 1.0, 2.5, 1e-12, -1e-12, -1.0000001e-12, 7e-13, 1e-45,
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-    )
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 
 @pytest.mark.parametrize("device,backend", FUSED_PLACES)

@@ -29,7 +29,7 @@ import warnings
 
 import pytest
 import torch
-from _helpers import HostReads
+from _helpers import INT_VIEW, HostReads, bits
 
 import sam_kernels as sk
 from sam_kernels.ops import philox as P
@@ -82,17 +82,10 @@ RANDOM123_KAT = [
     ),
 ]
 
-_INT_VIEW = {
-    torch.float32: torch.int32,
-    torch.float64: torch.int64,
-    torch.bfloat16: torch.int16,
-    torch.float16: torch.int16,
-}
-
 
 def ordered(x: torch.Tensor) -> torch.Tensor:
     """The float bits as integers in the order of the values (+0 and -0 both 0)."""
-    i = x.contiguous().view(_INT_VIEW[x.dtype]).long()
+    i = x.contiguous().view(INT_VIEW[x.dtype]).long()
     sign = 1 << (8 * x.element_size() - 1)
     return torch.where(i < 0, -(i + sign), i)
 
@@ -127,11 +120,6 @@ def words(seed: int, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return P.philox4x32_10(
         (counters & M32, (counters >> 32) & M32, zero, zero), (s & M32, (s >> 32) & M32)
     )
-
-
-def bits(x: torch.Tensor) -> torch.Tensor:
-    """The float bits as integers (the sign of a zero, NaN payloads included)."""
-    return x.contiguous().view(_INT_VIEW[x.dtype]) if x.dtype in _INT_VIEW else x
 
 
 def assert_bits(got, want, what):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import OP_TOL, close, same
+from _helpers import OP_TOL, bits, close, same
 
 import sam_kernels as sk
 
@@ -111,15 +111,7 @@ def test_perturb_paths_bit_identical(monkeypatch, sizes, dtype, adaptive, per_te
     for a, b in zip(p_a, p_b):
         assert a.dtype == b.dtype == dtype
         # bits, so that -0.0 and 0.0 differ too
-        assert torch.equal(a.contiguous().view(_BITS[dtype]), b.contiguous().view(_BITS[dtype]))
-
-
-_BITS = {
-    torch.float32: torch.int32,
-    torch.float64: torch.int64,
-    torch.bfloat16: torch.int16,
-    torch.float16: torch.int16,
-}
+        assert torch.equal(bits(a), bits(b))
 
 
 def test_perturb_compiled_equals_eager():
