@@ -9,8 +9,9 @@ reciprocal chain, ``neg``, ``rsub``/``stack``/``add_``), its log form 55 (84), u
 two sums; now one ``empty_like_list`` per sum).
 
 The ops per step do not grow with the tensor count either (issue 14: host work per tensor):
-Frob-SAM (its step-local sums) and FriendlySAM (its scratch ``d`` and the skip's zeroing of
-``g0``) dispatch as many ops over 100 tensors as over 10.
+Frob-SAM (its step-local sums), FriendlySAM (its scratch ``d`` and the skip's zeroing of
+``g0``), GSAM (its ``dot``, an extension op) and R-SAM (its ``filter_noise_perturb_``, an
+extension op, and its delta scratch) dispatch as many ops over 100 tensors as over 10.
 """
 
 from __future__ import annotations
@@ -100,8 +101,14 @@ def _counted_step(cls, n_tensors: int, **kw) -> Counter:
 
 @pytest.mark.parametrize(
     "cls, kw",
-    [(pa.FrobSAM, {"seed": 1}), (pa.TraceSAM, {"seed": 1}), (pa.FriendlySAM, {})],
-    ids=["FrobSAM", "TraceSAM", "FriendlySAM"],
+    [
+        (pa.FrobSAM, {"seed": 1}),
+        (pa.TraceSAM, {"seed": 1}),
+        (pa.FriendlySAM, {}),
+        (pa.GSAM, {}),
+        (pa.RSAM, {"seed": 1}),
+    ],
+    ids=["FrobSAM", "TraceSAM", "FriendlySAM", "GSAM", "RSAM"],
 )
 def test_ops_per_step_do_not_grow_with_the_tensor_count(cls, kw):
     small, large = _counted_step(cls, 10, **kw), _counted_step(cls, 100, **kw)
