@@ -26,6 +26,7 @@ import torch
 from sam_kernels._backend import Declined, register
 from sam_kernels.ops import philox
 from sam_kernels.ops._step_args import AdamWHyper, SgdHyper
+from sam_kernels.ops.filter_noise import sigma_values
 from sam_kernels.ops.lincomb import LinComb
 
 NAMESPACE = "sam_kernels_C"
@@ -232,9 +233,7 @@ def _sigma_arg(sigma, device: torch.device) -> torch.Tensor:
     """``sigma`` (a float, floats, a 0-d or [n] tensor) as a float32 0-d or [n] tensor."""
     if isinstance(sigma, torch.Tensor):
         return _f32(sigma, device)
-    vals = [float(sigma)] if isinstance(sigma, int | float) else [float(s) for s in sigma]
-    if len(set(vals)) == 1:  # one value for every tensor (R-SAM's single group)
-        vals = vals[:1]
+    vals = sigma_values(sigma)
     return torch.tensor(vals[0] if len(vals) == 1 else vals, dtype=torch.float32, device=device)
 
 

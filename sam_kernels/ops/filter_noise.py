@@ -153,6 +153,13 @@ def row_scale(w: torch.Tensor, eps_1d: float = EPS_1D, dtype: torch.dtype | None
     return torch.linalg.vector_norm(w, **kw) + eps_1d
 
 
+def sigma_values(sigma: float | Sequence[float]) -> tuple[float, ...]:
+    """A float ``sigma`` (or one per tensor) as the fused kernels take it: one value when every
+    tensor has the same (R-SAM's single group: a 0-d multiplier), else one per tensor."""
+    vals = (float(sigma),) if isinstance(sigma, int | float) else tuple(map(float, sigma))
+    return vals[:1] if len(set(vals)) == 1 else vals
+
+
 def _sigmas(sigma: Sigma, n: int) -> list:
     """One multiplier per tensor: Python floats, or 0-d tensors (no host read)."""
     if isinstance(sigma, torch.Tensor):

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from sam_kernels._backend import Declined, register
 from sam_kernels.ops import philox as P
-from sam_kernels.ops.filter_noise import runs_in_place
+from sam_kernels.ops.filter_noise import runs_in_place, sigma_values
 from sam_kernels.triton import noise as N
 from sam_kernels.triton._launch import (
     GPU_BLOCK,
@@ -224,9 +224,7 @@ def _sigma_tensor(sigma, n: int, device: torch.device) -> torch.Tensor:
     """``sigma`` as a 0-d or ``[n]`` fp32 device tensor (floats: cached on their values)."""
     if isinstance(sigma, torch.Tensor):
         return device_scalar(sigma, device, "sigma")
-    vals = (float(sigma),) if isinstance(sigma, int | float) else tuple(map(float, sigma))
-    if len(vals) > 1 and len(set(vals)) == 1:
-        vals = vals[:1]
+    vals = sigma_values(sigma)
 
     def build():
         t = torch.tensor(vals[0] if len(vals) == 1 else vals, dtype=torch.float32)
