@@ -1,5 +1,6 @@
 // The custom-op schemas of the extension (namespace sam_kernels_C). Implementations are
-// registered per device: CPU in cpu_ops.cpp, CUDA in cuda_glue.cpp (CUDA builds only); fake
+// registered per device: CPU in cpu_ops.cpp (and cpu_filter_noise.cpp, scalar_glue.cpp,
+// list_ops.cpp), CUDA in cuda_glue.cpp (CUDA builds only); fake
 // (meta) implementations for torch.compile are registered from Python (sam_kernels/cuda_ext.py).
 //
 // Conventions: tensor lists are equal-length lists of dense tensors; a LinComb gradient is its
@@ -45,6 +46,9 @@ TORCH_LIBRARY(sam_kernels_C, m) {
       "ascent_scale(Tensor norm, Tensor rho, Tensor? factor_tensor, float factor, bool negated) "
       "-> Tensor[]");
   m.def("count_step_(Tensor(a!) counters, Tensor ok) -> ()");
+  // the per-tensor bookkeeping of a step as one op per list (list_ops.cpp; CPU only)
+  m.def("empty_like_list(Tensor[] like) -> Tensor[]");
+  m.def("zero_unless_(Tensor(a!)[] tensors, Tensor ok) -> ()");
   // the cached SAM step plan (step_plan.h): built once, then two calls per step
   m.class_<sam_kernels::SamStepPlan>("SamStepPlan")
       .def(torch::init<>())

@@ -43,11 +43,6 @@ void zero_unless_cpu(at::TensorList tensors, const at::Tensor& ok) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(sam_kernels_C, m) {
-  m.def("empty_like_list(Tensor[] like) -> Tensor[]");
-  m.def("zero_unless_(Tensor(a!)[] tensors, Tensor ok) -> ()");
-}
-
 TORCH_LIBRARY_IMPL(sam_kernels_C, CPU, m) {
   m.impl("empty_like_list", &empty_like_list_cpu);
   m.impl("zero_unless_", &zero_unless_cpu);
