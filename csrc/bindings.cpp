@@ -19,7 +19,7 @@ TORCH_LIBRARY(sam_kernels_C, m) {
   m.def("dot(Tensor[] a, Tensor[] b) -> Tensor");
   m.def(
       "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor scale, "
-      "bool adaptive, float eta) -> ()");
+      "bool adaptive, float eta, bool save_backup) -> ()");
   m.def(
       "noise_perturb_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor scale, int kind, "
       "float half_cube_len, bool save_backup, Tensor seed, Tensor offset) -> ()");

@@ -168,14 +168,35 @@ SK_KERNEL void perturb_chunk(T* w, const T* g, T* b, int64_t n, float s, float e
   store_fence();
 }
 
+// without the backup's save: w = b + s * T(b)^2 * g, b read (w written without being read, so
+// streamed like a step's weights, see step_blocks)
+template <typename T, bool kAdaptive>
+SK_KERNEL void perturb_from_chunk(T* w, const T* g, const T* b, int64_t n, float s, float e) {
+  alignas(64) T out[kStoreBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kStoreBlock) {
+    const int64_t m = std::min(n - i0, kStoreBlock);
+    const T* gi = g + i0;
+    const T* bi = b + i0;
+    prefetch<kStoreBlock>(b, i0);
+    prefetch<kStoreBlock>(g, i0);
+    SK_SIMD
+    for (int64_t i = 0; i < m; ++i) {
+      out[i] = static_cast<T>(perturb_value(f32(bi[i]), f32(gi[i]), s, kAdaptive, e));
+    }
+    store_block(w + i0, out, m);
+  }
+  store_fence();
+}
+
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups,
-                 const at::Tensor& scale, bool adaptive, double eta) {
+                 const at::Tensor& scale, bool adaptive, double eta, bool save_backup) {
   const char* op = "perturb";
-  Prepared p = prepare_lists(op,
-                             {{"params", params, Access::kReadWrite, true},
-                              {"grads", grads, Access::kRead, true},
-                              {"backups", backups, Access::kWrite, true}},
-                             kCpu);
+  Prepared p = prepare_lists(
+      op,
+      {{"params", params, save_backup ? Access::kReadWrite : Access::kWrite, true},
+       {"grads", grads, Access::kRead, true},
+       {"backups", backups, save_backup ? Access::kWrite : Access::kRead, true}},
+      kCpu);
   if (p.n == 0) return;
   const int stride = scalar_or_vector(op, "scale", scale, p.n, kCpu);
   const float* sc = scale.data_ptr<float>();
@@ -187,7 +208,13 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
       const T* g = ptr<T>(p.lists[1][c.t], c.start);
       T* b = ptr<T>(p.lists[2][c.t], c.start);
       const float s = sc[c.t * stride];
-      if (adaptive) {
+      if (!save_backup) {
+        if (adaptive) {
+          run_kernel([&] { perturb_from_chunk<T, true>(w, g, b, c.len, s, e); });
+        } else {
+          run_kernel([&] { perturb_from_chunk<T, false>(w, g, b, c.len, s, e); });
+        }
+      } else if (adaptive) {
         run_kernel([&] { perturb_chunk<T, true>(w, g, b, c.len, s, e); });
       } else {
         run_kernel([&] { perturb_chunk<T, false>(w, g, b, c.len, s, e); });

@@ -144,20 +144,21 @@ at::Tensor aesam_stats_cuda(at::TensorList grads, const at::Tensor& stats, doubl
 
 // ------------------------------------------------------------------ element-wise
 void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups,
-                  const at::Tensor& scale, bool adaptive, double eta) {
+                  const at::Tensor& scale, bool adaptive, double eta, bool save_backup) {
   if (params.empty()) return;
   const char* op = "perturb";
   const at::Device dev = device_of(params);
   c10::cuda::CUDAGuard guard(dev);
-  Prepared p = prepare_lists(op,
-                             {{"params", params, Access::kReadWrite, true},
-                              {"grads", grads, Access::kRead, true},
-                              {"backups", backups, Access::kWrite, true}},
-                             dev);
+  Prepared p = prepare_lists(
+      op,
+      {{"params", params, save_backup ? Access::kReadWrite : Access::kWrite, true},
+       {"grads", grads, Access::kRead, true},
+       {"backups", backups, save_backup ? Access::kWrite : Access::kRead, true}},
+      dev);
   const int stride = scalar_or_vector(op, "scale", scale, p.n, dev);
   for (const auto& g : make_groups(p, {0, 1, 2})) {
     kc::launch_perturb(g.group(), fptr(scale), stride, adaptive, static_cast<float>(eta),
-                       stream_of(dev));
+                       save_backup, stream_of(dev));
   }
   p.finish();
 }

@@ -45,9 +45,10 @@ void launch_aesam_finalize(const double* partials, int64_t count, float* stats, 
                            float delta, float c, void* stream);
 
 // ---- element-wise ops ----
-// lists: 0 params (in/out), 1 grads, 2 backups (out). scale: 0-d (stride 0) or [n] (stride 1).
+// lists: 0 params (in/out), 1 grads, 2 backups (out; save false: in, and params out only).
+// scale: 0-d (stride 0) or [n] (stride 1).
 void launch_perturb(const Group& g, const float* scale, int scale_stride, bool adaptive,
-                    float eta, void* stream);
+                    float eta, bool save, void* stream);
 // lists: 0 params (out), 1 backups (in/out). kind 0 normal, 1 uniform; eps of element e of
 // tensor j: the noise contract (ops_math.h noise_eps) at counter *offset + first[j] + e.
 void launch_noise_perturb(const Group& g, const float* scale, int scale_stride, int kind,

@@ -10,11 +10,11 @@ namespace cuda {
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < (c).len; \
        i += static_cast<int64_t>(kThreads) * kVec)
 
-// ---- perturb: b = p;  p += s * T(p)^2 * g ----
+// ---- perturb: b = p;  p += s * T(p)^2 * g   (save_backup false: p = b + s * T(b)^2 * g) ----
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     perturb_kernel(const __grid_constant__ Meta<3> m, const float* scale, int scale_stride,
-                   bool adaptive, float eta) {
+                   bool adaptive, float eta, bool save) {
   const ChunkLoc c = locate(m);
   T* p = static_cast<T*>(m.ptr[0][c.t]) + c.start;
   const T* g = static_cast<const T*>(m.ptr[1][c.t]) + c.start;
@@ -24,9 +24,13 @@ __global__ void __launch_bounds__(kThreads)
   SK_CHUNK_LOOP(i, c) {
     T praw[kVec];
     float gv[kVec], out[kVec];
-    load_raw(p, i, c.len, vec, praw);
+    if (save) {
+      load_raw(p, i, c.len, vec, praw);
+      store_raw(b, i, c.len, vec, praw);
+    } else {
+      load_raw(b, i, c.len, vec, praw);
+    }
     load_f(g, i, c.len, vec, gv);
-    store_raw(b, i, c.len, vec, praw);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) out[j] = perturb_value(to_f(praw[j]), gv[j], s, adaptive, eta);
     store_f(p, i, c.len, vec, out);
@@ -34,14 +38,14 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 void launch_perturb(const Group& g, const float* scale, int scale_stride, bool adaptive,
-                    float eta, void* stream) {
+                    float eta, bool save, void* stream) {
   const int ids[3] = {0, 1, 2};
   dispatch_dtype(g.dtype, [&](auto tag) {
     using T = decltype(tag);
     for_each_table<3>(g, ids, [&](const Meta<3>& m, int blocks, int64_t) {
       if (blocks == 0) return;
       perturb_kernel<T><<<blocks, kThreads, 0, as_stream(stream)>>>(m, scale, scale_stride,
-                                                                     adaptive, eta);
+                                                                     adaptive, eta, save);
       check_cuda(cudaGetLastError(), "perturb");
     });
   });

@@ -27,7 +27,7 @@ const auto& op_grad_norm() {
 const auto& op_perturb() {
   static auto h = c10::Dispatcher::singleton()
                       .findSchemaOrThrow("sam_kernels_C::perturb_", "")
-                      .typed<void(TL, TL, TL, const at::Tensor&, bool, double)>();
+                      .typed<void(TL, TL, TL, const at::Tensor&, bool, double, bool)>();
   return h;
 }
 
@@ -230,7 +230,7 @@ std::vector<at::Tensor> plan_ascent(const at::Tensor& counters,
   if (!plan->pert_params.empty()) {
     const at::Tensor scale = at::mul(plan->rho, ascent_inv(norm));
     op_perturb().call(plan->pert_params, grads_of(plan->pert_params), plan->pert_backups, scale,
-                      plan->adaptive, plan->eta);
+                      plan->adaptive, plan->eta, /*save_backup=*/true);
   }
   if (loss.has_value()) ok = at::mul(ok, loss_ok(*loss, counters.device()));
   return {ok};

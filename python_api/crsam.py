@@ -208,10 +208,10 @@ class CRSAM(SAMFamily):
         lp, _, ok, _ = self._evaluate_perturbed(closure, ps, pert, ok, "w + e", self.log_form, at)
         gplus_of = {id(p): g for p, g in zip(ps, self._take_grads(ps))}
 
-        # w - e, formed from the saved w (never from w + e): restore, then step by -e
+        # w - e, formed from the saved w (never from w + e): w = b - e in one pass (the restore
+        # and the step by -e, the backups read, not written again)
         if pert:
-            sk.restore_(pert, backups, backend=self.backend)
-            sk.perturb_(pert, g0_pert, backups, neg_scale, backend=self.backend)
+            sk.perturb_(pert, g0_pert, backups, neg_scale, save_backup=False, backend=self.backend)
         at = "the evaluation at w - e (loss L-, gradient g-)"
         lm, _, ok, _ = self._evaluate_perturbed(closure, ps, pert, ok, "w - e", self.log_form, at)
 

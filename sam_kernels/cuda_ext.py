@@ -189,14 +189,17 @@ def grad_norm_ext(grads, params, eta: float) -> torch.Tensor:
 
 
 @register("perturb", "ext")
-def perturb_ext(params, grads, backups, scale, adaptive: bool, eta: float) -> None:
+def perturb_ext(
+    params, grads, backups, scale, adaptive: bool, eta: float, save_backup: bool = True
+) -> None:
     params = list(params)
     if not params:
         return
     device = params[0].device
     _ops.perturb_(
-        params, list(grads), list(backups), _f32(scale, device), bool(adaptive), float(eta)
-    )
+        params, list(grads), list(backups), _f32(scale, device), bool(adaptive), float(eta),
+        bool(save_backup),
+    )  # fmt: skip
 
 
 _NOISE_KIND = {"normal": 0, "uniform": 1}

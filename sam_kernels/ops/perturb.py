@@ -1,5 +1,9 @@
 """Perturb with exact backup: ``b_i = p_i;  p_i += s_i * T(p_i)^2 * g_i`` in one pass.
 
+With ``save_backup=False`` the perturbation starts from the backup instead, which it only reads:
+``p_i = b_i + s_i * T(b_i)^2 * g_i`` (CR-SAM's ``w - e`` after ``w + e``: the restore and the
+second ascent in one pass, the same bits as ``restore_`` followed by ``perturb_``).
+
 SAM (Foret et al. 2021): ``T = 1``, ``s = rho / (||g|| + 1e-12)``.
 ASAM (Kwon et al. 2021): ``T(p) = |p| + eta`` (davda54/sam: eta = 0, so ``T^2 = p^2``).
 The scale ``s`` is a device tensor (0-d, or one entry per tensor for per-group rho): the host
@@ -28,19 +32,23 @@ def perturb_(
     *,
     adaptive: bool = False,
     eta: float = 0.0,
+    save_backup: bool = True,
     backend: str | None = None,
 ) -> None:
     """``backups[i] <- params[i]``; ``params[i] += scale[i] * T(params[i])^2 * grads[i]``.
 
     ``scale``: 0-d or ``[len(params)]`` float32 tensor on the parameters' device.
-    ``T(p) = |p| + eta`` if ``adaptive`` else 1. The declared op:
+    ``T(p) = |p| + eta`` if ``adaptive`` else 1. ``save_backup=False``: the backups are read,
+    not written, and the perturbation starts from them: ``params[i] <- backups[i]`` first (one
+    pass in all: ``restore_`` then ``perturb_``, bit for bit). The declared op:
     ``torch.ops.sam_kernels.perturb_``.
     """
-    run(PERTURB, backend, params, grads, backups, scale, adaptive, eta)
+    run(PERTURB, backend, params, grads, backups, scale, adaptive, eta, save_backup)
 
 
-def _choose_perturb(backend, params, grads, backups, scale, adaptive, eta):
+def _choose_perturb(backend, params, grads, backups, scale, adaptive, eta, save_backup):
     names = ("params", "grads", "backups")
+    # the backups are written (save_backup) or read: separate from params either way
     return pick(
         "perturb", backend, names, params, grads, backups, outputs=("params", "backups"),
         scalars={"scale": scale},
@@ -50,20 +58,23 @@ def _choose_perturb(backend, params, grads, backups, scale, adaptive, eta):
 PERTURB = declare(
     "perturb",
     "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor scale, "
-    "bool adaptive, float eta, str? backend=None) -> ()",
+    "bool adaptive, float eta, bool save_backup, str? backend=None) -> ()",
     _choose_perturb,
 )
 
 
 @register("perturb", "eager")
-def perturb_eager(params, grads, backups, scale, adaptive, eta) -> None:
+def perturb_eager(params, grads, backups, scale, adaptive, eta, save_backup=True) -> None:
     params = list(params)
     if not params:
         return
     backups, grads = list(backups), list(grads)
+    if not save_backup:  # from the backups: the restore, then the same perturbation
+        torch._foreach_copy_(params, backups)
     if not scratch_ok(params, grads):
-        return _perturb_with_temporary(params, grads, backups, scale, adaptive, eta)
-    torch._foreach_copy_(backups, params)
+        return _perturb_with_temporary(params, grads, backups, scale, adaptive, eta, save_backup)
+    if save_backup:
+        torch._foreach_copy_(backups, params)
     if _fma_ok(params, adaptive):
         # CPU fp32/fp64: ``p += s * g`` as one fused multiply-add (ATen's addcmul), a pass
         # where the formulation below takes three (the product is not rounded on its own)
@@ -84,12 +95,13 @@ def perturb_eager(params, grads, backups, scale, adaptive, eta) -> None:
     torch._foreach_add_(params, backups)
 
 
-def _perturb_with_temporary(params, grads, backups, scale, adaptive, eta) -> None:
+def _perturb_with_temporary(params, grads, backups, scale, adaptive, eta, save_backup) -> None:
     """The same values, through a temporary list: for gradients sharing memory with params,
     and while torch.compile traces (:func:`scratch_ok` is False there). The same operations as
     the path above: where that one is ATen's addcmul (one rounding of ``p + s * g``), so is this
     one, out of place; ``(g * s) + p`` would round the product on its own (an ulp apart)."""
-    torch._foreach_copy_(backups, params)
+    if save_backup:
+        torch._foreach_copy_(backups, params)
     if _fma_ok(params, adaptive):
         t = torch._foreach_addcmul(params, grads, _scales(scale, len(params)))
         torch._foreach_copy_(params, t)

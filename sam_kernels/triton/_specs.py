@@ -91,9 +91,13 @@ def variants():
               dict(BLOCK=_launch.REDUCE_BLOCK), False))  # fmt: skip
     v.append(("bump_steps", _launch._bump_steps_kernel,
               dict(HAS_OK=True, BLOCK=_launch.REDUCE_BLOCK), False))  # fmt: skip
-    for dt, adaptive in ((F32, False), (F32, True), (BF16, True), (F16, False)):
-        v.append((f"perturb/{dt}/adaptive={adaptive}", perturb._perturb_kernel,
-                  dict(ADAPTIVE=adaptive, DT_P=dt, DT_G=dt, DT_B=dt, ALIGNED=True, **GEOM),
+    for dt, adaptive, save in (
+        (F32, False, True), (F32, True, True), (BF16, True, True), (F16, False, True),
+        (F32, False, False), (BF16, True, False),
+    ):  # fmt: skip
+        v.append((f"perturb/{dt}/adaptive={adaptive}/save={save}", perturb._perturb_kernel,
+                  dict(ADAPTIVE=adaptive, SAVE=save, DT_P=dt, DT_G=dt, DT_B=dt, ALIGNED=True,
+                       **GEOM),
                   True))  # fmt: skip
     for dt, normal, save in ((F32, True, True), (F32, False, False), (BF16, True, False)):
         v.append((f"noise/{dt}/normal={normal}/save={save}", perturb._noise_kernel,

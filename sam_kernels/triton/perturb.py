@@ -1,7 +1,8 @@
 """Triton ``perturb`` and ``noise_perturb``: the ascent step with its exact backup in one pass.
 
 ``perturb``: reads ``w`` and ``g``, writes ``b = w`` (bit for bit, parameter dtype) and
-``w + s_i * T(w)^2 * g`` with ``s`` read from device memory (0-d, or one entry per tensor).
+``w + s_i * T(w)^2 * g`` with ``s`` read from device memory (0-d, or one entry per tensor);
+without ``save_backup``, reads ``b`` and ``g`` and writes ``w = b + s_i * T(b)^2 * g``.
 
 ``noise_perturb``: ``p = b + s_i * eps`` with ``eps`` generated in the kernel, the noise
 contract of :mod:`sam_kernels.ops.philox` (:mod:`sam_kernels.triton.noise`): element ``j`` of
@@ -41,11 +42,15 @@ from sam_kernels.triton._launch import (
 @triton.jit
 def _perturb_body(
     pp, gp, bp, offs, rem, s, eta,
-    ADAPTIVE: tl.constexpr, DT_P: tl.constexpr, DT_B: tl.constexpr, MASKED: tl.constexpr,
+    ADAPTIVE: tl.constexpr, SAVE: tl.constexpr, DT_P: tl.constexpr, DT_B: tl.constexpr,
+    MASKED: tl.constexpr,
 ):  # fmt: skip
-    w = ld(pp, offs, rem, MASKED)
-    st(bp, offs, rem, w, DT_B, MASKED)
-    wf = w.to(tl.float32)
+    if SAVE:
+        w = ld(pp, offs, rem, MASKED)
+        st(bp, offs, rem, w, DT_B, MASKED)
+        wf = w.to(tl.float32)
+    else:
+        wf = ldf(bp, offs, rem, MASKED)
     g = ldf(gp, offs, rem, MASKED)
     if ADAPTIVE:
         tw = tl.abs(wf) + eta
@@ -58,8 +63,8 @@ def _perturb_body(
 @triton.jit
 def _perturb_kernel(
     table, n, scale_ptr, scale_stride, eta,
-    ADAPTIVE: tl.constexpr, DT_P: tl.constexpr, DT_G: tl.constexpr, DT_B: tl.constexpr,
-    ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    ADAPTIVE: tl.constexpr, SAVE: tl.constexpr, DT_P: tl.constexpr, DT_G: tl.constexpr,
+    DT_B: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     t, start, rem = locate(table, n, 3, CHUNK)
     pp = tptr(table, n, 0, t, start, DT_P, ALIGNED)
@@ -69,13 +74,13 @@ def _perturb_kernel(
     for j in range(0, rem, BLOCK):
         offs = j + tl.arange(0, BLOCK)
         if j + BLOCK <= rem:
-            _perturb_body(pp, gp, bp, offs, rem, s, eta, ADAPTIVE, DT_P, DT_B, False)
+            _perturb_body(pp, gp, bp, offs, rem, s, eta, ADAPTIVE, SAVE, DT_P, DT_B, False)
         else:
-            _perturb_body(pp, gp, bp, offs, rem, s, eta, ADAPTIVE, DT_P, DT_B, True)
+            _perturb_body(pp, gp, bp, offs, rem, s, eta, ADAPTIVE, SAVE, DT_P, DT_B, True)
 
 
 @register("perturb", "triton")
-def perturb_triton(params, grads, backups, scale, adaptive, eta) -> None:
+def perturb_triton(params, grads, backups, scale, adaptive, eta, save_backup=True) -> None:
     params = list(params)
     n = len(params)
     if n == 0:
@@ -83,12 +88,14 @@ def perturb_triton(params, grads, backups, scale, adaptive, eta) -> None:
     device = params[0].device
     scale = device_scalar(scale, device, "scale")
     stride = per_tensor_strides(scale, n)
-    pl = plan([params, list(grads), list(backups)], written=(0, 2), tag="perturb")
+    written = (0, 2) if save_backup else (0,)
+    pl = plan([params, list(grads), list(backups)], written=written, tag="perturb")
     with device_guard(device):
         for g in pl.groups:
             _perturb_kernel[(g.grid,)](
                 g.table, g.n, scale, stride, float(eta),
-                ADAPTIVE=bool(adaptive), DT_P=g.dtypes[0], DT_G=g.dtypes[1], DT_B=g.dtypes[2],
+                ADAPTIVE=bool(adaptive), SAVE=bool(save_backup), DT_P=g.dtypes[0],
+                DT_G=g.dtypes[1], DT_B=g.dtypes[2],
                 ALIGNED=g.aligned, CHUNK=g.chunk, BLOCK=g.block, num_warps=NUM_WARPS,
             )  # fmt: skip
     pl.finish()

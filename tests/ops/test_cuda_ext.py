@@ -533,8 +533,10 @@ def test_bad_inputs_are_clear_errors():
         ops.restore_([a], [torch.randn(5)])
     with pytest.raises(RuntimeError, match="expected 1"):
         ops.restore_([a], [a, a])
-    with pytest.raises(RuntimeError, match="scale"):
-        ops.perturb_([a, a.clone()], [a, a], [a.clone(), a.clone()], torch.ones(3), False, 0.0)
+    with pytest.raises(RuntimeError, match="scale must be 0-d or have 2 entries"):
+        ops.perturb_(
+            [a, a.clone()], [a, a], [a.clone(), a.clone()], torch.ones(3), False, 0.0, True
+        )
     # float64 never reaches the extension: the chooser routes it to eager
     d = [torch.randn(5, dtype=torch.float64)]
     assert sk.grad_norm(d, backend="cuda").dtype == torch.float64
@@ -548,9 +550,10 @@ def test_opcheck_and_compile():
     bk = [torch.empty(5), torch.empty(3, 2)]
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(ops.grad_norm, (gs, ps, 0.0), test_utils=tests)
-    torch.library.opcheck(
-        ops.perturb_, (ps, gs, bk, torch.tensor(0.1), False, 0.0), test_utils=tests
-    )
+    for save in (True, False):
+        torch.library.opcheck(
+            ops.perturb_, (ps, gs, bk, torch.tensor(0.1), False, 0.0, save), test_utils=tests
+        )
     torch.library.opcheck(ops.restore_, (ps, bk), test_utils=tests)
     torch.library.opcheck(
         ops.sgd_step_,
@@ -566,7 +569,7 @@ def test_opcheck_and_compile():
 
     def fn(ps, gs, bk):
         n = ops.grad_norm(gs, [], 0.0)
-        ops.perturb_(ps, gs, bk, 0.05 / (n + 1e-12), False, 0.0)
+        ops.perturb_(ps, gs, bk, 0.05 / (n + 1e-12), False, 0.0, True)
         ops.restore_(ps, bk)
         return n
 

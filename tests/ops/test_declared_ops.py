@@ -148,10 +148,14 @@ def case_grad_norm(dtype, weighted):
     return (g, p, 0.01 if weighted else 0.0), ()
 
 
-def case_perturb(dtype, adaptive):
+def case_perturb(dtype, variant):
+    """``variant``: ``(adaptive, save_backup)``. From the backups (no save), the parameters are
+    written in full and the backups must come back unchanged."""
+    adaptive, save = variant
     p, g = make(dtype), make(dtype)
     scale = torch.rand(len(p)) if adaptive else torch.rand(())
-    return (p, g, nans_like(p), scale, adaptive, 0.05), (0, 2)
+    p, b = (p, nans_like(p)) if save else (nans_like(p), p)
+    return (p, g, b, scale, adaptive, 0.05, save), (0, 2)
 
 
 def case_restore(dtype, _):
@@ -235,7 +239,7 @@ CASES = {
     ),
     "count_step": (case_count_step, [0.0, 1.0]),
     "grad_norm": (case_grad_norm, [False, True]),
-    "perturb": (case_perturb, [False, True]),
+    "perturb": (case_perturb, [(False, True), (True, True), (False, False), (True, False)]),
     "restore": (case_restore, [None]),
     "lincomb": (case_lincomb, [False, True]),
     "frob_accumulate": (case_frob_accumulate, [None]),
@@ -313,6 +317,26 @@ def test_backend_parity_through_the_schema(op, variant, dtype, device, backend):
             assert torch.equal(got, ref)
         else:
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", PLACES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_perturb_from_backups_is_restore_then_perturb(adaptive, dtype, device, backend):
+    """``perturb_(save_backup=False)`` (CR-SAM's ``w - e``) writes, on each backend, the bits of
+    that backend's ``restore_`` followed by ``perturb_``, and leaves the backups as they were."""
+    with torch.device(device):
+        w, b, g = make(dtype), make(dtype), make(dtype)
+        scale = torch.rand(len(w)) - 0.5 if adaptive else -torch.rand(())
+    b_before = [t.clone() for t in b]
+    w_ref, b_ref = [t.clone() for t in w], [t.clone() for t in b]
+    sk.restore_(w_ref, b_ref, backend=backend)
+    sk.perturb_(w_ref, g, b_ref, scale, adaptive=adaptive, eta=0.05, backend=backend)
+    sk.perturb_(w, g, b, scale, adaptive=adaptive, eta=0.05, save_backup=False, backend=backend)
+    for i, (x, y) in enumerate(zip(w, w_ref)):
+        assert torch.equal(bits(x), bits(y)), f"params[{i}]"
+    for i, (x, y) in enumerate(zip(b, b_before)):
+        assert torch.equal(bits(x), bits(y)), f"backups[{i}] changed"
 
 
 # ----------------------------------------------------------------------------- noise ops
