@@ -25,7 +25,9 @@ optimizer-step section):
 Modes: ``step()`` (one-pass torch steps), ``first+second`` (``first_step()`` and
 ``second_step()`` with the gradients already present; they are set outside the timed regions,
 before each call) and ``step(closure)`` (a closure that only sets precomputed gradients, ``p.grad
-= g``, and returns a precomputed loss; its own cost is timed with the step and reported apart).
+= g``, and returns a precomputed loss; its own cost is timed with the step and reported apart;
+the gradients at ``w`` are set before the step, untimed, and are other tensors than the
+closure's, as after a real backward: :class:`Grads`).
 
 Timing: ``time.perf_counter`` around the timed calls, garbage collection off while timing. All
 rows of one base are timed in interleaved rounds (each round runs every row's reps, in a rotated
@@ -186,12 +188,22 @@ class Runner:
 
 
 class Grads:
-    """Precomputed gradients for a parameter list, set by pointer (``p.grad = g``)."""
+    """Precomputed gradients for a parameter list, set by pointer (``p.grad = g``).
+
+    Two sets, as in training, where each backward writes its own gradient tensors: ``set`` puts
+    the gradients of the user's backward at ``w`` (``grads``), the closure those of the
+    backward at ``w + e`` (``closure_grads``). With one set the closure would leave the very
+    tensors, unchanged, that ``set`` puts back before the next step: gradients that no backward
+    wrote since the step, which the package's stale-gradient rule (the spec's closure contract)
+    drops, evaluating the closure at ``w`` once more (two closures per timed step, where the
+    peers run one).
+    """
 
     def __init__(self, params: list[torch.Tensor]) -> None:
         gen = torch.Generator().manual_seed(0)
         self.params = params
         self.grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+        self.closure_grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
         self.loss = torch.tensor(1.0)
 
     def set(self) -> None:
@@ -199,7 +211,7 @@ class Grads:
             p.grad = g
 
     def closure(self) -> torch.Tensor:
-        for p, g in zip(self.params, self.grads):
+        for p, g in zip(self.params, self.closure_grads):
             p.grad = g
         return self.loss
 

@@ -65,7 +65,7 @@ TORCH_LIBRARY(sam_kernels_C, m) {
       .def("drop_grads", &sam_kernels::SamStepPlan::drop_grads);
   m.def(
       "plan_ascent(Tensor counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan plan, "
-      "Tensor? loss) -> Tensor[]");
+      "Tensor? loss, bool drop_grads) -> Tensor[]");
   m.def(
       "plan_descent(Tensor(a!) counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan plan, "
       "Tensor ok, Tensor? loss, float[] hyper, float max_grad_norm) -> bool");

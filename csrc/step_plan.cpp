@@ -62,10 +62,15 @@ at::Tensor loss_ok(const at::Tensor& loss, const at::Device& device) {
   return finite01(loss.reshape({}).to(device));
 }
 
+// A parameter's gradient, read from its TensorImpl: at::Tensor::grad() asks autograd first
+// whether the tensor is a leaf (for a warning about non-leaf tensors, which parameters are
+// not), a call that doubled the cost of the plan's per-parameter loops.
+inline const at::Tensor& grad_ref(const at::Tensor& p) { return p.unsafeGetTensorImpl()->grad(); }
+
 std::vector<at::Tensor> grads_of(const std::vector<at::Tensor>& params) {
   std::vector<at::Tensor> out;
   out.reserve(params.size());
-  for (const auto& p : params) out.push_back(p.grad());
+  for (const auto& p : params) out.push_back(grad_ref(p));
   return out;
 }
 
@@ -151,7 +156,7 @@ bool SamStepPlan::same_params() const {
 
 void SamStepPlan::drop_grads() {
   for (auto& p : watch) {
-    if (p.grad().defined()) p.mutable_grad().reset();
+    if (grad_ref(p).defined()) p.mutable_grad().reset();
   }
 }
 
@@ -162,7 +167,7 @@ bool SamStepPlan::matches() const {
         !p.sizes().equals(sizes[i])) {
       return false;
     }
-    const at::Tensor& g = p.grad();
+    const at::Tensor& g = grad_ref(p);
     if (g.defined() != with_grad[i]) return false;
     if (g.defined() && (g.layout() != at::kStrided || g.scalar_type() != dtypes[i] ||
                         g.device() != devices[i] || g.sizes() != p.sizes())) {
@@ -178,7 +183,7 @@ void SamStepPlan::mark() {
   marked_versions.assign(watch.size(), 0);
   marked.reserve(watch.size());
   for (size_t i = 0; i < watch.size(); ++i) {
-    const at::Tensor& g = watch[i].grad();
+    const at::Tensor& g = grad_ref(watch[i]);
     if (g.defined()) {
       marked.emplace_back(g.getIntrusivePtr());
       marked_versions[i] = g._version();
@@ -188,12 +193,31 @@ void SamStepPlan::mark() {
   }
 }
 
-bool SamStepPlan::drop_stale_watched() { return drop_stale(watch); }
+// By place: marked[i] is watch[i]'s (mark() records them in that order), so no lookup. The
+// identity is a pointer comparison, without locking the weak reference: while it is held, the
+// marked TensorImpl's memory is not freed (a weak count keeps it), so no other tensor can be at
+// that address, and `g` (alive, p's gradient) is at it only if it is that very tensor.
+bool SamStepPlan::drop_stale_watched() {
+  bool fresh = false;
+  const size_t n_marked = marked.size();
+  for (size_t i = 0; i < watch.size(); ++i) {
+    at::Tensor& p = watch[i];
+    const at::Tensor& g = grad_ref(p);
+    if (!g.defined()) continue;
+    if (i < n_marked && marked[i]._unsafe_get_target() == g.unsafeGetTensorImpl() &&
+        g._version() - marked_versions[i] <= 1) {
+      p.mutable_grad().reset();
+    } else {
+      fresh = true;
+    }
+  }
+  return fresh;
+}
 
 bool SamStepPlan::drop_stale(std::vector<at::Tensor> params) {
   bool fresh = false;
   for (auto& p : params) {
-    const at::Tensor& g = p.grad();
+    const at::Tensor& g = grad_ref(p);
     if (!g.defined()) continue;
     const auto it = index.find(p.unsafeGetTensorImpl());
     bool stale = false;
@@ -217,7 +241,7 @@ bool SamStepPlan::drop_stale(std::vector<at::Tensor> params) {
 // match the parameters (nothing written).
 std::vector<at::Tensor> plan_ascent(const at::Tensor& counters,
                                     const c10::intrusive_ptr<SamStepPlan>& plan,
-                                    const std::optional<at::Tensor>& loss) {
+                                    const std::optional<at::Tensor>& loss, bool drop_grads) {
   if (!plan->matches()) return {};
   // below autograd: the extension's ops then run their kernels unboxed (their autograd key is
   // torch's boxed not-implemented fallback, which copies every tensor list into IValues)
@@ -233,6 +257,8 @@ std::vector<at::Tensor> plan_ascent(const at::Tensor& counters,
                       plan->adaptive, plan->eta, /*save_backup=*/true);
   }
   if (loss.has_value()) ok = at::mul(ok, loss_ok(*loss, counters.device()));
+  // step(closure): zero_grad(set_to_none=True) before the evaluation at w + e
+  if (drop_grads) plan->drop_grads();
   return {ok};
 }
 

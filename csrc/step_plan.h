@@ -91,7 +91,7 @@ struct SamStepPlan : torch::CustomClassHolder {
 // (python_api/_step_plan.py).
 std::vector<at::Tensor> plan_ascent(const at::Tensor& counters,
                                     const c10::intrusive_ptr<SamStepPlan>& plan,
-                                    const std::optional<at::Tensor>& loss);
+                                    const std::optional<at::Tensor>& loss, bool drop_grads);
 bool plan_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
                   const at::Tensor& ok, const std::optional<at::Tensor>& loss,
                   std::vector<double> hyper, double max_grad_norm);

@@ -148,7 +148,7 @@ class SAM(SAMFamily):
     # The planned step (python_api._step_plan): each half one op of the compiled extension, the
     # same results; None / False where the step runs unplanned (the methods above and below).
     def _planned_ascent(
-        self, loss: torch.Tensor | None
+        self, loss: torch.Tensor | None, drop_grads: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
         # a subclass may change the halves; dynamo traces the unplanned path (the plan's ops take
         # a C++ object it does not trace)
@@ -161,7 +161,7 @@ class SAM(SAMFamily):
             plan = self._step_plan = _step_plan.build(self)
             if not isinstance(plan, _step_plan.PlannedStep):
                 return None
-        ok = plan.plan.ascent(loss)
+        ok = plan.plan.ascent(loss, drop_grads)  # drop_grads: zero_grad(set_to_none=True) too
         if ok is None:  # the gradients or parameters changed: unplanned, plans rebuilt
             self._step_plan = None
             return None
@@ -251,10 +251,11 @@ class SAM(SAMFamily):
         closure = self._require_closure(closure)
         l0, _ = self._initial_eval(closure, loss, need_loss=False)
         with torch.no_grad():
-            planned = self._planned_ascent(l0)
-            if planned is not None:  # the loss check folded in (on_nonfinite="skip")
+            # the loss check folded in (on_nonfinite="skip"), and zero_grad(set_to_none=True) of
+            # the plan's parameters (every parameter of the groups)
+            planned = self._planned_ascent(l0, drop_grads=True)
+            if planned is not None:
                 ok, perturbed = planned
-                self._step_plan.plan.drop_grads()  # zero_grad(set_to_none=True) of its params
             else:
                 ok, perturbed = self._ascend()
                 if l0 is not None:

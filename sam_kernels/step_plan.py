@@ -139,10 +139,13 @@ class SamStepPlan:
         """``p.grad = None`` for every watched parameter."""
         self._plan.drop_grads()
 
-    def ascent(self, loss: torch.Tensor | None = None) -> torch.Tensor | None:
+    def ascent(
+        self, loss: torch.Tensor | None = None, drop_grads: bool = False
+    ) -> torch.Tensor | None:
         """The ascent; returns the step's finite flag ``ok`` (0-d float32), or ``None`` when the
-        plan does not match (nothing was changed)."""
-        out = self._ascent(self._counters, self._plan, loss)
+        plan does not match (nothing was changed). ``drop_grads``: then ``p.grad = None`` for
+        every watched parameter (:meth:`drop_grads`, in the same call)."""
+        out = self._ascent(self._counters, self._plan, loss, bool(drop_grads))
         return out[0] if out else None
 
     def descent(

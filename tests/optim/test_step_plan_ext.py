@@ -152,6 +152,38 @@ def test_bit_identical_to_the_unplanned_step(base, form, device):
     assert opt.steps_taken == 6
 
 
+@pytest.mark.parametrize("zeroing", ["set_to_none", "in_place"])
+def test_stale_and_fresh_gradients_on_the_plan(zeroing):
+    """The plan's stale-gradient marks (drop_stale_watched: by place and by the marked tensor's
+    address): davda54's loop, the user's own backward before ``step(closure)``, counts as
+    ``g0`` (one closure call per step) whether its gradients are new tensors or accumulated into
+    zeroed ones; no backward since the last step (the gradients the step left, unchanged or
+    zeroed in place) is stale: the closure runs at ``w`` too (two calls). The same weights and
+    state as the unplanned step every time."""
+    m, r, opt, ref = _pair("sgd")
+    calls = {id(opt): 0, id(ref): 0}
+    for s in range(6):
+        fresh = s % 2 == 0
+        for model, o in ((m, opt), (r, ref)):
+            x, y = _data(s)
+            o.zero_grad(set_to_none=zeroing == "set_to_none")
+            if fresh:
+                _loss(model, x, y).backward()
+
+            def closure(model=model, o=o, x=x, y=y):
+                calls[id(o)] += 1
+                o.zero_grad()
+                loss = _loss(model, x, y)
+                loss.backward()
+                return loss
+
+            o.step(closure)
+        _same(m, r, opt, ref)
+        assert _planned(opt) or s < 2  # built at the third step (after the state exists)
+    # steps 0, 2, 4 fresh (one call each), 1, 3, 5 stale (two each)
+    assert calls[id(opt)] == calls[id(ref)] == 9
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_parameters(dtype):
     m, r, opt, ref = _pair("sgd", dtype=dtype)
