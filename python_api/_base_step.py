@@ -50,22 +50,23 @@ class BaseStep(StepCounters):
     # ----------------------------------------------------------------- the opening of a step
     def _evaluate_w(
         self, closure: Callable[[], Any], loss: Any, need_loss: bool
-    ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor]:
-        """The evaluation at ``w`` of a step that perturbs along ``g0``: ``(L0, ps, ok)``.
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The evaluation at ``w`` of a step that perturbs along ``g0``: ``(L0, ps)``.
 
         ``L0`` as :meth:`_initial_eval` gives it (``None`` when not evaluated or given),
-        ``ps`` the parameters with a gradient (``g0``), ``ok`` the finite flag of ``L0``. With
-        no gradient there is nothing to perturb: the step is then complete here (the flag
-        checked for ``on_nonfinite="raise"``, the base step taken with it, which counts the
-        step) and the caller returns ``L0``.
+        ``ps`` the parameters with a gradient (``g0``). The caller folds the finite flag of
+        ``L0`` into its first one, with the norm of ``g0`` (one ``finite_and``, checked as
+        "the evaluation at w"). With no gradient there is nothing to perturb: the step is then
+        complete here (the flag of ``L0`` checked for ``on_nonfinite="raise"``, the base step
+        taken with it, which counts the step) and the caller returns ``L0``.
         """
         l0, _ = self._initial_eval(closure, loss, need_loss=need_loss)
         ps = self._params_with_grad()
-        ok = self._ok_from(l0)
         if not ps:
+            ok = self._ok_from(l0)
             self._check_raise(ok, "the loss at w")
             self._base_step(ok)
-        return l0, ps, ok
+        return l0, ps
 
     # ----------------------------------------------------------------- base step
     def _base_step(

@@ -207,9 +207,15 @@ class ClosureContract:
         ]
         return sk.finite_and(ok, vals, backend=self.backend)
 
+    @property
+    def _raises_on_nonfinite(self) -> bool:
+        """Whether :meth:`_check_raise` reads the flag (``on_nonfinite="raise"``, and no
+        GradScaler making an overflow routine); otherwise a flag may be completed later."""
+        return self.on_nonfinite == "raise" and not self._nonfinite_is_routine
+
     def _check_raise(self, ok: torch.Tensor, what: str, backups_of: Sequence | None = None):
         """``on_nonfinite="raise"``: one host read; restore weights, then raise."""
-        if self.on_nonfinite != "raise" or self._nonfinite_is_routine:
+        if not self._raises_on_nonfinite:
             # under a GradScaler an overflow is routine: skip and let the scaler back off
             return
         if not bool(ok.item()):

@@ -112,6 +112,7 @@ class Perturbation:
         what: str,
         need_loss: bool,
         at: str | None = None,
+        flag: bool = True,
     ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """The closure at a perturbed point and its flag: ``(loss, grads, ok, norm)``.
 
@@ -120,7 +121,9 @@ class Perturbation:
         step's parameter set, :meth:`_collect_grads`); ``ok`` is the given flag times their
         finite flag and the loss's, checked for ``on_nonfinite="raise"`` (``perturbed``
         restored first; the message names ``at``, by default ``what``); ``norm`` is the plain
-        norm of ``grads`` the finite flag is read from (clipping may reuse it).
+        norm of ``grads`` the finite flag is read from (clipping may reuse it). ``flag=False``
+        (only where :attr:`_raises_on_nonfinite` is False): ``ok`` is returned as given, and
+        the caller folds ``norm`` and ``loss`` into a later flag.
         """
         self.zero_grad(set_to_none=True)
         loss = self._call_closure(
@@ -128,8 +131,9 @@ class Perturbation:
         )
         grads = self._collect_grads(ps)
         norm = self._checked_norm(grads)
-        ok = self._and_finite(ok, norm, loss)  # one fused op: ok * [norm, loss finite]
-        self._check_raise(ok, what if at is None else at, perturbed)
+        if flag:
+            ok = self._and_finite(ok, norm, loss)  # one fused op: ok * [norm, loss finite]
+            self._check_raise(ok, what if at is None else at, perturbed)
         return loss, grads, ok, norm
 
     def _backups(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:

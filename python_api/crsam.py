@@ -179,7 +179,7 @@ class CRSAM(SAMFamily):
         closure = self._require_closure(closure)
         check_nonneg("alpha", self.alpha)  # attributes: a user may have changed them
         check_nonneg("beta", self.beta)
-        l0, ps, ok = self._evaluate_w(closure, loss, need_loss=self.log_form)
+        l0, ps = self._evaluate_w(closure, loss, need_loss=self.log_form)
         if not ps:  # nothing to perturb: the base step has been taken
             return l0
 
@@ -187,7 +187,7 @@ class CRSAM(SAMFamily):
         # (a zero scale if not finite)
         g0 = self._take_grads(ps)
         norm = self._grad_norm()
-        ok = self._and_finite(ok, norm)
+        ok = self._and_finite(None, norm, l0)
         self._check_raise(ok, "the evaluation at w (loss L0, gradient g0)")
         groups = self._perturbed_groups()
         pert = [p for _, gps in groups for p in gps]
@@ -203,9 +203,13 @@ class CRSAM(SAMFamily):
             sk.perturb_(pert, g0_pert, backups, scale, backend=self.backend)
             self._live.extend(pert)
 
-        # w + e: g+ kept (the gradient tensors themselves)
+        # w + e: g+ kept (the gradient tensors themselves). Unless a non-finite value raises,
+        # its finite flag is folded into the one of w - e (one finite_and for both)
+        raises = self._raises_on_nonfinite
         at = "the evaluation at w + e (loss L+, gradient g+)"
-        lp, _, ok, _ = self._evaluate_perturbed(closure, ps, pert, ok, "w + e", self.log_form, at)
+        lp, _, ok, n_plus = self._evaluate_perturbed(
+            closure, ps, pert, ok, "w + e", self.log_form, at, flag=raises
+        )
         gplus_of = {id(p): g for p, g in zip(ps, self._take_grads(ps))}
 
         # w - e, formed from the saved w (never from w + e): w = b - e in one pass (the restore
@@ -213,7 +217,11 @@ class CRSAM(SAMFamily):
         if pert:
             sk.perturb_(pert, g0_pert, backups, neg_scale, save_backup=False, backend=self.backend)
         at = "the evaluation at w - e (loss L-, gradient g-)"
-        lm, _, ok, _ = self._evaluate_perturbed(closure, ps, pert, ok, "w - e", self.log_form, at)
+        lm, _, ok, n_minus = self._evaluate_perturbed(
+            closure, ps, pert, ok, "w - e", self.log_form, at, flag=raises
+        )
+        if not raises:
+            ok = self._and_finite(ok, n_plus, lp, n_minus, lm)
 
         # g = c0 g+ + c1 g- + c2 g0, combined inside the base step
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in ps) else torch.float32

@@ -204,7 +204,7 @@ class FriendlySAM(SAMFamily):
         closure = self._require_closure(closure)
         for group in self.param_groups:  # hyper-parameters edited since: checked first
             self._check_group(group)
-        l0, ps, ok = self._evaluate_w(closure, loss, need_loss=False)
+        l0, ps = self._evaluate_w(closure, loss, need_loss=False)
         if not ps:  # nothing to perturb: the base step has been taken
             return l0
 
@@ -227,8 +227,8 @@ class FriendlySAM(SAMFamily):
             p.grad = di
         del d
         norm = self._grad_norm()
-        ok = self._and_finite(ok, norm)
-        self._check_raise(ok, "the evaluation at w (gradient g0)")
+        ok = self._and_finite(None, norm, l0)
+        self._check_raise(ok, "the evaluation at w (loss L0, gradient g0)")
         pert = self._perturb_along_grad(norm)
 
         # w + e: g1 in p.grad (the same parameter set as g0)

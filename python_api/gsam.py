@@ -190,7 +190,7 @@ class GSAM(SAMFamily):
         closure = self._require_closure(closure)
         factor = self._rho_factor()  # checks the configuration first
         alpha = self.alpha
-        l0, ps, ok = self._evaluate_w(closure, loss, need_loss=False)
+        l0, ps = self._evaluate_w(closure, loss, need_loss=False)
         if not ps:  # nothing to perturb: the base step has been taken
             return l0
 
@@ -200,8 +200,8 @@ class GSAM(SAMFamily):
         g0 = self._take_grads(ps)
         g0_of = dict(zip(ps, g0))
         n0 = self._grad_norm()
-        ok = self._and_finite(ok, n0)
-        self._check_raise(ok, "the evaluation at w (gradient g0)")
+        ok = self._and_finite(None, n0, l0)
+        self._check_raise(ok, "the evaluation at w (loss L0, gradient g0)")
         pert = self._perturb_along_grad(n0, factor)
 
         # w + e: g1 in p.grad (the same parameter set as g0)
