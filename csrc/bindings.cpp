@@ -29,7 +29,9 @@ TORCH_LIBRARY(sam_kernels_C, m) {
       "Tensor sigma, float eps_1d, Tensor seed, Tensor offset) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
   m.def("lincomb_(Tensor(a!)[] out, Tensor[] terms, Tensor coefs) -> ()");
-  m.def("frob_accumulate_(Tensor(a!)[] cross, Tensor(b!)[] gsum, Tensor[] grads, Tensor loss) -> ()");
+  m.def(
+      "frob_accumulate_(Tensor(a!)[] cross, Tensor(b!)[] gsum, Tensor[] grads, Tensor loss, "
+      "bool init) -> ()");
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor? coefs, "
       "Tensor(b!)[] momentum_buffers, Tensor(c!)[] steps, Tensor[] backups, Tensor? lr_tensor, "

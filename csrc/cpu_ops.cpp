@@ -374,28 +374,34 @@ void lincomb_cpu(at::TensorList out, at::TensorList terms, const at::Tensor& coe
   p.finish();
 }
 
-template <typename T>
+// kInit: the sums start from zero (0 + x, the bits of zeroing then accumulating), not read
+template <typename T, bool kInit>
 SK_KERNEL void frob_chunk(T* cr, T* gs, const T* g, int64_t n, float L) {
   blocked(
       n,
       [&](int64_t i0) {
-        prefetch(cr, i0);
-        prefetch(gs, i0);
+        if constexpr (!kInit) {
+          prefetch(cr, i0);
+          prefetch(gs, i0);
+        }
         prefetch(g, i0);
       },
       [&](int64_t i) {
         const float gv = f32(g[i]);
-        cr[i] = static_cast<T>(f32(cr[i]) + gv * L);
-        gs[i] = static_cast<T>(f32(gs[i]) + gv);
+        const float c0 = kInit ? 0.0f : f32(cr[i]);
+        const float s0 = kInit ? 0.0f : f32(gs[i]);
+        cr[i] = static_cast<T>(c0 + gv * L);
+        gs[i] = static_cast<T>(s0 + gv);
       });
 }
 
 void frob_accumulate_cpu(at::TensorList cross, at::TensorList gsum, at::TensorList grads,
-                         const at::Tensor& loss) {
+                         const at::Tensor& loss, bool init) {
   const char* op = "frob_accumulate";
+  const Access sums = init ? Access::kWrite : Access::kReadWrite;
   Prepared p = prepare_lists(op,
-                             {{"cross", cross, Access::kReadWrite, true},
-                              {"gsum", gsum, Access::kReadWrite, true},
+                             {{"cross", cross, sums, true},
+                              {"gsum", gsum, sums, true},
                               {"grads", grads, Access::kRead, true}},
                              kCpu);
   if (p.n == 0) return;
@@ -407,7 +413,11 @@ void frob_accumulate_cpu(at::TensorList cross, at::TensorList gsum, at::TensorLi
       T* cr = ptr<T>(p.lists[0][c.t], c.start);
       T* gs = ptr<T>(p.lists[1][c.t], c.start);
       const T* g = ptr<T>(p.lists[2][c.t], c.start);
-      run_kernel([&] { frob_chunk(cr, gs, g, c.len, L); });
+      if (init) {
+        run_kernel([&] { frob_chunk<T, true>(cr, gs, g, c.len, L); });
+      } else {
+        run_kernel([&] { frob_chunk<T, false>(cr, gs, g, c.len, L); });
+      }
     });
   });
   p.finish();

@@ -224,19 +224,20 @@ void lincomb_cuda(at::TensorList out, at::TensorList terms, const at::Tensor& co
 }
 
 void frob_accumulate_cuda(at::TensorList cross, at::TensorList gsum, at::TensorList grads,
-                          const at::Tensor& loss) {
+                          const at::Tensor& loss, bool init) {
   if (cross.empty()) return;
   const char* op = "frob_accumulate";
   const at::Device dev = device_of(cross);
   c10::cuda::CUDAGuard guard(dev);
+  const Access sums = init ? Access::kWrite : Access::kReadWrite;
   Prepared p = prepare_lists(op,
-                             {{"cross", cross, Access::kReadWrite, true},
-                              {"gsum", gsum, Access::kReadWrite, true},
+                             {{"cross", cross, sums, true},
+                              {"gsum", gsum, sums, true},
                               {"grads", grads, Access::kRead, true}},
                              dev);
   check_scalar(op, "loss", loss, at::kFloat, dev);
   for (const auto& g : make_groups(p, {0, 1, 2})) {
-    kc::launch_frob_accumulate(g.group(), fptr(loss), stream_of(dev));
+    kc::launch_frob_accumulate(g.group(), fptr(loss), init, stream_of(dev));
   }
   p.finish();
 }

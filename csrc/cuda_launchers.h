@@ -64,8 +64,8 @@ struct Coefs {
   int n_stride = 0;
 };
 void launch_lincomb(const Group& g, const Coefs& c, void* stream);
-// lists: 0 cross (in/out), 1 gsum (in/out), 2 grads
-void launch_frob_accumulate(const Group& g, const float* loss, void* stream);
+// lists: 0 cross (in/out; init: out), 1 gsum (in/out; init: out), 2 grads
+void launch_frob_accumulate(const Group& g, const float* loss, bool init, void* stream);
 
 // ---- optimizer steps, restore fused in, gated by ok ----
 struct StepCommon {

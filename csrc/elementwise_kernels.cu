@@ -178,10 +178,10 @@ void launch_lincomb(const Group& g, const Coefs& cf, void* stream) {
   });
 }
 
-// ---- Frob-SAM accumulation: cross += L * g;  gsum += g ----
+// ---- Frob-SAM accumulation: cross += L * g;  gsum += g   (init: from zero, not read) ----
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    frob_kernel(const __grid_constant__ Meta<3> m, const float* loss_p) {
+    frob_kernel(const __grid_constant__ Meta<3> m, const float* loss_p, bool init) {
   const ChunkLoc c = locate(m);
   T* cross = static_cast<T*>(m.ptr[0][c.t]) + c.start;
   T* gsum = static_cast<T*>(m.ptr[1][c.t]) + c.start;
@@ -190,8 +190,13 @@ __global__ void __launch_bounds__(kThreads)
   const float loss = *loss_p;
   SK_CHUNK_LOOP(i, c) {
     float cv[kVec], sv[kVec], gv[kVec];
-    load_f(cross, i, c.len, vec, cv);
-    load_f(gsum, i, c.len, vec, sv);
+    if (init) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) cv[j] = sv[j] = 0.0f;
+    } else {
+      load_f(cross, i, c.len, vec, cv);
+      load_f(gsum, i, c.len, vec, sv);
+    }
     load_f(g, i, c.len, vec, gv);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
@@ -203,13 +208,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-void launch_frob_accumulate(const Group& g, const float* loss, void* stream) {
+void launch_frob_accumulate(const Group& g, const float* loss, bool init, void* stream) {
   const int ids[3] = {0, 1, 2};
   dispatch_dtype(g.dtype, [&](auto tag) {
     using T = decltype(tag);
     for_each_table<3>(g, ids, [&](const Meta<3>& m, int blocks, int64_t) {
       if (blocks == 0) return;
-      frob_kernel<T><<<blocks, kThreads, 0, as_stream(stream)>>>(m, loss);
+      frob_kernel<T><<<blocks, kThreads, 0, as_stream(stream)>>>(m, loss, init);
       check_cuda(cudaGetLastError(), "frob_accumulate");
     });
   });

@@ -38,12 +38,11 @@ class FrobEstimator(Estimator):
             ctx["gsum"] = self._scratch(ctx["pert"])
         cross, gsum = ctx["cross"], ctx["gsum"]
         if i == 0:
-            torch._foreach_zero_(cross)
-            torch._foreach_zero_(gsum)
             ctx["lref"] = loss
             ctx["lsum"] = torch.zeros_like(loss)
         shifted = loss - ctx["lref"]
-        sk.frob_accumulate_(cross, gsum, grads, shifted, backend=self.backend)
+        # the first sample starts the sums from zero (written, not read: no zeroing pass)
+        sk.frob_accumulate_(cross, gsum, grads, shifted, init=i == 0, backend=self.backend)
         ctx["lsum"] = ctx["lsum"] + shifted
 
     def _final(self, group, cols, g0_of, ctx, ps) -> sk.LinComb:

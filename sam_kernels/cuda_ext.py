@@ -289,11 +289,12 @@ def lincomb_ext(out, comb: LinComb) -> None:
 
 
 @register("frob_accumulate", "ext")
-def frob_accumulate_ext(cross, gsum, grads, loss) -> None:
+def frob_accumulate_ext(cross, gsum, grads, loss, init: bool = False) -> None:
     cross = list(cross)
     if not cross:
         return
-    _ops.frob_accumulate_(cross, list(gsum), list(grads), _f32(loss, cross[0].device).reshape(()))
+    loss = _f32(loss, cross[0].device).reshape(())
+    _ops.frob_accumulate_(cross, list(gsum), list(grads), loss, bool(init))
 
 
 @register("sgd_step", "ext")

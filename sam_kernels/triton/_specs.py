@@ -111,9 +111,10 @@ def variants():
     for dt, k in ((F32, 2), (BF16, 3), (F32, 4)):
         v.append((f"lincomb/{dt}/K={k}", lincomb._lincomb_kernel,
                   dict(K=k, DT_O=dt, **_terms(*[dt] * k), ALIGNED=True, **GEOM), True))  # fmt: skip
-    for dt in (F32, BF16):
-        v.append((f"frob/{dt}", frob_accumulate._frob_kernel,
-                  dict(DT_C=F32, DT_S=F32, DT_G=dt, ALIGNED=True, **GEOM), True))  # fmt: skip
+    for dt, init in ((F32, False), (BF16, False), (F32, True)):
+        v.append((f"frob/{dt}/init={init}", frob_accumulate._frob_kernel,
+                  dict(INIT=init, DT_C=F32, DT_S=F32, DT_G=dt, ALIGNED=True, **GEOM),
+                  True))  # fmt: skip
     sgd_cases = [
         # (dtype, K, coef, momentum, nesterov, wd, backup, ok, lr_ptr, maximize)
         (F32, 1, False, True, False, False, True, True, False, False),

@@ -1,4 +1,5 @@
-"""Triton ``frob_accumulate``: ``cross += L * g;  gsum += g`` in one pass, ``L`` on the device."""
+"""Triton ``frob_accumulate``: ``cross += L * g;  gsum += g`` in one pass, ``L`` on the device
+(``INIT``: from zero, ``cross`` and ``gsum`` written without being read)."""
 
 from __future__ import annotations
 
@@ -22,17 +23,23 @@ from sam_kernels.triton._launch import (
 @triton.jit
 def _frob_body(
     cp, sp, gp, offs, rem, loss,
-    DT_C: tl.constexpr, DT_S: tl.constexpr, MASKED: tl.constexpr,
+    INIT: tl.constexpr, DT_C: tl.constexpr, DT_S: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     g = ldf(gp, offs, rem, MASKED)
-    st(cp, offs, rem, ldf(cp, offs, rem, MASKED) + g * loss, DT_C, MASKED)
-    st(sp, offs, rem, ldf(sp, offs, rem, MASKED) + g, DT_S, MASKED)
+    if INIT:
+        c0 = tl.zeros_like(g)
+        s0 = tl.zeros_like(g)
+    else:
+        c0 = ldf(cp, offs, rem, MASKED)
+        s0 = ldf(sp, offs, rem, MASKED)
+    st(cp, offs, rem, c0 + g * loss, DT_C, MASKED)
+    st(sp, offs, rem, s0 + g, DT_S, MASKED)
 
 
 @triton.jit
 def _frob_kernel(
     table, n, loss_ptr,
-    DT_C: tl.constexpr, DT_S: tl.constexpr, DT_G: tl.constexpr,
+    INIT: tl.constexpr, DT_C: tl.constexpr, DT_S: tl.constexpr, DT_G: tl.constexpr,
     ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     t, start, rem = locate(table, n, 3, CHUNK)
@@ -43,13 +50,13 @@ def _frob_kernel(
     for j in range(0, rem, BLOCK):
         offs = j + tl.arange(0, BLOCK)
         if j + BLOCK <= rem:
-            _frob_body(cp, sp, gp, offs, rem, loss, DT_C, DT_S, False)
+            _frob_body(cp, sp, gp, offs, rem, loss, INIT, DT_C, DT_S, False)
         else:
-            _frob_body(cp, sp, gp, offs, rem, loss, DT_C, DT_S, True)
+            _frob_body(cp, sp, gp, offs, rem, loss, INIT, DT_C, DT_S, True)
 
 
 @register("frob_accumulate", "triton")
-def frob_accumulate_triton(cross, gsum, grads, loss) -> None:
+def frob_accumulate_triton(cross, gsum, grads, loss, init=False) -> None:
     cross = list(cross)
     if not cross:
         return
@@ -61,7 +68,8 @@ def frob_accumulate_triton(cross, gsum, grads, loss) -> None:
     with device_guard(device):
         for g in pl.groups:
             _frob_kernel[(g.grid,)](
-                g.table, g.n, loss, DT_C=g.dtypes[0], DT_S=g.dtypes[1], DT_G=g.dtypes[2],
+                g.table, g.n, loss, INIT=bool(init), DT_C=g.dtypes[0], DT_S=g.dtypes[1],
+                DT_G=g.dtypes[2],
                 ALIGNED=g.aligned, CHUNK=g.chunk, BLOCK=g.block, num_warps=NUM_WARPS,
             )  # fmt: skip
     pl.finish()

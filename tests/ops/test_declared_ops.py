@@ -169,8 +169,10 @@ def case_lincomb(dtype, per_tensor):
     return (nans_like(t0), t0 + t1, coefs), (0,)
 
 
-def case_frob_accumulate(dtype, _):
-    return (make(dtype), make(dtype), make(dtype), torch.tensor(0.37)), (0, 1)
+def case_frob_accumulate(dtype, init):
+    """``init``: the sums start from zero, their inputs (NaN here) not read."""
+    cross, gsum = (nans_like(make(dtype)) for _ in range(2)) if init else (make(dtype), make(dtype))
+    return (cross, gsum, make(dtype), torch.tensor(0.37), init), (0, 1)
 
 
 def case_sgd_step(dtype, backups):
@@ -242,7 +244,7 @@ CASES = {
     "perturb": (case_perturb, [(False, True), (True, True), (False, False), (True, False)]),
     "restore": (case_restore, [None]),
     "lincomb": (case_lincomb, [False, True]),
-    "frob_accumulate": (case_frob_accumulate, [None]),
+    "frob_accumulate": (case_frob_accumulate, [False, True]),
     "sgd_step": (case_sgd_step, [False, True]),
     "adamw_step": (case_adamw_step, [False, True]),
     "aesam_stats": (case_aesam_stats, [None]),
@@ -337,6 +339,23 @@ def test_perturb_from_backups_is_restore_then_perturb(adaptive, dtype, device, b
         assert torch.equal(bits(x), bits(y)), f"params[{i}]"
     for i, (x, y) in enumerate(zip(b, b_before)):
         assert torch.equal(bits(x), bits(y)), f"backups[{i}] changed"
+
+
+@pytest.mark.parametrize("device,backend", PLACES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_frob_accumulate_init_is_zero_then_accumulate(dtype, device, backend):
+    """``frob_accumulate_(init=True)`` (Frob-SAM's first sample) writes, on each backend, the
+    bits of zeroing the sums and then accumulating, whatever the sums held (NaN here)."""
+    with torch.device(device):
+        g, loss = make(dtype), torch.tensor(-0.37)
+        cross, gsum = nans_like(g), nans_like(g)
+        ref_c, ref_s = [torch.zeros_like(t) for t in g], [torch.zeros_like(t) for t in g]
+    g[1].fill_(-0.0)  # 0 + (-0) is +0: the sign of a zero as the zeroed sums give it
+    sk.frob_accumulate_(ref_c, ref_s, g, loss, backend=backend)
+    sk.frob_accumulate_(cross, gsum, g, loss, init=True, backend=backend)
+    for name, got, ref in (("cross", cross, ref_c), ("gsum", gsum, ref_s)):
+        for i, (x, y) in enumerate(zip(got, ref)):
+            assert torch.equal(bits(x), bits(y)), f"{name}[{i}]"
 
 
 # ----------------------------------------------------------------------------- noise ops
