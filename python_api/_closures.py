@@ -83,6 +83,16 @@ class ClosureContract:
                 )
         return loss.detach()
 
+    def _drop_grads(self) -> None:
+        """``p.grad = None`` for every parameter: what ``zero_grad(set_to_none=True)`` does,
+        inside a step, without torch's ``record_function`` around it (two profiler ops per call,
+        about 10 us of host time; a step zeroes the gradients before each of its own
+        evaluations)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad = None
+
     def _params_with_grad(self) -> list[torch.Tensor]:
         out = []
         for g in self.param_groups:
@@ -110,7 +120,7 @@ class ClosureContract:
             self._after_eval()  # the user's own (scaled) first backward
             return given, False
         if have_grads:
-            self.zero_grad(set_to_none=True)
+            self._drop_grads()
         # a repeated evaluation at w (the user's forward already updated the BN statistics)
         # leaves BN buffers as they are, like the evaluations at perturbed points
         l0 = self._call_closure(closure, perturbed=have_grads, need_loss=need_loss, what="w")

@@ -125,7 +125,7 @@ class Perturbation:
         (only where :attr:`_raises_on_nonfinite` is False): ``ok`` is returned as given, and
         the caller folds ``norm`` and ``loss`` into a later flag.
         """
-        self.zero_grad(set_to_none=True)
+        self._drop_grads()
         loss = self._call_closure(
             closure, perturbed=True, need_loss=need_loss, what=what, restore=perturbed
         )

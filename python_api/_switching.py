@@ -219,7 +219,7 @@ class SwitchingSAM(SAMFamily):
                 self._norm0 = None
                 g0 = [p.grad for p in ps]
                 perturbed = self._perturb_along_grad(norm)
-                self.zero_grad(set_to_none=True)
+                self._drop_grads()
             l1 = self._call_closure(
                 closure, perturbed=True, need_loss=False, what="w + e", restore=perturbed
             )

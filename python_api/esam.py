@@ -173,7 +173,7 @@ class ESAM(SAMFamily):
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         self._follow_device()
-        self.zero_grad(set_to_none=True)
+        self._drop_grads()
         l0 = self._eval_losses(closure, "w")
         mean0 = l0.mean()
         self._backward(mean0)
@@ -185,7 +185,7 @@ class ESAM(SAMFamily):
             ok = (torch.isfinite(norm) & torch.isfinite(l0).all()).to(torch.float32)
             self._check_raise(ok, "w (the first evaluation)")
             perturbed = self._perturb_swp(norm)
-            self.zero_grad(set_to_none=True)
+            self._drop_grads()
         # BN buffers are put back after the backward of the perturbed pass (batch norm saves
         # its running statistics for the backward: restoring them earlier breaks autograd)
         if self._bn is not None:

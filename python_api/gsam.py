@@ -205,7 +205,7 @@ class GSAM(SAMFamily):
         pert = self._perturb_along_grad(n0, factor)
 
         # w + e: g1 in p.grad (the same parameter set as g0)
-        self.zero_grad(set_to_none=True)
+        self._drop_grads()
         l1 = self._call_closure(
             closure, perturbed=True, need_loss=False, what="w + e", restore=pert
         )

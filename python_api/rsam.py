@@ -256,7 +256,7 @@ class RSAM(NoiseStreamState, SAMFamily):
         # has already updated the BN statistics for this batch (then the evaluation at
         # w + delta leaves them, so a step updates them once either way)
         user_forward = self._fresh_grads()
-        self.zero_grad(set_to_none=True)
+        self._drop_grads()
 
         counter = self._noise_seed is not None
         offset0 = self._noise_offset.clone() if counter else None
@@ -343,7 +343,7 @@ class RSAM(NoiseStreamState, SAMFamily):
         )
 
         # w + e: g1 (the same parameter set as g_d)
-        self.zero_grad(set_to_none=True)
+        self._drop_grads()
         l1 = self._call_closure(
             closure, perturbed=True, need_loss=False, what="w + e", restore=noisy
         )

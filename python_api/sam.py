@@ -261,7 +261,7 @@ class SAM(SAMFamily):
                 if l0 is not None:
                     ok = self._and_finite(ok, l0)
                     self._check_raise(ok, "the loss at w", perturbed)
-                self.zero_grad(set_to_none=True)
+                self._drop_grads()
         l1 = self._call_closure(
             closure, perturbed=True, need_loss=False, what="w + e", restore=perturbed
         )
