@@ -64,7 +64,9 @@ TORCH_LIBRARY(sam_kernels_C, m) {
       .def("drop_stale", &sam_kernels::SamStepPlan::drop_stale)
       .def("drop_stale_watched", &sam_kernels::SamStepPlan::drop_stale_watched)
       .def("same_params", &sam_kernels::SamStepPlan::same_params)
-      .def("drop_grads", &sam_kernels::SamStepPlan::drop_grads);
+      .def("drop_grads", &sam_kernels::SamStepPlan::drop_grads)
+      .def("kept", &sam_kernels::SamStepPlan::kept)
+      .def("release", &sam_kernels::SamStepPlan::release);
   m.def(
       "plan_ascent(Tensor counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan plan, "
       "Tensor? loss, bool drop_grads) -> Tensor[]");
@@ -79,6 +81,17 @@ TORCH_LIBRARY(sam_kernels_C, m) {
       "plan_descent_apply(Tensor(a!) counters, "
       "__torch__.torch.classes.sam_kernels_C.SamStepPlan plan, Tensor ok, Tensor norm, "
       "float[] hyper, float max_grad_norm) -> bool");
+  // CR-SAM's planned step (step_plan.h): three calls around its two perturbed evaluations
+  m.def(
+      "crsam_ascent(Tensor counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan plan, "
+      "Tensor? loss) -> Tensor[]");
+  m.def(
+      "crsam_middle(Tensor counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan plan) "
+      "-> Tensor[]");
+  m.def(
+      "crsam_descent(Tensor(a!) counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan "
+      "plan, Tensor ok, Tensor n_plus, Tensor? loss_plus, Tensor? loss_minus, Tensor coefs, "
+      "float[] hyper) -> ()");
   // test hook: one Philox4x32-10 block (CPU)
   m.def("_philox4x32_10(Tensor(a!) out, int[] counter, int[] key) -> ()");
   // test hook: the noise contract's float32 functions (CPU; ops_math.h)

@@ -31,6 +31,14 @@ const auto& op_perturb() {
   return h;
 }
 
+const auto& op_ascent_scale() {
+  static auto h = c10::Dispatcher::singleton()
+                      .findSchemaOrThrow("sam_kernels_C::ascent_scale", "")
+                      .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                     const OptT&, double, bool)>();
+  return h;
+}
+
 const auto& op_sgd_step() {
   static auto h =
       c10::Dispatcher::singleton()
@@ -96,6 +104,26 @@ void SamStepPlan::set_watch(std::vector<at::Tensor> params, std::vector<int64_t>
   }
 }
 
+namespace {
+// each of `params`' place in `norm_params` (every parameter of a base group has a gradient, so
+// it is one of the norm's)
+std::vector<int64_t> norm_places(const std::vector<at::Tensor>& norm_params,
+                                 const std::vector<at::Tensor>& params) {
+  std::unordered_map<const c10::TensorImpl*, int64_t> pos;
+  for (size_t i = 0; i < norm_params.size(); ++i) {
+    pos.emplace(norm_params[i].unsafeGetTensorImpl(), static_cast<int64_t>(i));
+  }
+  std::vector<int64_t> out;
+  out.reserve(params.size());
+  for (const auto& p : params) {
+    const auto it = pos.find(p.unsafeGetTensorImpl());
+    TORCH_CHECK(it != pos.end(), "SamStepPlan: a base group's parameter is not one of the norm's");
+    out.push_back(it->second);
+  }
+  return out;
+}
+}  // namespace
+
 void SamStepPlan::set_ascent(std::vector<at::Tensor> norm_params_, bool adaptive_, double eta_,
                              std::vector<at::Tensor> pert_params_,
                              std::vector<at::Tensor> pert_backups_, at::Tensor rho_,
@@ -109,7 +137,9 @@ void SamStepPlan::set_ascent(std::vector<at::Tensor> norm_params_, bool adaptive
   pert_backups = std::move(pert_backups_);
   rho = std::move(rho_);
   counters = std::move(counters_);
+  pert_index = norm_places(norm_params, pert_params);
 }
+
 
 void SamStepPlan::add_sgd_group(std::vector<at::Tensor> params, std::vector<at::Tensor> bufs,
                                 std::vector<at::Tensor> steps, std::vector<at::Tensor> backups,
@@ -121,6 +151,7 @@ void SamStepPlan::add_sgd_group(std::vector<at::Tensor> params, std::vector<at::
   g.bufs = std::move(bufs);
   g.steps = std::move(steps);
   g.backups = std::move(backups);
+  g.norm_index = norm_places(norm_params, g.params);
   groups.push_back(std::move(g));
 }
 
@@ -139,7 +170,20 @@ void SamStepPlan::add_adamw_group(std::vector<at::Tensor> params,
   g.max_exp_avg_sqs = std::move(max_exp_avg_sqs);
   g.steps = std::move(steps);
   g.backups = std::move(backups);
+  g.norm_index = norm_places(norm_params, g.params);
   groups.push_back(std::move(g));
+}
+
+std::vector<at::Tensor> SamStepPlan::kept() const {
+  std::vector<at::Tensor> out(kept_g0);
+  out.insert(out.end(), kept_gplus.begin(), kept_gplus.end());
+  return out;
+}
+
+void SamStepPlan::release() {
+  kept_g0.clear();
+  kept_gplus.clear();
+  neg_scale = at::Tensor();
 }
 
 // ---------------------------------------------------------------- the per-call checks
@@ -371,7 +415,154 @@ bool plan_descent_apply(const at::Tensor& counters, const c10::intrusive_ptr<Sam
   return true;
 }
 
+// ---------------------------------------------------------------- CR-SAM
+// CRSAM.step (reference form, on_nonfinite="skip", no clipping, one process), its unplanned ops
+// in its order. The caller (python_api/crsam.py) runs the closure between the calls.
+namespace {
+
+// _collect_grads after an evaluation: a gradient outside the step's set (the parameters with one
+// at w) dropped, one of the set that is missing made zeros (in p.grad); then the set's gradients,
+// dense (_dense_grads' refusal of a sparse one, a ValueError as there)
+std::vector<at::Tensor> collect_grads(SamStepPlan& plan) {
+  for (size_t i = 0; i < plan.watch.size(); ++i) {
+    if (!plan.with_grad[i] && grad_ref(plan.watch[i]).defined()) {
+      plan.watch[i].mutable_grad().reset();
+    }
+  }
+  std::vector<at::Tensor> out;
+  out.reserve(plan.norm_params.size());
+  for (auto& p : plan.norm_params) {
+    if (!grad_ref(p).defined()) {
+      p.mutable_grad() = at::zeros_like(p, at::MemoryFormat::Preserve);
+    }
+    const at::Tensor& g = grad_ref(p);
+    TORCH_CHECK_VALUE(g.layout() == at::kStrided,
+                      "CRSAM does not support sparse gradients (layout ", g.layout(), ")");
+    out.push_back(g);
+  }
+  return out;
+}
+
+// _take_grads: a gradient that is a view (the next backward writes its storage) copied
+std::vector<at::Tensor> take(std::vector<at::Tensor> grads) {
+  for (auto& g : grads) {
+    if (g.is_view()) g = at::empty_like(g, at::MemoryFormat::Preserve).copy_(g);
+  }
+  return grads;
+}
+
+std::vector<at::Tensor> pick(const std::vector<at::Tensor>& kept,
+                             const std::vector<int64_t>& index) {
+  std::vector<at::Tensor> out;
+  out.reserve(index.size());
+  for (const int64_t i : index) out.push_back(kept[i]);
+  return out;
+}
+
+}  // namespace
+
+// ok = finite(||g0||) [* finite(L0)]; e = rho * nan_to_num(1/(||g0|| + 1e-12)) * g0 (and the
+// scale of w - e, its negation); b = w; w += e; g0 kept; p.grad = None (before w + e). [] when
+// the plan does not match the parameters or a gradient is a view (nothing written).
+std::vector<at::Tensor> crsam_ascent(const at::Tensor& counters,
+                                     const c10::intrusive_ptr<SamStepPlan>& plan,
+                                     const std::optional<at::Tensor>& loss) {
+  if (!plan->matches()) return {};
+  for (const auto& p : plan->norm_params) {
+    if (grad_ref(p).is_view()) return {};
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in plan_ascent
+  const std::vector<at::Tensor> none;
+  plan->release();
+  std::vector<at::Tensor> g0 = grads_of(plan->norm_params);
+  for (const auto& g : g0) {
+    TORCH_CHECK_VALUE(g.layout() == at::kStrided,
+                      "CRSAM does not support sparse gradients (layout ", g.layout(), ")");
+  }
+  const at::Tensor norm = op_grad_norm().call(g0, none, 0.0);
+  at::Tensor ok = finite01(norm);
+  if (loss.has_value()) ok = at::mul(ok, loss_ok(*loss, counters.device()));
+  if (!plan->pert_params.empty()) {
+    auto scales = op_ascent_scale().call(norm, plan->rho, std::nullopt, 1.0, true);
+    op_perturb().call(plan->pert_params, grads_of(plan->pert_params), plan->pert_backups,
+                      scales[0], false, 0.0, /*save_backup=*/true);
+    plan->neg_scale = std::move(scales[1]);
+  }
+  plan->kept_g0 = std::move(g0);
+  plan->drop_grads();
+  return {ok};
+}
+
+// After the evaluation at w + e: g+ collected and kept, its norm returned (its finite flag is
+// folded into the descent's); w = b - e (from the backups); p.grad = None (before w - e).
+std::vector<at::Tensor> crsam_middle(const at::Tensor& counters,
+                                     const c10::intrusive_ptr<SamStepPlan>& plan) {
+  TORCH_CHECK(plan->kept_g0.size() == plan->norm_params.size(),
+              "crsam_middle: no crsam_ascent before it");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const std::vector<at::Tensor> none;
+  std::vector<at::Tensor> gplus = collect_grads(*plan);
+  const at::Tensor n_plus = op_grad_norm().call(gplus, none, 0.0);
+  plan->kept_gplus = take(std::move(gplus));
+  if (!plan->pert_params.empty()) {
+    op_perturb().call(plan->pert_params, pick(plan->kept_g0, plan->pert_index), plan->pert_backups,
+                      plan->neg_scale, false, 0.0, /*save_backup=*/false);
+  }
+  plan->drop_grads();
+  return {n_plus};
+}
+
+// After the evaluation at w - e: g- collected; ok *= finite(||g+||, L+, ||g-||, L-); per base
+// group the fused step from the backups with g = c0 g+ + c1 g- + c2 g0 (coefs: CRSAM._coefs),
+// gated by ok; counters += (ok, 1 - ok); the kept gradients dropped; the marks.
+void crsam_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
+                   const at::Tensor& ok_in, const at::Tensor& n_plus,
+                   const std::optional<at::Tensor>& loss_plus,
+                   const std::optional<at::Tensor>& loss_minus, const at::Tensor& coefs,
+                   std::vector<double> hyper) {
+  check_hyper(*plan, hyper, "crsam_descent");
+  TORCH_CHECK(plan->kept_gplus.size() == plan->norm_params.size(),
+              "crsam_descent: no crsam_middle before it");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const std::vector<at::Tensor> none;
+  const std::vector<at::Tensor> gminus = collect_grads(*plan);
+  const at::Tensor n_minus = op_grad_norm().call(gminus, none, 0.0);
+  at::Tensor ok = at::mul(ok_in, finite01(n_plus));
+  if (loss_plus.has_value()) ok = at::mul(ok, loss_ok(*loss_plus, counters.device()));
+  ok = at::mul(ok, finite01(n_minus));
+  if (loss_minus.has_value()) ok = at::mul(ok, loss_ok(*loss_minus, counters.device()));
+  const OptT ok_arg = ok.to(at::kFloat).reshape({});
+  const OptT coef_arg = coefs;
+  const OptT no_tensor;
+  for (size_t k = 0; k < plan->groups.size(); ++k) {
+    const BaseGroupPlan& g = plan->groups[k];
+    const double* h = hyper.data() + 6 * k;
+    // the LinComb's terms concatenated: g+, g-, g0 of the group's parameters
+    std::vector<at::Tensor> terms = pick(plan->kept_gplus, g.norm_index);
+    const auto gm = pick(gminus, g.norm_index);
+    const auto g0 = pick(plan->kept_g0, g.norm_index);
+    terms.insert(terms.end(), gm.begin(), gm.end());
+    terms.insert(terms.end(), g0.begin(), g0.end());
+    if (!g.adamw) {
+      op_sgd_step().call(g.params, terms, coef_arg, g.has_momentum ? TL(g.bufs) : TL(none),
+                         g.steps, g.backups, no_tensor, h[0], h[1], h[2], h[3] != 0.0, h[4],
+                         h[5] != 0.0, ok_arg);
+    } else {
+      op_adamw_step().call(g.params, terms, coef_arg, g.exp_avgs, g.exp_avg_sqs,
+                           g.amsgrad ? TL(g.max_exp_avg_sqs) : TL(none), g.steps, g.backups,
+                           no_tensor, h[0], h[1], h[2], h[3], h[4], g.amsgrad, h[5] != 0.0,
+                           ok_arg);
+    }
+  }
+  const_cast<at::Tensor&>(counters).add_(at::stack({ok, at::rsub(ok, 1.0)}));
+  plan->release();
+  plan->mark();
+}
+
 TORCH_LIBRARY_IMPL(sam_kernels_C, CompositeExplicitAutograd, m) {
+  m.impl("crsam_ascent", &crsam_ascent);
+  m.impl("crsam_middle", &crsam_middle);
+  m.impl("crsam_descent", &crsam_descent);
   m.impl("plan_ascent", &plan_ascent);
   m.impl("plan_descent", &plan_descent);
   m.impl("plan_descent_flag", &plan_descent_flag);
@@ -381,6 +572,9 @@ TORCH_LIBRARY_IMPL(sam_kernels_C, CompositeExplicitAutograd, m) {
 // No autograd formula and nothing to record: the plan's ops fall through autograd to the kernels
 // above, unboxed (the steps run under no_grad; the plan's tensors are the optimizer's).
 TORCH_LIBRARY_IMPL(sam_kernels_C, Autograd, m) {
+  m.impl("crsam_ascent", torch::CppFunction::makeFallthrough());
+  m.impl("crsam_middle", torch::CppFunction::makeFallthrough());
+  m.impl("crsam_descent", torch::CppFunction::makeFallthrough());
   m.impl("plan_ascent", torch::CppFunction::makeFallthrough());
   m.impl("plan_descent", torch::CppFunction::makeFallthrough());
   m.impl("plan_descent_flag", torch::CppFunction::makeFallthrough());

@@ -33,6 +33,7 @@ struct BaseGroupPlan {
   bool has_momentum = false;  // SGD: momentum != 0 when the plan was built
   bool amsgrad = false;       // AdamW
   std::vector<at::Tensor> params, bufs, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, backups;
+  std::vector<int64_t> norm_index;  // each parameter's place in the plan's norm_params
 };
 
 struct SamStepPlan : torch::CustomClassHolder {
@@ -48,6 +49,7 @@ struct SamStepPlan : torch::CustomClassHolder {
   double eta = 0.0;
   // the ascent: perturbed parameters, their backups, per-tensor rho
   std::vector<at::Tensor> pert_params, pert_backups;
+  std::vector<int64_t> pert_index;  // each perturbed parameter's place in norm_params
   at::Tensor rho;
   std::vector<BaseGroupPlan> groups;
   at::Tensor counters;  // [2] float32: steps applied, steps skipped
@@ -83,6 +85,14 @@ struct SamStepPlan : torch::CustomClassHolder {
   std::unordered_map<const c10::TensorImpl*, size_t> index;  // parameter -> its place in watch
   std::vector<c10::weak_intrusive_ptr<c10::TensorImpl>> marked;
   std::vector<int64_t> marked_versions;
+
+  // CR-SAM's step (crsam_ascent, crsam_middle, crsam_descent): the gradients it keeps between
+  // its calls (g0, g+; aligned with norm_params) and the scale of w - e. `kept` returns them
+  // ([g0..., g+...], as far as taken) for a step that finishes unplanned; `release` drops them.
+  std::vector<at::Tensor> kept_g0, kept_gplus;
+  at::Tensor neg_scale;
+  std::vector<at::Tensor> kept() const;
+  void release();
 };
 
 // The two halves of the step (schemas in bindings.cpp). `counters` is the plan's counter tensor:
@@ -102,5 +112,19 @@ std::vector<at::Tensor> plan_descent_flag(const at::Tensor& counters,
 bool plan_descent_apply(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
                         const at::Tensor& ok, const at::Tensor& norm, std::vector<double> hyper,
                         double max_grad_norm);
+
+// CR-SAM's planned step (python_api/crsam.py, the reference form): three calls around its two
+// perturbed evaluations. crsam_ascent returns [ok] or [] (the plan does not match: nothing
+// written); crsam_middle returns [||g+||]; crsam_descent takes the step.
+std::vector<at::Tensor> crsam_ascent(const at::Tensor& counters,
+                                     const c10::intrusive_ptr<SamStepPlan>& plan,
+                                     const std::optional<at::Tensor>& loss);
+std::vector<at::Tensor> crsam_middle(const at::Tensor& counters,
+                                     const c10::intrusive_ptr<SamStepPlan>& plan);
+void crsam_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
+                   const at::Tensor& ok, const at::Tensor& n_plus,
+                   const std::optional<at::Tensor>& loss_plus,
+                   const std::optional<at::Tensor>& loss_minus, const at::Tensor& coefs,
+                   std::vector<double> hyper);
 
 }  // namespace sam_kernels

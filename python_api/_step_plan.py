@@ -60,10 +60,31 @@ flag, at the same point of the step, and a plan only ever falls back where that 
 
 No plan decision is itself a collective or depends on another rank.
 
-Not planned (the unplanned path runs, as before): any other class or base optimizer, Triton or
-eager ops, fp64, a learning rate given as a tensor, several (adaptive, eta) settings in one
-optimizer, a group that is not perturbed while others are, torch.compile tracing, a step under
-a GradScaler or a data-parallel helper (``SAMDDPStep``, ``FSDP2SAMStep``).
+Not planned (the unplanned path runs, as before): any other class (but CR-SAM, below) or base
+optimizer, Triton or eager ops, fp64, a learning rate given as a tensor, several (adaptive, eta)
+settings in one optimizer, a group that is not perturbed while others are, torch.compile
+tracing, a step under a GradScaler or a data-parallel helper (``SAMDDPStep``, ``FSDP2SAMStep``).
+
+CR-SAM (:class:`python_api.CRSAM`) uses the same plan (:class:`PlannedSteps`: the same lists,
+state, checks and marks) for three ops around its two perturbed evaluations, where its step is
+the reference form with ``on_nonfinite="skip"``, no clipping and one process:
+
+.. code-block:: text
+
+    crsam_ascent   ok = finite(||g0||) [* finite(L0)];  b = w;  w += e;  g0 kept;  p.grad = None
+    (closure at w + e)
+    crsam_middle   g+ collected (missing: zeros; outside the set: dropped) and kept;  ||g+||;
+                   w = b - e (from the backups);  p.grad = None
+    (closure at w - e)
+    crsam_descent  g- collected;  ok *= finite(||g+||, L+, ||g-||, L-);  per group the fused
+                   step from the backups with g = c . (g+, g-, g0);  counters;  marks
+
+Only the ascent checks the gradients and may decline (nothing written; the step runs
+unplanned). After it the step is committed to the plan: the middle and the descent collect the
+gradients as the unplanned step does. If the groups' settings change during the closures (the
+key, or a learning rate made a tensor), the base step runs unplanned from the gradients the plan
+kept (:meth:`sam_kernels.step_plan.SamStepPlan.kept`). The results are bit-identical to the
+unplanned path (tests/optim/test_crsam_plan.py).
 """
 
 from __future__ import annotations
@@ -172,6 +193,8 @@ class PlannedStep(_NotCopied):
         "_values",
         "_watch",
         "_keep",
+        "adaptive",
+        "norm_params",
     )
 
     def __init__(self, opt: Any, key: tuple, modes: Any, base: Any, perturbed: list) -> None:
@@ -191,6 +214,7 @@ class PlannedStep(_NotCopied):
         plan = self.plan = sk.SamStepPlan(opt._counters)
         plan.watch(self._watch)
         (adaptive, eta), norm_params = modes.norm[0]
+        self.adaptive, self.norm_params = adaptive, list(norm_params)
         if modes.pert:
             _, _, pert_params, _ = modes.pert[0]
             backups = modes.backups(opt)[0]
@@ -316,3 +340,41 @@ def _not_distributed() -> bool:
 distributed = (
     torch.distributed.is_initialized if torch.distributed.is_available() else _not_distributed
 )
+
+
+class PlannedSteps:
+    """What a class whose steps a plan may run shares (:class:`python_api.SAM`,
+    :class:`python_api.CRSAM`): the plan, found or built (:meth:`_current_plan`), the marks its
+    steps leave and its word that no parameter moved (the hooks of ``_closures``). Before
+    ``SAMFamily`` in the bases."""
+
+    #: run qualifying steps as the compiled extension's cached step plan (the same results);
+    #: False on an instance or the class runs every step unplanned
+    plan_steps = True
+    #: the planned step, or the settings under which the step did not qualify (not tried again
+    #: until they change), or None (not tried yet)
+    _step_plan: PlannedStep | Unplanned | None = None
+    #: the planned step that ran this step's descent (its plan records the marks)
+    _marks_by: PlannedStep | None = None
+
+    def _current_plan(self) -> PlannedStep | None:
+        """The plan of this step (checked, or built now); None where the step runs unplanned."""
+        plan = self._step_plan
+        if isinstance(plan, PlannedStep) and plan.valid(self):
+            return plan
+        if isinstance(plan, Unplanned) and plan.key == plan_key(self):
+            return None  # did not qualify under these settings: not tried again
+        plan = self._step_plan = build(self)
+        return plan if isinstance(plan, PlannedStep) else None
+
+    def _plan_marks(self) -> PlanMarks | None:
+        plan, self._marks_by = self._marks_by, None
+        return PlanMarks(plan) if plan is not None else None
+
+    def _params_as_planned(self) -> bool:
+        plan = self._step_plan
+        return (
+            not torch.compiler.is_compiling()
+            and isinstance(plan, PlannedStep)
+            and plan.params_unchanged(self)
+        )

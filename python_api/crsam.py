@@ -14,13 +14,14 @@ from torch import nn
 from torch.optim import Optimizer
 
 import sam_kernels as sk
+from python_api import _step_plan
 from python_api._base import Closure, SAMFamily, check_nonneg
 
 #: a log term of the paper form is used only while its argument exceeds this
 LOG_ARG_MIN = 1e-12
 
 
-class CRSAM(SAMFamily):
+class CRSAM(_step_plan.PlannedSteps, SAMFamily):
     r"""CR-SAM: SAM with a normalized-Hessian-trace (curvature) regularizer.
 
     .. code-block:: text
@@ -80,6 +81,12 @@ class CRSAM(SAMFamily):
     ``step(closure, loss=None)`` returns ``L0`` when it evaluated it or was given it, else
     ``L+``. After a step ``p.grad`` holds an unspecified gradient of the step (call
     ``zero_grad`` before the next one, as usual).
+
+    Planned steps: over a fused SGD or AdamW base on the compiled extension (the CPU default),
+    the reference form with ``on_nonfinite="skip"``, no clipping and one process, a step is
+    three ops of a cached plan around the two perturbed evaluations (``crsam_ascent``,
+    ``crsam_middle``, ``crsam_descent``; :mod:`python_api._step_plan`), the same ops in the same
+    order as the unplanned step, so the same bits (tests/optim/test_crsam_plan.py).
     """
 
     #: only the backup (the one copy of ``w`` kept between steps, as SAM's); ``g0`` and ``g+``
@@ -124,6 +131,8 @@ class CRSAM(SAMFamily):
         self.beta = float(beta)
         self.log_form = log_form
         self._const_coefs: dict[tuple, torch.Tensor] = {}
+        self._step_plan = None  # (python_api._step_plan.PlannedSteps)
+        self._marks_by = None
 
     # ----------------------------------------------------------------- coefficients
     def _coefs(
@@ -182,6 +191,12 @@ class CRSAM(SAMFamily):
         l0, ps = self._evaluate_w(closure, loss, need_loss=self.log_form)
         if not ps:  # nothing to perturb: the base step has been taken
             return l0
+        plan = self._crsam_plan()
+        if plan is not None:
+            ok = plan.plan.crsam_ascent(l0)
+            if ok is not None:
+                return self._planned_rest(plan, closure, ok, l0)
+            self._step_plan = None  # the gradients changed: unplanned, plans rebuilt
 
         # g0 kept (the gradient tensors themselves, no copy); e = rho * g0 / (||g0|| + 1e-12)
         # (a zero scale if not finite)
@@ -222,8 +237,12 @@ class CRSAM(SAMFamily):
         )
         if not raises:
             ok = self._and_finite(ok, n_plus, lp, n_minus, lm)
+        self._combined_step(ps, pert, g0_of, gplus_of, ok, l0, lp, lm)
+        return l0 if l0 is not None else lp
 
-        # g = c0 g+ + c1 g- + c2 g0, combined inside the base step
+    def _combined_step(self, ps, pert, g0_of, gplus_of, ok, l0, lp, lm) -> None:
+        """The base step with ``g = c0 g+ + c1 g- + c2 g0`` (``g-`` in ``p.grad``), combined
+        inside it; ``ok`` the flag of every evaluation."""
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in ps) else torch.float32
         inv_l = self._log_inverses(l0, lp, lm, dtype) if self.log_form else None
         coefs = self._coefs(self.alpha, self.beta, dtype, inv_l)
@@ -239,4 +258,57 @@ class CRSAM(SAMFamily):
             return sk.LinComb(terms, coefs)
 
         self._base_step(ok, pert, grad_of)
+
+    # ----------------------------------------------------------------- the planned step
+    def _crsam_plan(self) -> _step_plan.PlannedStep | None:
+        """The plan of this step, where one may run it (see the class docstring)."""
+        if (
+            type(self) is not CRSAM
+            or not self.plan_steps
+            or self.log_form
+            or self.max_grad_norm is not None
+            or torch.compiler.is_compiling()
+            or not sk.step_plan.crsam_available(self._device)
+            or _step_plan.distributed()
+        ):
+            return None
+        plan = self._current_plan()
+        if plan is not None and plan.adaptive:  # a group with adaptive=True: SAM's key, not ours
+            self._step_plan = _step_plan.Unplanned(plan.key)
+            return None
+        return plan
+
+    def _planned_rest(
+        self, plan: _step_plan.PlannedStep, closure: Closure, ok: torch.Tensor, l0
+    ) -> torch.Tensor | None:
+        """The step after a planned ascent: the two perturbed evaluations around the plan's
+        middle, then its descent (or, where the groups or a learning rate changed during the
+        closures, the unplanned base step from the gradients the plan kept)."""
+        pert = plan.perturbed
+        self._live = list(pert)
+        try:
+            lp = self._call_closure(
+                closure, perturbed=True, need_loss=False, what="w + e", restore=pert
+            )
+            n_plus = plan.plan.crsam_middle()
+            lm = self._call_closure(
+                closure, perturbed=True, need_loss=False, what="w - e", restore=pert
+            )
+            hyper = plan.hyper()
+            if hyper is not None and plan.valid(self, entries=False):
+                coefs = self._coefs(self.alpha, self.beta, torch.float32, None)
+                plan.plan.crsam_descent(ok, n_plus, lp, lm, coefs, hyper)
+                self._live = []
+                self._marks_by = plan
+            else:
+                self._step_plan = None
+                ps = plan.norm_params
+                kept = plan.plan.kept()
+                g0_of = {id(p): g for p, g in zip(ps, kept[: len(ps)])}
+                gplus_of = {id(p): g for p, g in zip(ps, kept[len(ps) :])}
+                n_minus = self._checked_norm(self._collect_grads(ps))
+                ok = self._and_finite(ok, n_plus, lp, n_minus, lm)
+                self._combined_step(ps, pert, g0_of, gplus_of, ok, l0, lp, lm)
+        finally:
+            plan.plan.release()
         return l0 if l0 is not None else lp

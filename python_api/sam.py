@@ -18,7 +18,7 @@ from python_api._base import Closure, SAMFamily, check_nonneg
 from python_api._hooks import _all_reduce_min
 
 
-class SAM(SAMFamily):
+class SAM(_step_plan.PlannedSteps, SAMFamily):
     r"""Sharpness-Aware Minimization; ``adaptive=True`` gives ASAM.
 
     .. code-block:: text
@@ -58,9 +58,6 @@ class SAM(SAMFamily):
     per_replica_safe = True
     #: one global norm (all-reduced over the shards), then elementwise work
     sharded_safe = True
-    #: run qualifying steps as the compiled extension's cached step plan (python_api._step_plan;
-    #: the same results); False on an instance or the class runs every step unplanned
-    plan_steps = True
 
     def __init__(
         self,
@@ -90,12 +87,9 @@ class SAM(SAMFamily):
         )
         self._perturbed: list[torch.Tensor] = []
         self._ok = torch.ones((), dtype=torch.float32, device=self._device)
-        # the planned step (python_api._step_plan), or the settings under which the step did not
-        # qualify (not tried again until they change), or None (not tried yet)
-        self._step_plan: _step_plan.PlannedStep | _step_plan.Unplanned | None = None
+        self._step_plan = None  # (python_api._step_plan.PlannedSteps)
         self._one = torch.ones((), dtype=torch.float32, device=self._device)
-        # the planned step that ran this step's descent (its plan records the marks)
-        self._marks_by: _step_plan.PlannedStep | None = None
+        self._marks_by = None
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
@@ -154,13 +148,9 @@ class SAM(SAMFamily):
         # a C++ object it does not trace)
         if type(self) is not SAM or not self.plan_steps or torch.compiler.is_compiling():
             return None
-        plan = self._step_plan
-        if not (isinstance(plan, _step_plan.PlannedStep) and plan.valid(self)):
-            if isinstance(plan, _step_plan.Unplanned) and plan.key == _step_plan.plan_key(self):
-                return None  # did not qualify under these settings: not tried again
-            plan = self._step_plan = _step_plan.build(self)
-            if not isinstance(plan, _step_plan.PlannedStep):
-                return None
+        plan = self._current_plan()
+        if plan is None:
+            return None
         ok = plan.plan.ascent(loss, drop_grads)  # drop_grads: zero_grad(set_to_none=True) too
         if ok is None:  # the gradients or parameters changed: unplanned, plans rebuilt
             self._step_plan = None
@@ -217,18 +207,6 @@ class SAM(SAMFamily):
             self._step_plan = None
             self._base_step(ok, perturbed, norm=n1, gated=True)
         return True
-
-    def _plan_marks(self) -> _step_plan.PlanMarks | None:
-        plan, self._marks_by = self._marks_by, None
-        return _step_plan.PlanMarks(plan) if plan is not None else None
-
-    def _params_as_planned(self) -> bool:
-        plan = self._step_plan
-        return (
-            not torch.compiler.is_compiling()
-            and isinstance(plan, _step_plan.PlannedStep)
-            and plan.params_unchanged(self)
-        )
 
     def _descend(
         self, ok: torch.Tensor, perturbed: list[torch.Tensor], loss: torch.Tensor | None

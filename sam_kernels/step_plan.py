@@ -22,7 +22,12 @@ Each call first checks that every gradient is present exactly where the plan exp
 that no parameter changed dtype, device or shape; if not it changes nothing and returns
 ``None`` / ``False``, and the caller drops the plan.
 
-Available where the extension is built (:func:`available`); import never fails without it.
+CR-SAM's step uses the same plan for three ops around its two perturbed evaluations
+(:meth:`SamStepPlan.crsam_ascent`, :meth:`~SamStepPlan.crsam_middle`,
+:meth:`~SamStepPlan.crsam_descent`; python_api/_step_plan.py has the sequence).
+
+Available where the extension is built (:func:`available`, :func:`crsam_available`); import
+never fails without it.
 """
 
 from __future__ import annotations
@@ -56,7 +61,15 @@ class SamStepPlan:
     then call :meth:`ascent` and :meth:`descent` once per step.
     """
 
-    __slots__ = ("_plan", "_counters", "_ascent", "_descent", "_descent_flag", "_descent_apply")
+    __slots__ = (
+        "_plan",
+        "_counters",
+        "_ascent",
+        "_descent",
+        "_descent_flag",
+        "_descent_apply",
+        "_crsam",
+    )
 
     def __init__(self, counters: torch.Tensor) -> None:
         self._plan = torch.classes.sam_kernels_C.SamStepPlan()
@@ -69,6 +82,15 @@ class SamStepPlan:
         self._descent = ops.plan_descent.default._op
         self._descent_flag = ops.plan_descent_flag.default._op
         self._descent_apply = ops.plan_descent_apply.default._op
+        self._crsam = (
+            (
+                ops.crsam_ascent.default._op,
+                ops.crsam_middle.default._op,
+                ops.crsam_descent.default._op,
+            )
+            if hasattr(ops, "crsam_ascent")
+            else None
+        )
 
     def watch(self, params: Sequence[torch.Tensor]) -> None:
         """Every parameter of every group; the gradients present now are the ones expected."""
@@ -186,3 +208,44 @@ class SamStepPlan:
         :meth:`descent` runs them. False when the plan does not match (nothing was changed)."""
         clip = float(max_grad_norm) if max_grad_norm is not None else 0.0
         return self._descent_apply(self._counters, self._plan, ok, norm, hyper, clip)
+
+    # ----------------------------------------------------------------- CR-SAM
+    def crsam_ascent(self, loss: torch.Tensor | None = None) -> torch.Tensor | None:
+        """CR-SAM's first call: ``ok = finite(||g0||) [* finite(L0)]``, ``b = w``,
+        ``w += rho g0 / (||g0|| + 1e-12)``, ``g0`` kept, ``p.grad = None``. ``None`` when the
+        plan does not match (nothing was changed)."""
+        out = self._crsam[0](self._counters, self._plan, loss)
+        return out[0] if out else None
+
+    def crsam_middle(self) -> torch.Tensor:
+        """After the evaluation at ``w + e``: ``g+`` kept, ``w = b - e``, ``p.grad = None``;
+        returns ``||g+||`` (its finite flag is folded into the descent's)."""
+        return self._crsam[1](self._counters, self._plan)[0]
+
+    def crsam_descent(
+        self,
+        ok: torch.Tensor,
+        n_plus: torch.Tensor,
+        loss_plus: torch.Tensor | None,
+        loss_minus: torch.Tensor | None,
+        coefs: torch.Tensor,
+        hyper: list[float],
+    ) -> None:
+        """After the evaluation at ``w - e``: the base step from the backups with
+        ``g = coefs . (g+, g-, g0)``, gated by ``ok * finite(||g+||, L+, ||g-||, L-)``; the
+        counters; the kept gradients dropped; the marks."""
+        self._crsam[2](self._counters, self._plan, ok, n_plus, loss_plus, loss_minus, coefs, hyper)
+
+    def kept(self) -> list[torch.Tensor]:
+        """The gradients a CR-SAM step keeps: ``[g0..., g+...]`` over the norm's parameters (as
+        far as taken)."""
+        return list(self._plan.kept())
+
+    def release(self) -> None:
+        """Drop the gradients a CR-SAM step kept."""
+        self._plan.release()
+
+
+def crsam_available(device: torch.device | str = "cpu") -> bool:
+    """True when the built extension has CR-SAM's planned step too."""
+    return available(device) and hasattr(getattr(torch.ops, _NS), "crsam_ascent")
