@@ -324,6 +324,21 @@ def build_runners(
             failed.append({"label": label, "error": f"{type(exc).__name__}: {exc}"[:500]})
             continue
         add_sam(label, "ours", opt, {"backend": backend, "default": backend == default})
+    if "step(closure)" in modes:
+        # CR-SAM's step (three evaluations) on the default backend: beside SAM's rows, outside
+        # the targets (its own target is its op count, "about 8")
+        from python_api import CRSAM
+
+        label = f"ours CR-SAM {default} (default)"
+        try:
+            opt = CRSAM(params, cls, rho=RHO, backend=default, **kw)
+            runners.append(
+                Runner(label, "ours CR-SAM", base, "step(closure)",
+                       [lambda o=opt: o.step(grads.closure)], grads.set,
+                       {"backend": default, "default": True})
+            )  # fmt: skip
+        except Exception as exc:
+            failed.append({"label": label, "error": f"{type(exc).__name__}: {exc}"[:500]})
     import sam_kernels as sk
 
     for backend, why in NOT_TIMED.items():
