@@ -559,6 +559,13 @@ SK_KERNEL void adamw_chunk(T* p, const T* w, T* m, T* v, T* x, const T* const* g
                  int64_t n, const AdamWBias bias, const AdamWParams o) {
   const T* gp[3] = {gp_in[0], gp_in[1], gp_in[2]};
   const float co[3] = {co_in[0], co_in[1], co_in[2]};
+  // A gradient of two or three terms is combined a block ahead into a buffer (its own simd
+  // loop, the same value): inlined into the AdamW loop, GCC left that loop scalar, and CR-SAM's
+  // and Frob-SAM's AdamW steps ran 5x slower (ResNet-50's shapes, 1 thread: 104 ms for K = 3
+  // against 21 ms for one term; SGD's simpler loop vectorises either way)
+  constexpr bool kCombineFirst = K >= 2;
+  alignas(64) float gbuf[kStoreBlock];
+  int64_t gbase = 0;
   step_blocks(
       p, w, n,
       [&](int64_t i0) {
@@ -566,9 +573,15 @@ SK_KERNEL void adamw_chunk(T* p, const T* w, T* m, T* v, T* x, const T* const* g
         prefetch<kStoreBlock>(m, i0);
         prefetch<kStoreBlock>(v, i0);
         if constexpr (kAms) prefetch<kStoreBlock>(x, i0);
+        if constexpr (kCombineFirst) {
+          const int64_t len = std::min(n - i0, kStoreBlock);
+          SK_SIMD
+          for (int64_t j = 0; j < len; ++j) gbuf[j] = grad_at<T, K>(gp, co, i0 + j);
+          gbase = i0;
+        }
       },
       [&](int64_t i) {
-        const float g = grad_at<T, K>(gp, co, i);
+        const float g = kCombineFirst ? gbuf[i - gbase] : grad_at<T, K>(gp, co, i);
         float mv = f32(m[i]), vv = f32(v[i]), xv = kAms ? f32(x[i]) : 0.0f;
         const float nw = adamw_value(f32(w[i]), g, &mv, &vv, &xv, bias, o);
         m[i] = static_cast<T>(mv);

@@ -594,6 +594,31 @@ class SmallNet(nn.Module):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adamw_step_of_a_combination_is_the_step_of_its_value(device, k, amsgrad):
+    """fp32: the AdamW step given ``k`` gradient terms writes the bits of the step given their
+    combination formed first by the extension's ``lincomb_`` (the kernel combines a block ahead
+    into a buffer: the same value), from backups, over odd sizes (tails of the blocks)."""
+    sizes = [1, 127, 128, 129, 1000, 4099]
+    hp = dict(beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, amsgrad=amsgrad, maximize=False)
+    terms = [make(sizes, torch.float32, device) for _ in range(k)]
+    coefs = torch.randn(k, len(sizes), device=device)
+    combined = [torch.empty_like(t) for t in terms[0]]
+    sk.lincomb_(combined, terms, coefs, backend="cuda")
+    backups = make(sizes, torch.float32, device)
+    out = []
+    for grad in (LinComb(tuple(terms), coefs), combined):
+        ps = [torch.full_like(b, NAN) for b in backups]
+        st = _adamw_state(ps, dict(amsgrad=amsgrad), device)
+        for step in range(2):
+            sk.adamw_step_(ps, grad, *st, backups=backups, lr=1e-2, backend="cuda", **hp)
+        out.append(ps + [t for lst in st[:3] for t in lst])
+    for i, (a, b) in enumerate(zip(*out)):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), i
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_sam_optimizer_10_steps_vs_eager(device, base, adaptive):
