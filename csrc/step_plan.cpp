@@ -324,13 +324,29 @@ std::pair<at::Tensor, at::Tensor> descent_local(const SamStepPlan& plan,
   return {ok, n1};
 }
 
+// One base group's fused step from its backups (its launch in BaseStep._base_step): `grads` the
+// gradient (K term lists concatenated with `coefs`), `h` the group's six hyper-parameters.
+void group_step(const BaseGroupPlan& g, const std::vector<at::Tensor>& grads, const OptT& coefs,
+                const double* h, const OptT& ok) {
+  const std::vector<at::Tensor> none;
+  const OptT no_tensor;
+  if (!g.adamw) {
+    op_sgd_step().call(g.params, grads, coefs, g.has_momentum ? TL(g.bufs) : TL(none), g.steps,
+                       g.backups, no_tensor, h[0], h[1], h[2], h[3] != 0.0, h[4], h[5] != 0.0,
+                       ok);
+  } else {
+    op_adamw_step().call(g.params, grads, coefs, g.exp_avgs, g.exp_avg_sqs,
+                         g.amsgrad ? TL(g.max_exp_avg_sqs) : TL(none), g.steps, g.backups,
+                         no_tensor, h[0], h[1], h[2], h[3], h[4], g.amsgrad, h[5] != 0.0, ok);
+  }
+}
+
 // The part after the gate (BaseStep._base_step from its _gate_ok on): with max_grad_norm > 0
 // the gradient clipped by n1 (torch's clip_grad_norm_ rule, folded into the step as a
 // coefficient); per group the fused SGD/AdamW step from the backups (restore fused in), gated
 // by ok; counters += (ok, 1-ok); the stale-gradient marks.
 void descent_rest(const at::Tensor& counters, SamStepPlan& plan, at::Tensor ok,
                   const at::Tensor& n1, const std::vector<double>& hyper, double max_grad_norm) {
-  const std::vector<at::Tensor> none;
   // BaseStep._clip_scale with the norm of g1 reused: ok *= finite(n1) (again);
   // scale = nan_to_num(clamp((1 / (n1 + 1e-6)) * max_grad_norm, max=1)), the gradient a
   // one-term combination with that coefficient (python_api._base_step._scaled)
@@ -343,21 +359,11 @@ void descent_rest(const at::Tensor& counters, SamStepPlan& plan, at::Tensor ok,
     coefs = scale.to(at::kFloat).reshape({1});
   }
   const OptT ok_arg = ok.to(at::kFloat).reshape({});
-  const OptT no_tensor;
   for (size_t k = 0; k < plan.groups.size(); ++k) {
     const BaseGroupPlan& g = plan.groups[k];
     const double* h = hyper.data() + 6 * k;
     const auto grads = grads_of(g.params);
-    if (!g.adamw) {
-      op_sgd_step().call(g.params, grads, coefs, g.has_momentum ? TL(g.bufs) : TL(none),
-                         g.steps, g.backups, no_tensor, h[0], h[1], h[2], h[3] != 0.0, h[4],
-                         h[5] != 0.0, ok_arg);
-    } else {
-      op_adamw_step().call(g.params, grads, coefs, g.exp_avgs, g.exp_avg_sqs,
-                           g.amsgrad ? TL(g.max_exp_avg_sqs) : TL(none), g.steps, g.backups,
-                           no_tensor, h[0], h[1], h[2], h[3], h[4], g.amsgrad, h[5] != 0.0,
-                           ok_arg);
-    }
+    group_step(g, grads, coefs, h, ok_arg);
   }
   // BaseStep._count: counters += stack([ok, 1.0 - ok])
   const_cast<at::Tensor&>(counters).add_(at::stack({ok, at::rsub(ok, 1.0)}));
@@ -533,7 +539,6 @@ void crsam_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepP
   if (loss_minus.has_value()) ok = at::mul(ok, loss_ok(*loss_minus, counters.device()));
   const OptT ok_arg = ok.to(at::kFloat).reshape({});
   const OptT coef_arg = coefs;
-  const OptT no_tensor;
   for (size_t k = 0; k < plan->groups.size(); ++k) {
     const BaseGroupPlan& g = plan->groups[k];
     const double* h = hyper.data() + 6 * k;
@@ -543,16 +548,7 @@ void crsam_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepP
     const auto g0 = pick(plan->kept_g0, g.norm_index);
     terms.insert(terms.end(), gm.begin(), gm.end());
     terms.insert(terms.end(), g0.begin(), g0.end());
-    if (!g.adamw) {
-      op_sgd_step().call(g.params, terms, coef_arg, g.has_momentum ? TL(g.bufs) : TL(none),
-                         g.steps, g.backups, no_tensor, h[0], h[1], h[2], h[3] != 0.0, h[4],
-                         h[5] != 0.0, ok_arg);
-    } else {
-      op_adamw_step().call(g.params, terms, coef_arg, g.exp_avgs, g.exp_avg_sqs,
-                           g.amsgrad ? TL(g.max_exp_avg_sqs) : TL(none), g.steps, g.backups,
-                           no_tensor, h[0], h[1], h[2], h[3], h[4], g.amsgrad, h[5] != 0.0,
-                           ok_arg);
-    }
+    group_step(g, terms, coef_arg, h, ok_arg);
   }
   const_cast<at::Tensor&>(counters).add_(at::stack({ok, at::rsub(ok, 1.0)}));
   plan->release();

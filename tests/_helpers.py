@@ -224,3 +224,16 @@ def close(a, b, dtype, tol_mul=1.0, ref_finite_only=False, alike=False) -> None:
     err = (a64 - b64).abs().max().item() if a.numel() else 0.0
     scale = max(b64.abs().max().item() if b.numel() else 0.0, 1.0)
     assert err <= OP_TOL[dtype] * tol_mul * scale, f"max abs err {err} (scale {scale})"
+
+
+def assert_same_training(model, ref_model, opt, ref_opt) -> None:
+    """Two copies trained alike: the same weights, base-optimizer state and step/skip counters,
+    bit for bit (a planned step against the unplanned one)."""
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p, q), name
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        a, b = opt.base_optimizer.state.get(p, {}), ref_opt.base_optimizer.state.get(q, {})
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert torch.equal(opt._counters, ref_opt._counters)

@@ -611,7 +611,7 @@ def test_adamw_step_of_a_combination_is_the_step_of_its_value(device, k, amsgrad
     for grad in (LinComb(tuple(terms), coefs), combined):
         ps = [torch.full_like(b, NAN) for b in backups]
         st = _adamw_state(ps, dict(amsgrad=amsgrad), device)
-        for step in range(2):
+        for _ in range(2):
             sk.adamw_step_(ps, grad, *st, backups=backups, lr=1e-2, backend="cuda", **hp)
         out.append(ps + [t for lst in st[:3] for t in lst])
     for i, (a, b) in enumerate(zip(*out)):

@@ -14,6 +14,7 @@ import copy
 import pytest
 import torch
 from _helpers import DispatchedOps
+from _helpers import assert_same_training as _same
 from torch import nn
 
 from python_api import CRSAM
@@ -91,17 +92,6 @@ def _closure(model, opt, x, y, calls=None, use_gated=lambda k: True, on_call=Non
         return loss
 
     return closure
-
-
-def _same(m, r, opt, ref) -> None:
-    for (name, p), q in zip(m.named_parameters(), r.parameters()):
-        assert torch.equal(p, q), name
-    for p, q in zip(m.parameters(), r.parameters()):
-        a, b = opt.base_optimizer.state.get(p, {}), ref.base_optimizer.state.get(q, {})
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), k
-    assert torch.equal(opt._counters, ref._counters)
 
 
 def _planned(opt) -> bool:

@@ -15,6 +15,7 @@ import pickle
 import pytest
 import torch
 from _helpers import DispatchedOps
+from _helpers import assert_same_training as _same
 from torch import nn
 
 import python_api._step_plan as sp
@@ -111,17 +112,6 @@ def _closure_step(pairs, seed, dtype=torch.float32):
             return loss
 
         opt.step(closure)
-
-
-def _same(m, r, opt, ref) -> None:
-    for (name, p), q in zip(m.named_parameters(), r.parameters()):
-        assert torch.equal(p, q), name
-    for p, q in zip(m.parameters(), r.parameters()):
-        a, b = opt.base_optimizer.state.get(p, {}), ref.base_optimizer.state.get(q, {})
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), k
-    assert torch.equal(opt._counters, ref._counters)
 
 
 def _ops_of_one_step(m, opt) -> tuple[list[str], list[str]]:
