@@ -103,12 +103,17 @@ class UniversalStep:
         offset0 = self._noise_offset.clone() if counter else None
         drawn = sum(p.numel() for p in pert)
         first_loss = None
+        scale = rho[0] if uniform else rho
+        # unless a non-finite value raises, the samples' finite flags are folded into one op
+        # after the loop (the accumulation does not read the flag)
+        raises = self._raises_on_nonfinite
+        pending: list[torch.Tensor | None] = []
         try:
             for i in range(self.n_samples):
                 sk.noise_perturb_(
                     pert,
                     backups,
-                    rho[0] if uniform else rho,
+                    scale,
                     kind=self._kind,
                     half_cube_len=self.half_cube_len,
                     save_backup=i == 0,
@@ -122,9 +127,11 @@ class UniversalStep:
                 if counter:
                     self._noise_offset.add_(drawn)
                 what = f"noisy sample {i + 1} of {self.n_samples} (w + rho * eps_{i + 1})"
-                li, gi, ok, _ = self._evaluate_perturbed(
-                    closure, ps, pert, ok, what, self._needs_losses
+                li, gi, ok, ni = self._evaluate_perturbed(
+                    closure, ps, pert, ok, what, self._needs_losses, flag=raises
                 )
+                if not raises:
+                    pending += [ni, li]
                 if first_loss is None:
                     first_loss = li
                 li_r = None
@@ -136,6 +143,8 @@ class UniversalStep:
             if counter:
                 self._noise_offset.copy_(offset0)
             raise
+        if pending:
+            ok = self._and_finite(ok, *pending)
 
         finals: dict[int, Any] = {}
         start = 0
