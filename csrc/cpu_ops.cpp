@@ -515,8 +515,9 @@ void dispatch_terms(const StepInputs& s, const F& f) {
 // The step kernels' loop. p == w: the step updates the weights in place; p != w: it restores
 // them from the backup w first, so p is written without being read (each block computed into a
 // stack buffer and written out with streaming stores, see store_block). Per block of kStoreBlock
-// elements, pf(i0) issues the prefetches of the kernel's own streams and body(i) computes
-// element i, updates its state and returns the new weight.
+// elements from i0, pf(i0) issues the prefetches of the kernel's own streams (and may prepare
+// the block), and body(i0, j) computes element i0 + j, updates its state and returns the new
+// weight.
 template <typename T, typename PF, typename F>
 inline void step_blocks(T* p, const T* w, int64_t n, const PF& pf, const F& body) {
   const bool stream = w != p;
@@ -527,7 +528,7 @@ inline void step_blocks(T* p, const T* w, int64_t n, const PF& pf, const F& body
     pf(i0);
     T* dst = stream ? out : p + i0;
     SK_SIMD
-    for (int64_t j = 0; j < m; ++j) dst[j] = body(i0 + j);
+    for (int64_t j = 0; j < m; ++j) dst[j] = body(i0, j);
     if (stream) store_block(p + i0, out, m);
   }
   if (stream) store_fence();
@@ -545,7 +546,8 @@ SK_KERNEL void sgd_chunk(T* p, const T* w, T* buf, const T* const* gp_in, const 
         for (int k = 0; k < (K == 0 ? 1 : K); ++k) prefetch<kStoreBlock>(gp[k], i0);
         if constexpr (kBuf) prefetch<kStoreBlock>(buf, i0);
       },
-      [&](int64_t i) {
+      [&](int64_t i0, int64_t j) {
+        const int64_t i = i0 + j;
         const float g = grad_at<T, K>(gp, co, i);
         float b = kBuf ? f32(buf[i]) : 0.0f;
         const float nw = sgd_value(f32(w[i]), g, &b, coef, o);
@@ -562,10 +564,9 @@ SK_KERNEL void adamw_chunk(T* p, const T* w, T* m, T* v, T* x, const T* const* g
   // A gradient of two or three terms is combined a block ahead into a buffer (its own simd
   // loop, the same value): inlined into the AdamW loop, GCC left that loop scalar, and CR-SAM's
   // and Frob-SAM's AdamW steps ran 5x slower (ResNet-50's shapes, 1 thread: 104 ms for K = 3
-  // against 21 ms for one term; SGD's simpler loop vectorises either way)
+  // against 21 ms for one term; 37 ms now; SGD's simpler loop vectorises either way)
   constexpr bool kCombineFirst = K >= 2;
   alignas(64) float gbuf[kStoreBlock];
-  int64_t gbase = 0;
   step_blocks(
       p, w, n,
       [&](int64_t i0) {
@@ -577,11 +578,11 @@ SK_KERNEL void adamw_chunk(T* p, const T* w, T* m, T* v, T* x, const T* const* g
           const int64_t len = std::min(n - i0, kStoreBlock);
           SK_SIMD
           for (int64_t j = 0; j < len; ++j) gbuf[j] = grad_at<T, K>(gp, co, i0 + j);
-          gbase = i0;
         }
       },
-      [&](int64_t i) {
-        const float g = kCombineFirst ? gbuf[i - gbase] : grad_at<T, K>(gp, co, i);
+      [&](int64_t i0, int64_t j) {
+        const int64_t i = i0 + j;
+        const float g = kCombineFirst ? gbuf[j] : grad_at<T, K>(gp, co, i);
         float mv = f32(m[i]), vv = f32(v[i]), xv = kAms ? f32(x[i]) : 0.0f;
         const float nw = adamw_value(f32(w[i]), g, &mv, &vv, &xv, bias, o);
         m[i] = static_cast<T>(mv);
