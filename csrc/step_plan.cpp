@@ -140,7 +140,6 @@ void SamStepPlan::set_ascent(std::vector<at::Tensor> norm_params_, bool adaptive
   pert_index = norm_places(norm_params, pert_params);
 }
 
-
 void SamStepPlan::add_sgd_group(std::vector<at::Tensor> params, std::vector<at::Tensor> bufs,
                                 std::vector<at::Tensor> steps, std::vector<at::Tensor> backups,
                                 bool has_momentum) {
@@ -341,6 +340,14 @@ void group_step(const BaseGroupPlan& g, const std::vector<at::Tensor>& grads, co
   }
 }
 
+// The end of a step: BaseStep._count (counters += stack([ok, 1.0 - ok])), then the
+// stale-gradient marks of this step (what SAMFamily._mark_grads records at its end: the caller
+// changes no gradient in between, or drops them all)
+void count_and_mark(const at::Tensor& counters, SamStepPlan& plan, const at::Tensor& ok) {
+  const_cast<at::Tensor&>(counters).add_(at::stack({ok, at::rsub(ok, 1.0)}));
+  plan.mark();
+}
+
 // The part after the gate (BaseStep._base_step from its _gate_ok on): with max_grad_norm > 0
 // the gradient clipped by n1 (torch's clip_grad_norm_ rule, folded into the step as a
 // coefficient); per group the fused SGD/AdamW step from the backups (restore fused in), gated
@@ -365,11 +372,7 @@ void descent_rest(const at::Tensor& counters, SamStepPlan& plan, at::Tensor ok,
     const auto grads = grads_of(g.params);
     group_step(g, grads, coefs, h, ok_arg);
   }
-  // BaseStep._count: counters += stack([ok, 1.0 - ok])
-  const_cast<at::Tensor&>(counters).add_(at::stack({ok, at::rsub(ok, 1.0)}));
-  // the stale-gradient marks of this step (what SAMFamily._mark_grads records at its end: the
-  // caller changes no gradient in between, or drops them all)
-  plan.mark();
+  count_and_mark(counters, plan, ok);
 }
 
 void check_hyper(const SamStepPlan& plan, const std::vector<double>& hyper, const char* op) {
@@ -469,7 +472,8 @@ std::vector<at::Tensor> pick(const std::vector<at::Tensor>& kept,
 
 // ok = finite(||g0||) [* finite(L0)]; e = rho * nan_to_num(1/(||g0|| + 1e-12)) * g0 (and the
 // scale of w - e, its negation); b = w; w += e; g0 kept; p.grad = None (before w + e). [] when
-// the plan does not match the parameters or a gradient is a view (nothing written).
+// the plan does not match the parameters (matches(): a sparse gradient included) or a gradient
+// is a view (nothing written).
 std::vector<at::Tensor> crsam_ascent(const at::Tensor& counters,
                                      const c10::intrusive_ptr<SamStepPlan>& plan,
                                      const std::optional<at::Tensor>& loss) {
@@ -481,16 +485,12 @@ std::vector<at::Tensor> crsam_ascent(const at::Tensor& counters,
   const std::vector<at::Tensor> none;
   plan->release();
   std::vector<at::Tensor> g0 = grads_of(plan->norm_params);
-  for (const auto& g : g0) {
-    TORCH_CHECK_VALUE(g.layout() == at::kStrided,
-                      "CRSAM does not support sparse gradients (layout ", g.layout(), ")");
-  }
   const at::Tensor norm = op_grad_norm().call(g0, none, 0.0);
   at::Tensor ok = finite01(norm);
   if (loss.has_value()) ok = at::mul(ok, loss_ok(*loss, counters.device()));
   if (!plan->pert_params.empty()) {
     auto scales = op_ascent_scale().call(norm, plan->rho, std::nullopt, 1.0, true);
-    op_perturb().call(plan->pert_params, grads_of(plan->pert_params), plan->pert_backups,
+    op_perturb().call(plan->pert_params, pick(g0, plan->pert_index), plan->pert_backups,
                       scales[0], false, 0.0, /*save_backup=*/true);
     plan->neg_scale = std::move(scales[1]);
   }
@@ -550,9 +550,8 @@ void crsam_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepP
     terms.insert(terms.end(), g0.begin(), g0.end());
     group_step(g, terms, coef_arg, h, ok_arg);
   }
-  const_cast<at::Tensor&>(counters).add_(at::stack({ok, at::rsub(ok, 1.0)}));
   plan->release();
-  plan->mark();
+  count_and_mark(counters, *plan, ok);
 }
 
 TORCH_LIBRARY_IMPL(sam_kernels_C, CompositeExplicitAutograd, m) {

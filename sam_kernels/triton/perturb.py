@@ -40,17 +40,23 @@ from sam_kernels.triton._launch import (
 
 
 @triton.jit
+def _start(pp, bp, offs, rem, SAVE: tl.constexpr, DT_B: tl.constexpr, MASKED: tl.constexpr):
+    """The point a perturbation starts from, in fp32: the weights, saved bit for bit into the
+    backups first (``SAVE``), or the backups (read only)."""
+    if SAVE:
+        w = ld(pp, offs, rem, MASKED)
+        st(bp, offs, rem, w, DT_B, MASKED)
+        return w.to(tl.float32)
+    return ldf(bp, offs, rem, MASKED)
+
+
+@triton.jit
 def _perturb_body(
     pp, gp, bp, offs, rem, s, eta,
     ADAPTIVE: tl.constexpr, SAVE: tl.constexpr, DT_P: tl.constexpr, DT_B: tl.constexpr,
     MASKED: tl.constexpr,
 ):  # fmt: skip
-    if SAVE:
-        w = ld(pp, offs, rem, MASKED)
-        st(bp, offs, rem, w, DT_B, MASKED)
-        wf = w.to(tl.float32)
-    else:
-        wf = ldf(bp, offs, rem, MASKED)
+    wf = _start(pp, bp, offs, rem, SAVE, DT_B, MASKED)
     g = ldf(gp, offs, rem, MASKED)
     if ADAPTIVE:
         tw = tl.abs(wf) + eta
@@ -108,12 +114,7 @@ def _noise_body(
     NORMAL: tl.constexpr, SAVE: tl.constexpr, DT_P: tl.constexpr, DT_B: tl.constexpr,
     MASKED: tl.constexpr,
 ):  # fmt: skip
-    if SAVE:
-        w = ld(pp, offs, rem, MASKED)
-        st(bp, offs, rem, w, DT_B, MASKED)
-        b = w.to(tl.float32)
-    else:
-        b = ldf(bp, offs, rem, MASKED)
+    b = _start(pp, bp, offs, rem, SAVE, DT_B, MASKED)
     c = ctr + offs
     if NORMAL:
         eps = N.normal_eps(seed, c)
