@@ -33,6 +33,8 @@ CPU_SOURCES = [
     "csrc/cpu_ops.cpp",
     "csrc/cpu_filter_noise.cpp",
     "csrc/step_plan.cpp",
+    "csrc/plan_glue.cpp",
+    "csrc/universal_plan.cpp",
     "csrc/scalar_glue.cpp",
     "csrc/list_ops.cpp",
 ]

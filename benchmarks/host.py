@@ -325,20 +325,27 @@ def build_runners(
             continue
         add_sam(label, "ours", opt, {"backend": backend, "default": backend == default})
     if "step(closure)" in modes:
-        # CR-SAM's step (three evaluations) on the default backend: beside SAM's rows, outside
-        # the targets (its own target is its op count, "about 8")
-        from python_api import CRSAM
+        # CR-SAM's and Frob-SAM's steps (three evaluations each) beside SAM's rows, outside the
+        # targets (their own target is their op count, "about 8"). CR-SAM on the default
+        # backend; Frob-SAM on the extension with its counter-based noise (the CPU default draws
+        # the reference's global stream eagerly, one draw per tensor: never planned)
+        from python_api import CRSAM, FrobSAM
 
-        label = f"ours CR-SAM {default} (default)"
-        try:
-            opt = CRSAM(params, cls, rho=RHO, backend=default, **kw)
-            runners.append(
-                Runner(label, "ours CR-SAM", base, "step(closure)",
-                       [lambda o=opt: o.step(grads.closure)], grads.set,
-                       {"backend": default, "default": True})
-            )  # fmt: skip
-        except Exception as exc:
-            failed.append({"label": label, "error": f"{type(exc).__name__}: {exc}"[:500]})
+        extras = [
+            ("CR-SAM", CRSAM, default, {}),
+            ("Frob-SAM", FrobSAM, "ext", {"seed": 0}),
+        ]
+        for name, algo, backend, extra in extras:
+            label = f"ours {name} {backend}" + (" (default)" if backend == default else "")
+            try:
+                opt = algo(params, cls, rho=RHO, backend=backend, **extra, **kw)
+                runners.append(
+                    Runner(label, f"ours {name}", base, "step(closure)",
+                           [lambda o=opt: o.step(grads.closure)], grads.set,
+                           {"backend": backend, "default": backend == default, **extra})
+                )  # fmt: skip
+            except Exception as exc:
+                failed.append({"label": label, "error": f"{type(exc).__name__}: {exc}"[:500]})
     import sam_kernels as sk
 
     for backend, why in NOT_TIMED.items():

@@ -464,7 +464,9 @@ def dispatch_count(name: str, backend: str, base: str, n_tensors: int) -> dict:
     params = make_params(shapes, device)
     opt, _ = build_optimizer(name, params, backend, base)
     feeder = GradFeeder(params)
-    for _ in range(2):
+    # warm-up: the first step creates state, a plan is built by the second or third (Frob-SAM's
+    # needs SAM's norm/ascent lists, which its unplanned steps do not build): steady state after
+    for _ in range(3):
         feeder.refresh()
         _step(opt, feeder)
     feeder.refresh()

@@ -4,85 +4,15 @@
 // python_api/sam.py writes it (the same ATen ops, in the same order), for bit-identical results.
 #include "step_plan.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <utility>
 
+#include "plan_glue.h"
+
 namespace sam_kernels {
-namespace {
-
-using TL = at::TensorList;
-using OptT = std::optional<at::Tensor>;
-
-// ---------------------------------------------------------------- the extension's ops, typed
-const auto& op_grad_norm() {
-  static auto h = c10::Dispatcher::singleton()
-                      .findSchemaOrThrow("sam_kernels_C::grad_norm", "")
-                      .typed<at::Tensor(TL, TL, double)>();
-  return h;
-}
-
-const auto& op_perturb() {
-  static auto h = c10::Dispatcher::singleton()
-                      .findSchemaOrThrow("sam_kernels_C::perturb_", "")
-                      .typed<void(TL, TL, TL, const at::Tensor&, bool, double, bool)>();
-  return h;
-}
-
-const auto& op_ascent_scale() {
-  static auto h = c10::Dispatcher::singleton()
-                      .findSchemaOrThrow("sam_kernels_C::ascent_scale", "")
-                      .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                     const OptT&, double, bool)>();
-  return h;
-}
-
-const auto& op_sgd_step() {
-  static auto h =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("sam_kernels_C::sgd_step_", "")
-          .typed<void(TL, TL, const OptT&, TL, TL, TL, const OptT&, double, double, double, bool,
-                      double, bool, const OptT&)>();
-  return h;
-}
-
-const auto& op_adamw_step() {
-  static auto h = c10::Dispatcher::singleton()
-                      .findSchemaOrThrow("sam_kernels_C::adamw_step_", "")
-                      .typed<void(TL, TL, const OptT&, TL, TL, TL, TL, TL, const OptT&, double,
-                                  double, double, double, double, bool, bool, const OptT&)>();
-  return h;
-}
-
-// ---------------------------------------------------------------- the scalar glue
-// python_api._checks.finite01: ((x - x) == 0).to(float32)
-at::Tensor finite01(const at::Tensor& x) { return at::eq(at::sub(x, x), 0).to(at::kFloat); }
-
-// python_api._checks.ascent_inv: nan_to_num(reciprocal(norm + 1e-12), 0, 0, 0)
-at::Tensor ascent_inv(const at::Tensor& norm) {
-  return at::nan_to_num(at::reciprocal(at::add(norm, 1e-12)), 0.0, 0.0, 0.0);
-}
-
-// SAMFamily._ok_from(loss): finite01(loss.reshape(()).to(device))
-at::Tensor loss_ok(const at::Tensor& loss, const at::Device& device) {
-  return finite01(loss.reshape({}).to(device));
-}
-
-// A parameter's gradient, read from its TensorImpl: at::Tensor::grad() asks autograd first
-// whether the tensor is a leaf (for a warning about non-leaf tensors, which parameters are
-// not), a call that doubled the cost of the plan's per-parameter loops.
-inline const at::Tensor& grad_ref(const at::Tensor& p) { return p.unsafeGetTensorImpl()->grad(); }
-
-std::vector<at::Tensor> grads_of(const std::vector<at::Tensor>& params) {
-  std::vector<at::Tensor> out;
-  out.reserve(params.size());
-  for (const auto& p : params) out.push_back(grad_ref(p));
-  return out;
-}
-
-}  // namespace
+using namespace plan_glue;
 
 // ---------------------------------------------------------------- building
 void SamStepPlan::set_watch(std::vector<at::Tensor> params, std::vector<int64_t> grads_present) {
@@ -183,6 +113,10 @@ void SamStepPlan::release() {
   kept_g0.clear();
   kept_gplus.clear();
   neg_scale = at::Tensor();
+  cross.clear();
+  gsum.clear();
+  pending.clear();
+  lref = lsum = offset0 = at::Tensor();
 }
 
 // ---------------------------------------------------------------- the per-call checks
@@ -323,31 +257,6 @@ std::pair<at::Tensor, at::Tensor> descent_local(const SamStepPlan& plan,
   return {ok, n1};
 }
 
-// One base group's fused step from its backups (its launch in BaseStep._base_step): `grads` the
-// gradient (K term lists concatenated with `coefs`), `h` the group's six hyper-parameters.
-void group_step(const BaseGroupPlan& g, const std::vector<at::Tensor>& grads, const OptT& coefs,
-                const double* h, const OptT& ok) {
-  const std::vector<at::Tensor> none;
-  const OptT no_tensor;
-  if (!g.adamw) {
-    op_sgd_step().call(g.params, grads, coefs, g.has_momentum ? TL(g.bufs) : TL(none), g.steps,
-                       g.backups, no_tensor, h[0], h[1], h[2], h[3] != 0.0, h[4], h[5] != 0.0,
-                       ok);
-  } else {
-    op_adamw_step().call(g.params, grads, coefs, g.exp_avgs, g.exp_avg_sqs,
-                         g.amsgrad ? TL(g.max_exp_avg_sqs) : TL(none), g.steps, g.backups,
-                         no_tensor, h[0], h[1], h[2], h[3], h[4], g.amsgrad, h[5] != 0.0, ok);
-  }
-}
-
-// The end of a step: BaseStep._count (counters += stack([ok, 1.0 - ok])), then the
-// stale-gradient marks of this step (what SAMFamily._mark_grads records at its end: the caller
-// changes no gradient in between, or drops them all)
-void count_and_mark(const at::Tensor& counters, SamStepPlan& plan, const at::Tensor& ok) {
-  const_cast<at::Tensor&>(counters).add_(at::stack({ok, at::rsub(ok, 1.0)}));
-  plan.mark();
-}
-
 // The part after the gate (BaseStep._base_step from its _gate_ok on): with max_grad_norm > 0
 // the gradient clipped by n1 (torch's clip_grad_norm_ rule, folded into the step as a
 // coefficient); per group the fused SGD/AdamW step from the backups (restore fused in), gated
@@ -375,10 +284,6 @@ void descent_rest(const at::Tensor& counters, SamStepPlan& plan, at::Tensor ok,
   count_and_mark(counters, plan, ok);
 }
 
-void check_hyper(const SamStepPlan& plan, const std::vector<double>& hyper, const char* op) {
-  TORCH_CHECK(hyper.size() == 6 * plan.groups.size(), op, ": ", hyper.size(),
-              " hyper-parameters for ", plan.groups.size(), " groups (6 each)");
-}
 
 }  // namespace
 
@@ -427,48 +332,6 @@ bool plan_descent_apply(const at::Tensor& counters, const c10::intrusive_ptr<Sam
 // ---------------------------------------------------------------- CR-SAM
 // CRSAM.step (reference form, on_nonfinite="skip", no clipping, one process), its unplanned ops
 // in its order. The caller (python_api/crsam.py) runs the closure between the calls.
-namespace {
-
-// _collect_grads after an evaluation: a gradient outside the step's set (the parameters with one
-// at w) dropped, one of the set that is missing made zeros (in p.grad); then the set's gradients,
-// dense (_dense_grads' refusal of a sparse one, a ValueError as there)
-std::vector<at::Tensor> collect_grads(SamStepPlan& plan) {
-  for (size_t i = 0; i < plan.watch.size(); ++i) {
-    if (!plan.with_grad[i] && grad_ref(plan.watch[i]).defined()) {
-      plan.watch[i].mutable_grad().reset();
-    }
-  }
-  std::vector<at::Tensor> out;
-  out.reserve(plan.norm_params.size());
-  for (auto& p : plan.norm_params) {
-    if (!grad_ref(p).defined()) {
-      p.mutable_grad() = at::zeros_like(p, at::MemoryFormat::Preserve);
-    }
-    const at::Tensor& g = grad_ref(p);
-    TORCH_CHECK_VALUE(g.layout() == at::kStrided,
-                      "CRSAM does not support sparse gradients (layout ", g.layout(), ")");
-    out.push_back(g);
-  }
-  return out;
-}
-
-// _take_grads: a gradient that is a view (the next backward writes its storage) copied
-std::vector<at::Tensor> take(std::vector<at::Tensor> grads) {
-  for (auto& g : grads) {
-    if (g.is_view()) g = at::empty_like(g, at::MemoryFormat::Preserve).copy_(g);
-  }
-  return grads;
-}
-
-std::vector<at::Tensor> pick(const std::vector<at::Tensor>& kept,
-                             const std::vector<int64_t>& index) {
-  std::vector<at::Tensor> out;
-  out.reserve(index.size());
-  for (const int64_t i : index) out.push_back(kept[i]);
-  return out;
-}
-
-}  // namespace
 
 // ok = finite(||g0||) [* finite(L0)]; e = rho * nan_to_num(1/(||g0|| + 1e-12)) * g0 (and the
 // scale of w - e, its negation); b = w; w += e; g0 kept; p.grad = None (before w + e). [] when
@@ -477,10 +340,7 @@ std::vector<at::Tensor> pick(const std::vector<at::Tensor>& kept,
 std::vector<at::Tensor> crsam_ascent(const at::Tensor& counters,
                                      const c10::intrusive_ptr<SamStepPlan>& plan,
                                      const std::optional<at::Tensor>& loss) {
-  if (!plan->matches()) return {};
-  for (const auto& p : plan->norm_params) {
-    if (grad_ref(p).is_view()) return {};
-  }
+  if (!plan->matches() || any_grad_view(plan->norm_params)) return {};
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in plan_ascent
   const std::vector<at::Tensor> none;
   plan->release();
@@ -507,7 +367,7 @@ std::vector<at::Tensor> crsam_middle(const at::Tensor& counters,
               "crsam_middle: no crsam_ascent before it");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const std::vector<at::Tensor> none;
-  std::vector<at::Tensor> gplus = collect_grads(*plan);
+  std::vector<at::Tensor> gplus = collect_grads(*plan, "CRSAM");
   const at::Tensor n_plus = op_grad_norm().call(gplus, none, 0.0);
   plan->kept_gplus = take(std::move(gplus));
   if (!plan->pert_params.empty()) {
@@ -531,7 +391,7 @@ void crsam_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepP
               "crsam_descent: no crsam_middle before it");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const std::vector<at::Tensor> none;
-  const std::vector<at::Tensor> gminus = collect_grads(*plan);
+  const std::vector<at::Tensor> gminus = collect_grads(*plan, "CRSAM");
   const at::Tensor n_minus = op_grad_norm().call(gminus, none, 0.0);
   at::Tensor ok = at::mul(ok_in, finite01(n_plus));
   if (loss_plus.has_value()) ok = at::mul(ok, loss_ok(*loss_plus, counters.device()));

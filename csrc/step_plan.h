@@ -93,6 +93,25 @@ struct SamStepPlan : torch::CustomClassHolder {
   at::Tensor neg_scale;
   std::vector<at::Tensor> kept() const;
   void release();
+
+  // Frob-SAM's step (universal_plan.cpp: frob_ascent, frob_sample per noisy sample,
+  // frob_descent). Set once per plan by `set_noise`: the scale of the noise (rho, 0-d when every
+  // perturbed group has the same), its kind and half-cube length, and the elements drawn per
+  // sample. Kept between the calls of a step (dropped by `release`, with g0 in kept_g0): the
+  // sums `cross` and `gsum` (aligned with pert_params), the first sample's loss (the shift) and
+  // the sum of the shifted losses, each sample's gradient norm and loss (their finite flags are
+  // folded in by the descent) and the noise offset at the step's start. `frob_kept` returns
+  // [offset0, lsum, pending..., g0..., cross..., gsum...] for a step that finishes unplanned
+  // ([offset0] before the first sample, [] outside a step).
+  at::Tensor noise_scale;
+  int64_t noise_kind = 0;
+  double half_cube_len = 1.0;
+  int64_t drawn = 0;
+  std::vector<int64_t> pert_place;  // each of norm_params' place in pert_params (-1: none)
+  std::vector<at::Tensor> cross, gsum, pending;
+  at::Tensor lref, lsum, offset0;
+  void set_noise(at::Tensor scale, int64_t kind, double half_cube_len);
+  std::vector<at::Tensor> frob_kept() const;
 };
 
 // The two halves of the step (schemas in bindings.cpp). `counters` is the plan's counter tensor:
@@ -126,5 +145,20 @@ void crsam_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepP
                    const std::optional<at::Tensor>& loss_plus,
                    const std::optional<at::Tensor>& loss_minus, const at::Tensor& coefs,
                    std::vector<double> hyper);
+
+// Frob-SAM's planned step (python_api/_universal_plan.py): frob_ascent returns [ok] or [] (the
+// plan does not match: nothing written); frob_sample after each noisy evaluation (`more`: another
+// sample follows); frob_descent takes the step (`consts`: per base group its cached (a, b), the
+// coefficients being a + b * Lsum).
+std::vector<at::Tensor> frob_ascent(const at::Tensor& counters,
+                                    const c10::intrusive_ptr<SamStepPlan>& plan,
+                                    const std::optional<at::Tensor>& loss, const at::Tensor& seed,
+                                    const at::Tensor& offset);
+void frob_sample(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
+                 const at::Tensor& loss, const at::Tensor& seed, const at::Tensor& offset,
+                 bool more);
+void frob_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
+                  const at::Tensor& ok, const at::Tensor& offset, std::vector<at::Tensor> consts,
+                  std::vector<double> hyper);
 
 }  // namespace sam_kernels

@@ -45,13 +45,19 @@ class FrobEstimator(Estimator):
         sk.frob_accumulate_(cross, gsum, grads, shifted, init=i == 0, backend=self.backend)
         ctx["lsum"] = ctx["lsum"] + shifted
 
-    def _final(self, group, cols, g0_of, ctx, ps) -> sk.LinComb:
+    def _frob_consts(self, group: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, b)``: a group's coefficients on ``(g0, cross, gsum)`` are ``a + b * Lsum``,
+        ``(1, k/(n-1), -k (Lsum/n)/(n-1))`` with ``k = lam / rho^2`` (cached device constants;
+        the planned step, python_api._universal_plan, passes the same ones)."""
         n = self.n_samples
         k = float(group["lam"]) / float(group["rho"]) ** 2
-        dtype = ctx["dtype"]
-        # coefficients on (g0, cross, gsum): (1, k/(n-1), -k (Lsum/n)/(n-1))
         a = self._const([1.0, k / (n - 1), 0.0], dtype)
         b = self._const([0.0, 0.0, -k / (n * (n - 1))], dtype)
+        return a, b
+
+    def _final(self, group, cols, g0_of, ctx, ps) -> sk.LinComb:
+        dtype = ctx["dtype"]
+        a, b = self._frob_consts(group, dtype)
         lsum = ctx["lsum"].to(torch.promote_types(ctx["lsum"].dtype, dtype))
         coefs = (a + b * lsum).to(dtype)
         # a perturbed group's parameters are columns ``cols`` of ctx["pert"]

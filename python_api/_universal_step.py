@@ -49,6 +49,13 @@ class UniversalStep:
         """The gradient of a perturbed group's parameters ``ps`` (columns ``cols``)."""
         raise NotImplementedError
 
+    def _planned_step(
+        self, closure: Closure, l0: torch.Tensor | None, noise: Noise | None
+    ) -> tuple[torch.Tensor | None] | None:
+        """The rest of the step run as a cached step plan, if one may run it: ``(returned,)``;
+        None where the step runs unplanned (python_api._universal_plan for Frob-SAM)."""
+        return None
+
     # ----------------------------------------------------------------- step
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -69,6 +76,9 @@ class UniversalStep:
         """
         closure = self._require_closure(closure)
         l0, _ = self._initial_eval(closure, loss, need_loss=self._needs_l0)
+        planned = self._planned_step(closure, l0, noise)
+        if planned is not None:
+            return planned[0]
         ps = self._params_with_grad()
         n0 = self._checked_norm([p.grad for p in ps]) if ps else None
         ok = self._ok_from(l0, n0)  # one fused op
@@ -145,7 +155,20 @@ class UniversalStep:
             raise
         if pending:
             ok = self._and_finite(ok, *pending)
+        self._finish(ok, groups, g0_of, ctx, offset0)
+        return l0 if l0 is not None else first_loss
 
+    def _finish(
+        self,
+        ok: torch.Tensor,
+        groups: list[tuple[dict, list[torch.Tensor]]],
+        g0_of: dict[int, torch.Tensor],
+        ctx: dict[str, Any],
+        offset0: torch.Tensor | None,
+    ) -> None:
+        """After the last sample: each group's gradient (``_final``, ``g0`` for an unperturbed
+        group), the coefficients' check, the base step at ``w`` gated by ``ok`` (every
+        evaluation's flag), and the noise offset rolled back to ``offset0`` if it was skipped."""
         finals: dict[int, Any] = {}
         start = 0
         pert_groups = {id(g): gps for g, gps in groups}
@@ -170,9 +193,8 @@ class UniversalStep:
             ok = ok * torch.isfinite(torch.cat(coefs)).all().to(torch.float32)
         if "coef_ok" in ctx:
             ok = ok * ctx["coef_ok"].to(torch.float32)
-        ok = self._base_step(ok, pert, lambda gps: finals[id(gps[0])])
-        if counter:
+        ok = self._base_step(ok, ctx["pert"], lambda gps: finals[id(gps[0])])
+        if offset0 is not None:
             # a skipped step draws nothing: the next step uses the same counters (the flag as
             # the base step used it, so a GradScaler or DDP skip counts too)
             self._noise_offset.copy_(torch.where(ok > 0, self._noise_offset, offset0))
-        return l0 if l0 is not None else first_loss

@@ -52,6 +52,7 @@ from python_api._universal_estimators import (
     TraceEstimator,
 )
 from python_api._universal_noise import Noise, UniversalNoise
+from python_api._universal_plan import FrobPlan
 from python_api._universal_step import UniversalStep
 
 #: ``Noise`` (the ``noise=`` argument's type) is importable from here as before the split
@@ -160,7 +161,7 @@ class _UniversalSAM(UniversalNoise, UniversalStep, SAMFamily):
     step = UniversalStep.step
 
 
-class FrobSAM(FrobEstimator, _UniversalSAM):
+class FrobSAM(FrobPlan, FrobEstimator, _UniversalSAM):
     r"""Frob-SAM: penalises the Frobenius norm of the Hessian (Tahmasebi et al., ICML 2024).
 
     .. code-block:: text

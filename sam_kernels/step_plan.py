@@ -24,10 +24,13 @@ that no parameter changed dtype, device or shape; if not it changes nothing and 
 
 CR-SAM's step uses the same plan for three ops around its two perturbed evaluations
 (:meth:`SamStepPlan.crsam_ascent`, :meth:`~SamStepPlan.crsam_middle`,
-:meth:`~SamStepPlan.crsam_descent`; python_api/_step_plan.py has the sequence).
+:meth:`~SamStepPlan.crsam_descent`; python_api/crsam.py has the sequence), Frob-SAM's for an
+ascent, one op per noisy sample and a descent (:meth:`SamStepPlan.frob_ascent`,
+:meth:`~SamStepPlan.frob_sample`, :meth:`~SamStepPlan.frob_descent`;
+python_api/_universal_plan.py).
 
-Available where the extension is built (:func:`available`, :func:`crsam_available`); import
-never fails without it.
+Available where the extension is built (:func:`available`, :func:`crsam_available`,
+:func:`frob_available`); import never fails without it.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class SamStepPlan:
         "_descent_flag",
         "_descent_apply",
         "_crsam",
+        "_frob",
     )
 
     def __init__(self, counters: torch.Tensor) -> None:
@@ -89,6 +93,15 @@ class SamStepPlan:
                 ops.crsam_descent.default._op,
             )
             if hasattr(ops, "crsam_ascent")
+            else None
+        )
+        self._frob = (
+            (
+                ops.frob_ascent.default._op,
+                ops.frob_sample.default._op,
+                ops.frob_descent.default._op,
+            )
+            if hasattr(ops, "frob_ascent")
             else None
         )
 
@@ -242,10 +255,52 @@ class SamStepPlan:
         return list(self._plan.kept())
 
     def release(self) -> None:
-        """Drop the gradients a CR-SAM step kept."""
+        """Drop what a CR-SAM or Frob-SAM step kept."""
         self._plan.release()
+
+    # ----------------------------------------------------------------- Frob-SAM
+    def set_noise(self, scale: torch.Tensor, kind: int, half_cube_len: float) -> None:
+        """Frob-SAM's noise, once per plan: ``eps`` scaled by ``scale`` (rho: 0-d, or one per
+        perturbed tensor), of ``kind`` (0 normal, 1 uniform on ``[-half_cube_len, a]``)."""
+        self._plan.set_noise(scale, int(kind), float(half_cube_len))
+
+    def frob_ascent(
+        self, loss: torch.Tensor | None, seed: torch.Tensor, offset: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Frob-SAM's first call: ``ok = finite(||g0||) [* finite(L0)]``, ``g0`` kept, ``b = w``,
+        ``w = b + rho * eps_1`` (counter noise at ``offset``, which advances), ``p.grad = None``.
+        ``None`` when the plan does not match or not every parameter with a gradient is
+        perturbed (nothing was changed)."""
+        out = self._frob[0](self._counters, self._plan, loss, seed, offset)
+        return out[0] if out else None
+
+    def frob_sample(
+        self, loss: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor, more: bool
+    ) -> None:
+        """After a noisy evaluation: its gradient and shifted loss folded into the sums (the
+        first one starts them); with ``more`` the next sample's weights drawn, ``p.grad = None``."""
+        self._frob[1](self._counters, self._plan, loss, seed, offset, bool(more))
+
+    def frob_descent(
+        self, ok: torch.Tensor, offset: torch.Tensor, consts: list[torch.Tensor], hyper: list[float]
+    ) -> None:
+        """After the last sample: the base step from the backups with
+        ``g = (a + b Lsum) . (g0, cross, gsum)`` per group (``consts``: its ``a, b``), gated by
+        ``ok`` and every sample's finite flags and the coefficients'; the counters; the offset
+        rolled back on a skipped step; what the step kept dropped; the marks."""
+        self._frob[2](self._counters, self._plan, ok, offset, consts, hyper)
+
+    def frob_kept(self) -> list[torch.Tensor]:
+        """What a Frob-SAM step kept: ``[offset0, Lsum, pending..., g0..., cross..., gsum...]``
+        (``[offset0]`` before its first sample, empty outside a step)."""
+        return list(self._plan.frob_kept())
 
 
 def crsam_available(device: torch.device | str = "cpu") -> bool:
     """True when the built extension has CR-SAM's planned step too."""
     return available(device) and hasattr(getattr(torch.ops, _NS), "crsam_ascent")
+
+
+def frob_available(device: torch.device | str = "cpu") -> bool:
+    """True when the built extension has Frob-SAM's planned step too."""
+    return available(device) and hasattr(getattr(torch.ops, _NS), "frob_ascent")

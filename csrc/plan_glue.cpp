@@ -1,0 +1,62 @@
+// The shared parts of the planned steps (plan_glue.h): gradient collection, the base groups'
+// fused steps, the counters and marks.
+#include "plan_glue.h"
+
+namespace sam_kernels {
+namespace plan_glue {
+
+std::vector<at::Tensor> collect_grads(SamStepPlan& plan, const char* who) {
+  for (size_t i = 0; i < plan.watch.size(); ++i) {
+    if (!plan.with_grad[i] && grad_ref(plan.watch[i]).defined()) {
+      plan.watch[i].mutable_grad().reset();
+    }
+  }
+  std::vector<at::Tensor> out;
+  out.reserve(plan.norm_params.size());
+  for (auto& p : plan.norm_params) {
+    if (!grad_ref(p).defined()) {
+      p.mutable_grad() = at::zeros_like(p, at::MemoryFormat::Preserve);
+    }
+    const at::Tensor& g = grad_ref(p);
+    TORCH_CHECK_VALUE(g.layout() == at::kStrided,
+                      who, " does not support sparse gradients (layout ", g.layout(), ")");
+    out.push_back(g);
+  }
+  return out;
+}
+
+std::vector<at::Tensor> take(std::vector<at::Tensor> grads) {
+  for (auto& g : grads) {
+    if (g.is_view()) g = at::empty_like(g, at::MemoryFormat::Preserve).copy_(g);
+  }
+  return grads;
+}
+
+void group_step(const BaseGroupPlan& g, const std::vector<at::Tensor>& grads, const OptT& coefs,
+                const double* h, const OptT& ok) {
+  const std::vector<at::Tensor> none;
+  const OptT no_tensor;
+  if (!g.adamw) {
+    op_sgd_step().call(g.params, grads, coefs, g.has_momentum ? TL(g.bufs) : TL(none), g.steps,
+                       g.backups, no_tensor, h[0], h[1], h[2], h[3] != 0.0, h[4], h[5] != 0.0,
+                       ok);
+  } else {
+    op_adamw_step().call(g.params, grads, coefs, g.exp_avgs, g.exp_avg_sqs,
+                         g.amsgrad ? TL(g.max_exp_avg_sqs) : TL(none), g.steps, g.backups,
+                         no_tensor, h[0], h[1], h[2], h[3], h[4], g.amsgrad, h[5] != 0.0, ok);
+  }
+}
+
+void count_and_mark(const at::Tensor& counters, SamStepPlan& plan, const at::Tensor& ok) {
+  const_cast<at::Tensor&>(counters).add_(at::stack({ok, at::rsub(ok, 1.0)}));
+  plan.mark();
+}
+
+void check_hyper(const SamStepPlan& plan, const std::vector<double>& hyper, const char* op) {
+  TORCH_CHECK(hyper.size() == 6 * plan.groups.size(), op, ": ", hyper.size(),
+              " hyper-parameters for ", plan.groups.size(), " groups (6 each)");
+}
+
+}  // namespace plan_glue
+
+}  // namespace sam_kernels

@@ -1,0 +1,342 @@
+"""Frob-SAM's planned step on the compiled extension (python_api/_universal_plan.py,
+csrc/universal_plan.cpp).
+
+Every case trains two copies from the same weights and the same noise seed, one with planned
+steps (the default) and one with ``plan_steps = False`` (the unplanned path, itself checked
+against the spec's equations in tests/optim/test_universal.py), and requires the weights, the
+base optimizer's state, the counters and the noise offset to be bit-identical after every step;
+and that the plan ran (its own ops) where it may, and did not where it may not.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _helpers import DispatchedOps, assert_same_training
+from torch import nn
+
+from python_api import FrobSAM
+from python_api import _step_plan as sp
+from sam_kernels import step_plan
+
+pytestmark = pytest.mark.skipif(
+    not step_plan.frob_available("cpu"),
+    reason="the compiled extension (with Frob-SAM's step plan) is not built",
+)
+
+BASES = {
+    "sgd": (torch.optim.SGD, dict(lr=0.01, momentum=0.9, weight_decay=1e-3)),
+    "sgd-nesterov-maximize": (
+        torch.optim.SGD,
+        dict(lr=0.005, momentum=0.8, nesterov=True, maximize=True),
+    ),
+    "sgd-no-momentum": (torch.optim.SGD, dict(lr=0.02)),
+    "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.01)),
+    "adamw-amsgrad": (torch.optim.AdamW, dict(lr=0.01, betas=(0.8, 0.95), amsgrad=True)),
+}
+ASCENT, SAMPLE, DESCENT = (
+    "sam_kernels_C.frob_ascent.default",
+    "sam_kernels_C.frob_sample.default",
+    "sam_kernels_C.frob_descent.default",
+)
+PLAN_OPS = (ASCENT, SAMPLE, DESCENT)
+# large enough a rho and lam that the sharpness term moves the weights visibly
+HP = dict(rho=0.05, lam=0.005, backend="ext", seed=1234)
+
+
+class Net(nn.Module):
+    """Odd shapes, a one-element parameter, a non-contiguous one, and one (``gated``) that only
+    a loss with ``use_gated`` depends on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3)
+        self.fc = nn.Linear(5 * 4 * 4, 7)
+        self.scale = nn.Parameter(torch.ones(1))
+        self.t = nn.Parameter(torch.randn(7, 3).t())  # a transposed (non-contiguous) weight
+        self.gated = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor, use_gated: bool = True) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)).flatten(1)
+        out = (self.fc(h) * self.scale) @ self.t.t()
+        return out + self.gated if use_gated else out
+
+
+def _data(seed: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(6, 3, 6, 6, generator=g).to(dtype), torch.randn(6, 3, generator=g)
+
+
+def _pair(base="sgd", groups=None, dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    m = Net().to(dtype)
+    r = copy.deepcopy(m)
+    cls, hp = BASES[base]
+    opts = []
+    for model in (m, r):
+        params = groups(model) if groups is not None else model.parameters()
+        opts.append(FrobSAM(params, cls, **{**hp, **HP, **kw}))
+    opts[1].plan_steps = False
+    return m, r, opts[0], opts[1]
+
+
+def _same(m, r, opt, ref) -> None:
+    assert_same_training(m, r, opt, ref)
+    assert torch.equal(opt._noise_offset, ref._noise_offset)
+
+
+def _closure(model, opt, x, y, calls=None, use_gated=lambda k: True, on_call=None):
+    def closure():
+        k = len(calls) if calls is not None else 0
+        if calls is not None:
+            calls.append(k)
+        if on_call is not None:
+            on_call(k, opt)
+        opt.zero_grad()
+        loss = (model(x, use_gated(k)).float() - y).square().mean()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _planned(opt) -> bool:
+    return isinstance(opt._step_plan, sp.PlannedStep)
+
+
+def _train(pairs, steps, dtype=torch.float32, user_backward=False, **closure_kw) -> int:
+    """``steps`` steps of both; returns how many of the planned one's ran on its plan."""
+    m, r, opt, ref = pairs
+    planned = 0
+    for s in range(steps):
+        x, y = _data(s, dtype)
+        for model, o in ((m, opt), (r, ref)):
+            if user_backward:  # the reference's loop: the user's own backward gives g0
+                o.zero_grad()
+                (model(x).float() - y).square().mean().backward()
+            with DispatchedOps() as seen:
+                o.step(_closure(model, o, x, y, **closure_kw))
+            if o is opt:
+                planned += seen.ops.count(DESCENT)
+            else:
+                assert not any(op in PLAN_OPS for op in seen.ops)
+        _same(m, r, opt, ref)
+    return planned
+
+
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("user_backward", [False, True])
+def test_bit_identical_to_the_unplanned_step(base, user_backward):
+    pairs = _pair(base)
+    before = [p.clone() for p in pairs[0].parameters()]
+    assert _train(pairs, 6, user_backward=user_backward) == 4  # from the third step on
+    assert _planned(pairs[2]) and not _planned(pairs[3])
+    # (maximize climbs the loss until it overflows: its last steps are skipped, on both)
+    assert pairs[2]._counters.sum().item() == 6 and pairs[2].steps_taken >= 4
+    assert all(not torch.equal(a, b) for a, b in zip(before, pairs[0].parameters()))
+    assert pairs[2]._noise_offset.item() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_parameters(dtype):
+    pairs = _pair("adamw", dtype=dtype)
+    assert _train(pairs, 4, dtype=dtype) == 2
+    assert _planned(pairs[2])
+
+
+@pytest.mark.parametrize("n_samples", [2, 3])
+def test_own_ops_per_step(n_samples):
+    """An ascent, one op per noisy sample and a descent, and nothing else of the package's."""
+    m, r, opt, ref = _pair("sgd", n_samples=n_samples)
+    _train((m, r, opt, ref), 3)
+    x, y = _data(9)
+    with DispatchedOps() as seen:
+        opt.step(_closure(m, opt, x, y))
+    own = [op for op in seen.ops if op.startswith("sam_kernels")]
+    assert own == [ASCENT] + [SAMPLE] * n_samples + [DESCENT]
+    # and on the unplanned path the package's own ops were many more
+    with DispatchedOps() as seen:
+        ref.step(_closure(r, ref, x, y))
+    assert len([op for op in seen.ops if op.startswith("sam_kernels")]) > 3 * n_samples
+
+
+def test_groups_with_their_own_rho_lam_and_lr():
+    def groups(model):
+        return [
+            {"params": [model.conv.weight, model.fc.weight], "rho": 0.1, "lam": 0.02},
+            {"params": [model.conv.bias, model.fc.bias, model.scale], "lr": 0.02, "rho": 0.03},
+            {"params": [model.t, model.gated], "weight_decay": 0.0, "lam": 0.1},
+        ]
+
+    pairs = _pair("sgd", groups=groups, n_samples=3)
+    assert _train(pairs, 5) == 3
+    # a lam schedule between steps: the plan reads the groups' lam every step
+    for o in pairs[2:]:
+        o.param_groups[1]["lam"] = 0.2
+    assert _train(pairs, 2) == 2
+
+
+def test_n_samples_changed_between_steps():
+    pairs = _pair("adamw")
+    _train(pairs, 3)
+    for o in pairs[2:]:
+        o.n_samples = 4
+    assert _train(pairs, 2) == 2
+
+
+@pytest.mark.parametrize("where", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_nonfinite_skips_on_the_device(where, kind):
+    """A non-finite loss or gradient at ``w`` or at a noisy sample (closure call 0, 1, 2) skips
+    the step: weights, state and noise offset as before, the skip counted, as unplanned."""
+    m, r, opt, ref = _pair("adamw")
+    _train((m, r, opt, ref), 3)
+    before = [p.clone() for p in m.parameters()]
+    offset = opt._noise_offset.clone()
+    x, y = _data(50)
+    for model, o in ((m, opt), (r, ref)):
+        calls: list[int] = []
+
+        def closure(model=model, o=o, calls=calls):
+            k = len(calls)
+            calls.append(k)
+            o.zero_grad()
+            loss = (model(x).float() - y).square().mean()
+            if k == where and kind == "loss":
+                loss = loss * float("inf")
+                loss.backward()
+                return loss
+            loss.backward()
+            if k == where:
+                model.fc.weight.grad[0, 0] = float("nan")
+            return loss
+
+        with DispatchedOps() as seen:
+            o.step(closure)
+        assert (ASCENT in seen.ops) == (o is opt)
+    _same(m, r, opt, ref)
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert opt._counters.tolist() == [3.0, 1.0]
+    assert torch.equal(opt._noise_offset, offset)  # a skipped step draws nothing
+    assert _train((m, r, opt, ref), 2) == 2
+
+
+def test_overflowing_coefficients_skip_the_step():
+    """``lam / rho^2`` overflowing float32 makes the coefficients non-finite: skipped."""
+    m, r, opt, ref = _pair("sgd")
+    _train((m, r, opt, ref), 3)
+    before = [p.clone() for p in m.parameters()]
+    for o in (opt, ref):
+        o.param_groups[0]["lam"] = 1e36
+    assert _train((m, r, opt, ref), 1) == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert opt._counters.tolist() == [3.0, 1.0]
+
+
+def test_gradients_missing_or_new_at_noisy_points():
+    """A parameter the loss stops depending on at a noisy point gets zeros; one without a
+    gradient at ``w`` that gets one at a noisy point has it dropped, on the plan too."""
+    pairs = _pair("sgd")
+    _train(pairs, 3)
+    # closure calls 0 (w), 1 and 2 (the samples) of each step
+    assert _train(pairs, 4, calls=[], use_gated=lambda k: k % 3 != 1) == 4
+    assert _planned(pairs[2])
+
+
+def test_learning_rate_made_a_tensor_during_the_step():
+    """The groups changed during the closures: the plan's descent is not taken, the step ends
+    unplanned from what the plan kept (the same bits), and the plan is rebuilt."""
+    pairs = _pair("adamw")
+    _train(pairs, 3)
+
+    def to_tensor(k, o):
+        if k == 2:
+            o.param_groups[0]["lr"] = torch.tensor(0.02)
+
+    m, r, opt, ref = pairs
+    x, y = _data(20)
+    for model, o in ((m, opt), (r, ref)):
+        o.step(_closure(model, o, x, y, calls=[], on_call=to_tensor))
+    _same(m, r, opt, ref)
+    assert not _planned(opt)
+    assert opt.steps_taken == 4
+
+
+@pytest.mark.parametrize("at", [1, 2])
+def test_a_closure_that_raises_leaves_weights_state_and_offset(at):
+    m, r, opt, ref = _pair("sgd")
+    _train((m, r, opt, ref), 3)
+    plan = opt._step_plan
+    before = [p.clone() for p in m.parameters()]
+    state = {k: v.clone() for k, v in opt.base_optimizer.state[m.fc.weight].items()}
+    offset = opt._noise_offset.clone()
+
+    def boom(k, o):
+        if k == at:
+            raise RuntimeError("boom")
+
+    x, y = _data(30)
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(_closure(m, opt, x, y, calls=[], on_call=boom))
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    for k, v in opt.base_optimizer.state[m.fc.weight].items():
+        assert torch.equal(v, state[k]), k
+    assert torch.equal(opt._noise_offset, offset)
+    assert plan.plan.frob_kept() == []  # what the step kept was dropped
+    # the reference did not take that step either: the next steps give the same bits
+    assert _train((m, r, opt, ref), 2) == 2
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(max_grad_norm=1.0),
+        dict(on_nonfinite="raise"),
+        dict(backend=None),  # the CPU default: the reference's global stream, drawn eagerly
+    ],
+)
+def test_not_planned_where_it_may_not(kw):
+    m, r, opt, ref = _pair("sgd", **kw)
+    opt.plan_steps = True
+    for s in range(4):
+        x, y = _data(s)
+        with DispatchedOps() as seen:
+            opt.step(_closure(m, opt, x, y))
+        assert not any(op in PLAN_OPS for op in seen.ops)
+    assert not _planned(opt)
+
+
+def test_not_planned_with_an_unperturbed_group():
+    def groups(model):
+        return [
+            {"params": [model.conv.weight, model.fc.weight]},
+            {"params": [model.conv.bias, model.fc.bias, model.scale, model.t, model.gated]},
+        ]
+
+    pairs = _pair("sgd", groups=groups)
+    for o in pairs[2:]:
+        o.param_groups[1]["rho"] = 0.0
+    assert _train(pairs, 4) == 0
+    assert isinstance(pairs[2]._step_plan, sp.Unplanned)
+
+
+def test_noise_given_runs_unplanned():
+    m, r, opt, ref = _pair("sgd")
+    _train((m, r, opt, ref), 3)
+    x, y = _data(9)
+    pert = [p for p in m.parameters()]
+    noise = [[torch.randn_like(p) for p in pert] for _ in range(opt.n_samples)]
+    with DispatchedOps() as seen:
+        opt.step(_closure(m, opt, x, y), noise=noise)
+    assert not any(op in PLAN_OPS for op in seen.ops)
+    assert opt.steps_taken == 4
+
+
+def test_state_dict_round_trip_between_planned_steps():
+    m, r, opt, ref = _pair("adamw")
+    _train((m, r, opt, ref), 3)
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert _train((m, r, opt, ref), 3) >= 2
+    assert _planned(opt)
