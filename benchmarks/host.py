@@ -332,17 +332,18 @@ def build_runners(
         from python_api import CRSAM, FrobSAM
 
         extras = [
-            ("CR-SAM", CRSAM, default, {}),
-            ("Frob-SAM", FrobSAM, "ext", {"seed": 0}),
+            ("CR-SAM", CRSAM, default, " (default)", {}),
+            ("Frob-SAM", FrobSAM, "ext", " (counter noise)", {"seed": 0}),
         ]
-        for name, algo, backend, extra in extras:
-            label = f"ours {name} {backend}" + (" (default)" if backend == default else "")
+        for name, algo, backend, what, extra in extras:
+            label = f"ours {name} {backend}{what}"
+            is_default = what == " (default)"
             try:
                 opt = algo(params, cls, rho=RHO, backend=backend, **extra, **kw)
                 runners.append(
                     Runner(label, f"ours {name}", base, "step(closure)",
                            [lambda o=opt: o.step(grads.closure)], grads.set,
-                           {"backend": backend, "default": backend == default, **extra})
+                           {"backend": backend, "default": is_default, **extra})
                 )  # fmt: skip
             except Exception as exc:
                 failed.append({"label": label, "error": f"{type(exc).__name__}: {exc}"[:500]})

@@ -161,7 +161,7 @@ void filter_noise_perturb_cpu(at::TensorList params, at::TensorList backups,
       T* d = ptr<T>(L[2][c.t], c.start);
       const float* cf = coef.data() + rows.base[c.t];
       const uint64_t k0 = first[c.t] + static_cast<uint64_t>(c.start);
-      run_kernel([&] {
+      run_compute_kernel([&] {
         filter_noise_chunk<T>(w, b, d, c.len, c.start, rows.len[c.t], cf, sd, k0);
       });
     });

@@ -288,14 +288,14 @@ void noise_perturb_cpu(at::TensorList params, at::TensorList backups, const at::
       const uint64_t k0 = first[c.t] + static_cast<uint64_t>(c.start);
       if (save_backup) {
         if (kind == 0) {
-          run_kernel([&] { noise_chunk<T, true, 0>(w, b, c.len, sd, k0, a, s); });
+          run_compute_kernel([&] { noise_chunk<T, true, 0>(w, b, c.len, sd, k0, a, s); });
         } else {
-          run_kernel([&] { noise_chunk<T, true, 1>(w, b, c.len, sd, k0, a, s); });
+          run_compute_kernel([&] { noise_chunk<T, true, 1>(w, b, c.len, sd, k0, a, s); });
         }
       } else if (kind == 0) {
-        run_kernel([&] { noise_chunk<T, false, 0>(w, b, c.len, sd, k0, a, s); });
+        run_compute_kernel([&] { noise_chunk<T, false, 0>(w, b, c.len, sd, k0, a, s); });
       } else {
-        run_kernel([&] { noise_chunk<T, false, 1>(w, b, c.len, sd, k0, a, s); });
+        run_compute_kernel([&] { noise_chunk<T, false, 1>(w, b, c.len, sd, k0, a, s); });
       }
     });
   });
