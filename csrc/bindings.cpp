@@ -67,8 +67,8 @@ TORCH_LIBRARY(sam_kernels_C, m) {
       .def("drop_grads", &sam_kernels::SamStepPlan::drop_grads)
       .def("kept", &sam_kernels::SamStepPlan::kept)
       .def("release", &sam_kernels::SamStepPlan::release)
-      .def("set_noise", &sam_kernels::SamStepPlan::set_noise)
-      .def("frob_kept", &sam_kernels::SamStepPlan::frob_kept);
+      .def("set_universal", &sam_kernels::SamStepPlan::set_universal)
+      .def("universal_kept", &sam_kernels::SamStepPlan::universal_kept);
   m.def(
       "plan_ascent(Tensor counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan plan, "
       "Tensor? loss, bool drop_grads) -> Tensor[]");
@@ -94,16 +94,18 @@ TORCH_LIBRARY(sam_kernels_C, m) {
       "crsam_descent(Tensor(a!) counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan "
       "plan, Tensor ok, Tensor n_plus, Tensor? loss_plus, Tensor? loss_minus, Tensor coefs, "
       "float[] hyper) -> ()");
-  // Frob-SAM's planned step (step_plan.h): an ascent, one call per noisy sample, a descent
+  // the universal class's planned step (step_plan.h): an ascent, one call per noisy sample, a
+  // descent
   m.def(
-      "frob_ascent(Tensor counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan plan, "
-      "Tensor? loss, Tensor seed, Tensor(a!) offset) -> Tensor[]");
+      "universal_ascent(Tensor counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan "
+      "plan, Tensor? loss, Tensor seed, Tensor(a!) offset) -> Tensor[]");
   m.def(
-      "frob_sample(Tensor counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan plan, "
-      "Tensor loss, Tensor seed, Tensor(a!) offset, bool more) -> ()");
+      "universal_sample(Tensor counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan "
+      "plan, Tensor? loss, Tensor? coef, Tensor seed, Tensor(a!) offset, int n, bool more) -> ()");
   m.def(
-      "frob_descent(Tensor(a!) counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan "
-      "plan, Tensor ok, Tensor(b!) offset, Tensor[] consts, float[] hyper) -> ()");
+      "universal_descent(Tensor(a!) counters, "
+      "__torch__.torch.classes.sam_kernels_C.SamStepPlan plan, Tensor ok, Tensor(b!) offset, "
+      "Tensor[] consts, float[] lams, float[] hyper) -> ()");
   // test hook: one Philox4x32-10 block (CPU)
   m.def("_philox4x32_10(Tensor(a!) out, int[] counter, int[] key) -> ()");
   // test hook: the noise contract's float32 functions (CPU; ops_math.h)

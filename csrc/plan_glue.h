@@ -48,6 +48,13 @@ inline const auto& op_frob_accumulate() {
   return h;
 }
 
+inline const auto& op_lincomb() {
+  static auto h = c10::Dispatcher::singleton()
+                      .findSchemaOrThrow("sam_kernels_C::lincomb_", "")
+                      .typed<void(TL, TL, const at::Tensor&)>();
+  return h;
+}
+
 inline const auto& op_ascent_scale() {
   static auto h = c10::Dispatcher::singleton()
                       .findSchemaOrThrow("sam_kernels_C::ascent_scale", "")

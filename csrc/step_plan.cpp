@@ -113,10 +113,12 @@ void SamStepPlan::release() {
   kept_g0.clear();
   kept_gplus.clear();
   neg_scale = at::Tensor();
+  samples = 0;
+  pending.clear();
   cross.clear();
   gsum.clear();
-  pending.clear();
-  lref = lsum = offset0 = at::Tensor();
+  acc.clear();
+  offset0 = l0 = lref = lsum = coef_ok = x = at::Tensor();
 }
 
 // ---------------------------------------------------------------- the per-call checks

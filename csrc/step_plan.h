@@ -94,24 +94,29 @@ struct SamStepPlan : torch::CustomClassHolder {
   std::vector<at::Tensor> kept() const;
   void release();
 
-  // Frob-SAM's step (universal_plan.cpp: frob_ascent, frob_sample per noisy sample,
-  // frob_descent). Set once per plan by `set_noise`: the scale of the noise (rho, 0-d when every
+  // The universal class's step (universal_plan.cpp: universal_ascent, universal_sample per noisy
+  // sample, universal_descent), for one estimator (0 Frob-SAM, 1 Trace-SAM, 2 Det-SAM). Set once
+  // per plan by `set_universal`: the estimator, the scale of the noise (rho, 0-d when every
   // perturbed group has the same), its kind and half-cube length, and the elements drawn per
   // sample. Kept between the calls of a step (dropped by `release`, with g0 in kept_g0): the
-  // sums `cross` and `gsum` (aligned with pert_params), the first sample's loss (the shift) and
-  // the sum of the shifted losses, each sample's gradient norm and loss (their finite flags are
-  // folded in by the descent) and the noise offset at the step's start. `frob_kept` returns
-  // [offset0, lsum, pending..., g0..., cross..., gsum...] for a step that finishes unplanned
-  // ([offset0] before the first sample, [] outside a step).
+  // samples' gradient norms and losses (their finite flags are folded in by the descent), the
+  // noise offset at the step's start, the samples taken, L0 (Det-SAM), and the estimator's
+  // sums: Frob-SAM's `cross`, `gsum` (aligned with pert_params), the first sample's loss (the
+  // shift) and the sum of the shifted losses; Trace/Det-SAM's `acc`, the finite flag of their
+  // coefficients and Det-SAM's x. `universal_kept` returns, for a step that finishes unplanned,
+  // [offset0, pending..., g0..., then Frob: lsum, cross..., gsum...; Trace: coef_ok, acc...;
+  // Det: coef_ok, x, acc...] ([offset0] before the first sample, [] outside a step).
+  int64_t estimator = 0;
   at::Tensor noise_scale;
   int64_t noise_kind = 0;
   double half_cube_len = 1.0;
   int64_t drawn = 0;
   std::vector<int64_t> pert_place;  // each of norm_params' place in pert_params (-1: none)
-  std::vector<at::Tensor> cross, gsum, pending;
-  at::Tensor lref, lsum, offset0;
-  void set_noise(at::Tensor scale, int64_t kind, double half_cube_len);
-  std::vector<at::Tensor> frob_kept() const;
+  int64_t samples = 0;
+  std::vector<at::Tensor> pending, cross, gsum, acc;
+  at::Tensor offset0, l0, lref, lsum, coef_ok, x;
+  void set_universal(int64_t estimator, at::Tensor scale, int64_t kind, double half_cube_len);
+  std::vector<at::Tensor> universal_kept() const;
 };
 
 // The two halves of the step (schemas in bindings.cpp). `counters` is the plan's counter tensor:
@@ -146,19 +151,23 @@ void crsam_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepP
                    const std::optional<at::Tensor>& loss_minus, const at::Tensor& coefs,
                    std::vector<double> hyper);
 
-// Frob-SAM's planned step (python_api/_universal_plan.py): frob_ascent returns [ok] or [] (the
-// plan does not match: nothing written); frob_sample after each noisy evaluation (`more`: another
-// sample follows); frob_descent takes the step (`consts`: per base group its cached (a, b), the
-// coefficients being a + b * Lsum).
-std::vector<at::Tensor> frob_ascent(const at::Tensor& counters,
-                                    const c10::intrusive_ptr<SamStepPlan>& plan,
-                                    const std::optional<at::Tensor>& loss, const at::Tensor& seed,
-                                    const at::Tensor& offset);
-void frob_sample(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
-                 const at::Tensor& loss, const at::Tensor& seed, const at::Tensor& offset,
-                 bool more);
-void frob_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
-                  const at::Tensor& ok, const at::Tensor& offset, std::vector<at::Tensor> consts,
-                  std::vector<double> hyper);
+// The universal class's planned step (python_api/_universal_plan.py): universal_ascent returns
+// [ok] or [] (the plan does not match: nothing written); universal_sample after each noisy
+// evaluation (`loss` that sample's, None where the closure returned none (Trace-SAM); `coef`:
+// Trace-SAM's 1/n, Det-SAM's 1/rho^2 (one entry, or one per perturbed tensor), as cached
+// tensors; `n` the number of samples; `more`: another sample follows); universal_descent takes
+// the step (`consts`: Frob-SAM's (a, b) per base group, the coefficients being a + b * Lsum;
+// Trace-SAM's lam per group; `lams`: Det-SAM's lam per group).
+std::vector<at::Tensor> universal_ascent(const at::Tensor& counters,
+                                         const c10::intrusive_ptr<SamStepPlan>& plan,
+                                         const std::optional<at::Tensor>& loss,
+                                         const at::Tensor& seed, const at::Tensor& offset);
+void universal_sample(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
+                      const std::optional<at::Tensor>& loss, const std::optional<at::Tensor>& coef,
+                      const at::Tensor& seed, const at::Tensor& offset, int64_t n, bool more);
+void universal_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
+                       const at::Tensor& ok, const at::Tensor& offset,
+                       std::vector<at::Tensor> consts, std::vector<double> lams,
+                       std::vector<double> hyper);
 
 }  // namespace sam_kernels

@@ -1,17 +1,24 @@
-// Frob-SAM's planned step (python_api/_universal_plan.py) on SAM's cached plan (step_plan.h):
-// UniversalStep.step's ops with the Frob estimator (python_api/_universal_step.py,
-// _universal_estimators.py), in their order, so the same bits. The caller runs the closure of
-// each noisy sample between the calls:
+// The universal class's planned step (python_api/_universal_plan.py) on SAM's cached plan
+// (step_plan.h): UniversalStep.step's ops with the estimator of Frob-, Trace- or Det-SAM
+// (python_api/_universal_step.py, _universal_estimators.py), in their order, so the same bits.
+// The caller runs the closure of each noisy sample between the calls:
 //
-//   frob_ascent   n0 = ||g0||, ok = finite(n0) [* finite(L0)], offset0 = offset, g0 kept;
-//                 b = w, w = b + rho * eps_1 (counter noise at offset), offset += drawn
-//   frob_sample   (after sample i) g_i collected, its norm and loss kept for the flag;
-//                 i = 1: cross, gsum allocated, Lref = L_1, Lsum = 0;
-//                 cross (=|+=) (L_i - Lref) g_i, gsum (=|+=) g_i, Lsum += L_i - Lref;
-//                 (more) w = b + rho * eps_{i+1}, offset += drawn, p.grad = None
-//   frob_descent  ok *= finite(||g_i||, L_i for every i); per base group the coefficients
-//                 c = a + b * Lsum on (g0, cross, gsum), ok *= finite(c); the fused step from
-//                 the backups; the counters; offset = ok ? offset : offset0; the marks
+//   universal_ascent   n0 = ||g0||, ok = finite(n0) [* finite(L0)], offset0 = offset, g0 kept;
+//                      b = w, w = b + rho * eps_1 (counter noise at offset), offset += drawn
+//   universal_sample   (after sample i) g_i collected, its norm and loss kept for the flag;
+//                      the estimator's accumulation (below); (more) w = b + rho * eps_{i+1},
+//                      offset += drawn, p.grad = None
+//   universal_descent  ok *= finite(||g_i||, L_i for every i); per base group the coefficients
+//                      of its combination, ok *= finite(every coefficient) [* finite(Trace/Det's
+//                      sample coefficients)]; the fused step from the backups; the counters;
+//                      offset = ok ? offset : offset0; the marks
+//
+// The accumulations and combinations (FrobEstimator, TraceEstimator, DetEstimator):
+//   Frob   cross (=|+=) (L_i - L_1) g_i, gsum (=|+=) g_i, Lsum += L_i - L_1;
+//          g = (a + b Lsum) . (g0, cross, gsum)
+//   Trace  acc (=|+=) c (g_i - g0), c = 1/n;  g = g0 + lam acc
+//   Det    d = (L_i - L0) / rho^2, psi = exp(-d/2), x += psi/n, acc (=|+=) c (g_i - g0) with
+//          c = -psi/(2n);  g = g0 + lam (-2/x^3) acc
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -23,8 +30,18 @@
 namespace sam_kernels {
 using namespace plan_glue;
 
-void SamStepPlan::set_noise(at::Tensor scale, int64_t kind, double half_cube_len_) {
-  TORCH_CHECK(kind == 0 || kind == 1, "SamStepPlan.set_noise: kind must be 0 or 1, got ", kind);
+namespace {
+enum Estimator : int64_t { kFrob = 0, kTrace = 1, kDet = 2 };
+const char* const kWho[] = {"FrobSAM", "TraceSAM", "DetSAM"};
+}  // namespace
+
+void SamStepPlan::set_universal(int64_t estimator_, at::Tensor scale, int64_t kind,
+                                double half_cube_len_) {
+  TORCH_CHECK(estimator_ >= kFrob && estimator_ <= kDet,
+              "SamStepPlan.set_universal: estimator must be 0, 1 or 2, got ", estimator_);
+  TORCH_CHECK(kind == 0 || kind == 1, "SamStepPlan.set_universal: kind must be 0 or 1, got ",
+              kind);
+  estimator = estimator_;
   noise_scale = std::move(scale);
   noise_kind = kind;
   half_cube_len = half_cube_len_;
@@ -36,14 +53,24 @@ void SamStepPlan::set_noise(at::Tensor scale, int64_t kind, double half_cube_len
   }
 }
 
-std::vector<at::Tensor> SamStepPlan::frob_kept() const {
+std::vector<at::Tensor> SamStepPlan::universal_kept() const {
   std::vector<at::Tensor> out;
   if (!offset0.defined()) return out;
   out.push_back(offset0);
-  if (!lsum.defined()) return out;
-  out.push_back(lsum);
-  for (const auto* part : {&pending, &kept_g0, &cross, &gsum}) {
-    out.insert(out.end(), part->begin(), part->end());
+  if (samples == 0) return out;
+  auto add = [&](const std::vector<at::Tensor>& part) {
+    out.insert(out.end(), part.begin(), part.end());
+  };
+  add(pending);
+  add(kept_g0);
+  if (estimator == kFrob) {
+    out.push_back(lsum);
+    add(cross);
+    add(gsum);
+  } else {
+    out.push_back(coef_ok);
+    if (estimator == kDet) out.push_back(x);
+    add(acc);
   }
   return out;
 }
@@ -56,6 +83,8 @@ void draw_sample(SamStepPlan& plan, const at::Tensor& seed, const at::Tensor& of
   const_cast<at::Tensor&>(offset).add_(plan.drawn);
 }
 
+// Perturbation._scratch: step-local buffers, allocated after the first noisy backward (not
+// during it), dropped by release()
 std::vector<at::Tensor> step_local_like(const std::vector<at::Tensor>& params) {
   std::vector<at::Tensor> out;
   out.reserve(params.size());
@@ -63,15 +92,69 @@ std::vector<at::Tensor> step_local_like(const std::vector<at::Tensor>& params) {
   return out;
 }
 
+std::vector<at::Tensor> concat(std::initializer_list<const std::vector<at::Tensor>*> parts) {
+  std::vector<at::Tensor> out;
+  for (const auto* part : parts) out.insert(out.end(), part->begin(), part->end());
+  return out;
+}
+
+// FrobEstimator._accumulate (li: this sample's loss, reshaped, on the device)
+void frob_accumulate(SamStepPlan& plan, const std::vector<at::Tensor>& grads,
+                     const at::Tensor& li, bool first, const at::Device& device) {
+  if (first) {
+    plan.cross = step_local_like(plan.pert_params);
+    plan.gsum = step_local_like(plan.pert_params);
+    plan.lref = li;
+    plan.lsum = at::zeros_like(li);
+  }
+  const at::Tensor shifted = at::sub(li, plan.lref);
+  op_frob_accumulate().call(plan.cross, plan.gsum, pick(grads, plan.pert_index),
+                            shifted.to(device, at::kFloat).contiguous(), first);
+  plan.lsum = at::add(plan.lsum, shifted);
+}
+
+// ISAMEstimator._add_to_acc: acc (=|+=) c (g_i - g0), c 0-d or one per perturbed tensor
+void add_to_acc(SamStepPlan& plan, const std::vector<at::Tensor>& grads, const at::Tensor& c,
+                bool first) {
+  const at::Tensor fin = at::isfinite(c).all();
+  plan.coef_ok = first ? fin : at::bitwise_and(plan.coef_ok, fin);
+  const auto gi = pick(grads, plan.pert_index);
+  const auto g0 = pick(plan.kept_g0, plan.pert_index);
+  if (first) {
+    plan.acc = step_local_like(plan.pert_params);
+    op_lincomb().call(plan.acc, concat({&gi, &g0}), at::stack({c, at::neg(c)}));
+  } else {
+    op_lincomb().call(plan.acc, concat({&plan.acc, &gi, &g0}),
+                      at::stack({at::ones_like(c), c, at::neg(c)}));
+  }
+}
+
+// DetEstimator._accumulate: d = (L_i - L0) * (1/rho^2), psi = exp(-0.5 d), x (=|+=) psi / n,
+// c = (-0.5/n * psi) in float32
+void det_accumulate(SamStepPlan& plan, const std::vector<at::Tensor>& grads,
+                    const at::Tensor& li, const at::Tensor& inv_rho2, int64_t n, bool first) {
+  TORCH_CHECK(plan.l0.defined(), "DetSAM's planned step: no L0");
+  const auto dt = at::promote_types(at::promote_types(li.scalar_type(), plan.l0.scalar_type()),
+                                    at::kFloat);
+  const at::Tensor d = at::mul(at::sub(li.to(dt), plan.l0.to(dt)), inv_rho2);
+  const at::Tensor psi = at::exp(at::mul(d, -0.5));
+  const at::Tensor term = at::div(psi, n);
+  plan.x = first ? term : at::add(plan.x, term);
+  add_to_acc(plan, grads, at::mul(psi, -0.5 / static_cast<double>(n)).to(at::kFloat), first);
+}
+
+// a per-group 0-d tensor from a cached one-entry tensor (the estimators' `_const(...)[0]`)
+at::Tensor entry0(const at::Tensor& t) { return t.select(0, 0); }
+
 }  // namespace
 
 // [ok], or [] when the plan does not match the parameters, a gradient is a view, or not every
 // parameter with a gradient is perturbed (nothing written; the caller runs the unplanned step)
-std::vector<at::Tensor> frob_ascent(const at::Tensor& counters,
-                                    const c10::intrusive_ptr<SamStepPlan>& plan,
-                                    const std::optional<at::Tensor>& loss, const at::Tensor& seed,
-                                    const at::Tensor& offset) {
-  TORCH_CHECK(plan->noise_scale.defined(), "frob_ascent: the plan has no noise (set_noise)");
+std::vector<at::Tensor> universal_ascent(const at::Tensor& counters,
+                                         const c10::intrusive_ptr<SamStepPlan>& plan,
+                                         const std::optional<at::Tensor>& loss,
+                                         const at::Tensor& seed, const at::Tensor& offset) {
+  TORCH_CHECK(plan->noise_scale.defined(), "universal_ascent: the plan has no noise (set_universal)");
   if (plan->pert_params.empty() || plan->pert_params.size() != plan->norm_params.size() ||
       !plan->matches() || any_grad_view(plan->norm_params)) {
     return {};
@@ -82,7 +165,10 @@ std::vector<at::Tensor> frob_ascent(const at::Tensor& counters,
   std::vector<at::Tensor> g0 = grads_of(plan->norm_params);
   const at::Tensor n0 = op_grad_norm().call(g0, none, 0.0);
   at::Tensor ok = finite01(n0);
-  if (loss.has_value()) ok = at::mul(ok, loss_ok(*loss, counters.device()));
+  if (loss.has_value()) {
+    ok = at::mul(ok, loss_ok(*loss, counters.device()));
+    plan->l0 = loss->reshape({}).to(counters.device());  // (Det-SAM's L0)
+  }
   plan->offset0 = offset.clone();
   draw_sample(*plan, seed, offset, /*first=*/true);
   plan->kept_g0 = std::move(g0);
@@ -90,68 +176,106 @@ std::vector<at::Tensor> frob_ascent(const at::Tensor& counters,
   return {ok};
 }
 
-void frob_sample(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
-                 const at::Tensor& loss, const at::Tensor& seed, const at::Tensor& offset,
-                 bool more) {
+void universal_sample(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
+                      const std::optional<at::Tensor>& loss, const std::optional<at::Tensor>& coef,
+                      const at::Tensor& seed, const at::Tensor& offset, int64_t n, bool more) {
   TORCH_CHECK(plan->kept_g0.size() == plan->norm_params.size() && plan->offset0.defined(),
-              "frob_sample: no frob_ascent before it");
+              "universal_sample: no universal_ascent before it");
+  const int64_t est = plan->estimator;
+  TORCH_CHECK(loss.has_value() || est == kTrace, "universal_sample: ", kWho[est],
+              " needs the loss of every sample");
+  TORCH_CHECK(coef.has_value() || est == kFrob, "universal_sample: ", kWho[est],
+              " needs its coefficient tensor");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const std::vector<at::Tensor> none;
-  const std::vector<at::Tensor> grads = collect_grads(*plan, "FrobSAM");
-  const at::Tensor norm = op_grad_norm().call(grads, none, 0.0);
-  const at::Tensor li = loss.reshape({}).to(counters.device());
-  const bool first = plan->pending.empty();
-  plan->pending.push_back(norm);
-  plan->pending.push_back(li);
-  if (first) {
-    // allocated after the first noisy backward (not during it), dropped by release()
-    plan->cross = step_local_like(plan->pert_params);
-    plan->gsum = step_local_like(plan->pert_params);
-    plan->lref = li;
-    plan->lsum = at::zeros_like(li);
+  const at::Device device = counters.device();
+  const std::vector<at::Tensor> grads = collect_grads(*plan, kWho[est]);
+  plan->pending.push_back(op_grad_norm().call(grads, none, 0.0));
+  at::Tensor li;
+  if (loss.has_value()) {
+    plan->pending.push_back(*loss);
+    li = loss->reshape({}).to(device);  // (_reduce_loss(L_i).reshape(()).to(device), one rank)
   }
-  const at::Tensor shifted = at::sub(li, plan->lref);
-  op_frob_accumulate().call(plan->cross, plan->gsum, pick(grads, plan->pert_index),
-                            shifted.to(counters.device(), at::kFloat).contiguous(), first);
-  plan->lsum = at::add(plan->lsum, shifted);
+  const bool first = plan->samples == 0;
+  if (est == kFrob) {
+    frob_accumulate(*plan, grads, li, first, device);
+  } else if (est == kTrace) {
+    add_to_acc(*plan, grads, entry0(*coef), first);
+  } else {
+    const at::Tensor inv = plan->noise_scale.dim() == 0 ? entry0(*coef) : *coef;
+    det_accumulate(*plan, grads, li, inv, n, first);
+  }
+  plan->samples += 1;
   if (more) {
     draw_sample(*plan, seed, offset, /*first=*/false);
     plan->drop_grads();
   }
 }
 
-void frob_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
-                  const at::Tensor& ok_in, const at::Tensor& offset,
-                  std::vector<at::Tensor> consts, std::vector<double> hyper) {
-  check_hyper(*plan, hyper, "frob_descent");
-  TORCH_CHECK(consts.size() == 2 * plan->groups.size(), "frob_descent: ", consts.size(),
-              " constants for ", plan->groups.size(), " groups (2 each)");
-  TORCH_CHECK(plan->lsum.defined(), "frob_descent: no frob_sample before it");
+void universal_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
+                       const at::Tensor& ok_in, const at::Tensor& offset,
+                       std::vector<at::Tensor> consts, std::vector<double> lams,
+                       std::vector<double> hyper) {
+  check_hyper(*plan, hyper, "universal_descent");
+  const int64_t est = plan->estimator;
+  const size_t n_groups = plan->groups.size();
+  const size_t want = est == kFrob ? 2 * n_groups : est == kTrace ? n_groups : 0;
+  TORCH_CHECK(consts.size() == want, "universal_descent: ", consts.size(), " constants for ",
+              n_groups, " groups (", want, " expected)");
+  TORCH_CHECK(est != kDet || lams.size() == n_groups, "universal_descent: ", lams.size(),
+              " lam values for ", n_groups, " groups");
+  TORCH_CHECK(plan->samples > 0, "universal_descent: no universal_sample before it");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Device device = counters.device();
   at::Tensor ok = ok_in;
-  for (const auto& v : plan->pending) ok = at::mul(ok, loss_ok(v, counters.device()));
-  // FrobEstimator._final per group: (a + b * Lsum).to(float32); then the step's check of every
-  // combination's coefficients (one cat, as UniversalStep.step)
-  const at::Tensor lsum =
-      plan->lsum.to(at::promote_types(plan->lsum.scalar_type(), at::kFloat));
+  for (const auto& v : plan->pending) ok = at::mul(ok, loss_ok(v, device));
+  // each group's coefficients (the estimators' _final), then the step's check of them all (one
+  // cat, as UniversalStep._finish)
+  const at::Tensor lsum = est == kFrob ? plan->lsum.to(at::promote_types(
+                                             plan->lsum.scalar_type(), at::kFloat))
+                                       : at::Tensor();
   std::vector<at::Tensor> coefs, flat;
-  for (size_t k = 0; k < plan->groups.size(); ++k) {
-    coefs.push_back(at::add(consts[2 * k], at::mul(consts[2 * k + 1], lsum)).to(at::kFloat));
-    flat.push_back(coefs.back().reshape({-1}));
-  }
-  ok = at::mul(ok, at::isfinite(at::cat(flat)).all().to(at::kFloat));
-  const OptT ok_arg = ok.to(at::kFloat).reshape({});
-  for (size_t k = 0; k < plan->groups.size(); ++k) {
+  std::vector<std::vector<int64_t>> places;
+  for (size_t k = 0; k < n_groups; ++k) {
     const BaseGroupPlan& g = plan->groups[k];
-    // the LinComb's terms concatenated: g0, cross, gsum of the group's parameters
     std::vector<int64_t> place;
     place.reserve(g.norm_index.size());
     for (const int64_t i : g.norm_index) place.push_back(plan->pert_place[i]);
-    std::vector<at::Tensor> terms = pick(plan->kept_g0, g.norm_index);
-    const auto c = pick(plan->cross, place);
-    const auto s = pick(plan->gsum, place);
-    terms.insert(terms.end(), c.begin(), c.end());
-    terms.insert(terms.end(), s.begin(), s.end());
+    at::Tensor c;
+    if (est == kFrob) {
+      c = at::add(consts[2 * k], at::mul(consts[2 * k + 1], lsum)).to(at::kFloat);
+    } else {
+      at::Tensor scale;
+      if (est == kTrace) {
+        scale = entry0(consts[k]);
+      } else {
+        // phi'(x) = -2 / x^3 (Python's float / tensor: reciprocal, then the product)
+        const at::Tensor xk = plan->noise_scale.dim() == 0 ? plan->x : plan->x.select(0, place[0]);
+        const at::Tensor phi = at::mul(at::reciprocal(at::mul(at::mul(xk, xk), xk)), -2.0);
+        scale = at::mul(phi, lams[k]);
+      }
+      c = at::stack({at::ones_like(scale), scale}).to(at::kFloat);
+    }
+    coefs.push_back(c);
+    flat.push_back(c.reshape({-1}));
+    places.push_back(std::move(place));
+  }
+  ok = at::mul(ok, at::isfinite(at::cat(flat)).all().to(at::kFloat));
+  if (est != kFrob) ok = at::mul(ok, plan->coef_ok.to(at::kFloat));
+  const OptT ok_arg = ok.to(at::kFloat).reshape({});
+  for (size_t k = 0; k < n_groups; ++k) {
+    const BaseGroupPlan& g = plan->groups[k];
+    // the LinComb's terms concatenated: g0 and the estimator's sums, of the group's parameters
+    const auto g0 = pick(plan->kept_g0, g.norm_index);
+    std::vector<at::Tensor> terms;
+    if (est == kFrob) {
+      const auto c = pick(plan->cross, places[k]);
+      const auto s = pick(plan->gsum, places[k]);
+      terms = concat({&g0, &c, &s});
+    } else {
+      const auto a = pick(plan->acc, places[k]);
+      terms = concat({&g0, &a});
+    }
     group_step(g, terms, OptT(coefs[k]), hyper.data() + 6 * k, ok_arg);
   }
   count_and_mark(counters, *plan, ok);
@@ -161,16 +285,16 @@ void frob_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPl
 }
 
 TORCH_LIBRARY_IMPL(sam_kernels_C, CompositeExplicitAutograd, m) {
-  m.impl("frob_ascent", &frob_ascent);
-  m.impl("frob_sample", &frob_sample);
-  m.impl("frob_descent", &frob_descent);
+  m.impl("universal_ascent", &universal_ascent);
+  m.impl("universal_sample", &universal_sample);
+  m.impl("universal_descent", &universal_descent);
 }
 
 // as the other planned ops (step_plan.cpp): no autograd formula, nothing to record
 TORCH_LIBRARY_IMPL(sam_kernels_C, Autograd, m) {
-  m.impl("frob_ascent", torch::CppFunction::makeFallthrough());
-  m.impl("frob_sample", torch::CppFunction::makeFallthrough());
-  m.impl("frob_descent", torch::CppFunction::makeFallthrough());
+  m.impl("universal_ascent", torch::CppFunction::makeFallthrough());
+  m.impl("universal_sample", torch::CppFunction::makeFallthrough());
+  m.impl("universal_descent", torch::CppFunction::makeFallthrough());
 }
 
 }  // namespace sam_kernels

@@ -31,6 +31,15 @@ class Estimator:
 class FrobEstimator(Estimator):
     """Frob-SAM's: the sample cross-covariance of ``L_i`` and ``g_i`` (``cross``, ``gsum``)."""
 
+    #: the estimator of the planned step (csrc/universal_plan.cpp) and what its calls take
+    _plan_estimator = 0
+
+    def _plan_sample_coef(self, loss, l0, n: int) -> torch.Tensor | None:
+        return None
+
+    def _plan_descent_args(self, groups: list[dict]) -> tuple[list[torch.Tensor], list[float]]:
+        return [c for g in groups for c in self._frob_consts(g, torch.float32)], []
+
     def _accumulate(self, i, grads, g0, loss, l0, ctx) -> None:
         if i == 0:
             # allocated after the first noisy backward (not during it), dropped with ctx
@@ -92,6 +101,14 @@ class ISAMEstimator(Estimator):
 class TraceEstimator(ISAMEstimator):
     """Trace-SAM's: ``psi' = phi' = 1``, so ``g = g0 + lam * mean_i (g_i - g0)``."""
 
+    _plan_estimator = 1
+
+    def _plan_sample_coef(self, loss, l0, n: int) -> torch.Tensor | None:
+        return self._const([1.0 / n], torch.float32)  # (_accumulate's c, as a one-entry tensor)
+
+    def _plan_descent_args(self, groups: list[dict]) -> tuple[list[torch.Tensor], list[float]]:
+        return [self._const([float(g["lam"])], torch.float32) for g in groups], []
+
     def _accumulate(self, i, grads, g0, loss, l0, ctx) -> None:
         c = self._const([1.0 / self.n_samples], ctx["dtype"])[0]
         self._add_to_acc(i, grads, g0, c, ctx)
@@ -103,6 +120,18 @@ class TraceEstimator(ISAMEstimator):
 
 class DetEstimator(ISAMEstimator):
     """Det-SAM's: ``psi(x) = exp(-x/2)``, ``phi'(x) = -2/x^3`` (per group with per-group rho)."""
+
+    _plan_estimator = 2
+    #: ``1/rho^2`` as _accumulate takes it (one value, or one per perturbed tensor), set with the
+    #: planned step's noise
+    _plan_inv_rho2: list[float] = []
+
+    def _plan_sample_coef(self, loss, l0, n: int) -> torch.Tensor | None:
+        dt = torch.promote_types(torch.promote_types(loss.dtype, l0.dtype), torch.float32)
+        return self._const(self._plan_inv_rho2, dt)
+
+    def _plan_descent_args(self, groups: list[dict]) -> tuple[list[torch.Tensor], list[float]]:
+        return [], [float(g["lam"]) for g in groups]
 
     def _accumulate(self, i, grads, g0, loss, l0, ctx) -> None:
         dtype = ctx["dtype"]

@@ -53,7 +53,7 @@ class UniversalStep:
         self, closure: Closure, l0: torch.Tensor | None, noise: Noise | None
     ) -> tuple[torch.Tensor | None] | None:
         """The rest of the step run as a cached step plan, if one may run it: ``(returned,)``;
-        None where the step runs unplanned (python_api._universal_plan for Frob-SAM)."""
+        None where the step runs unplanned (python_api._universal_plan)."""
         return None
 
     # ----------------------------------------------------------------- step

@@ -27,6 +27,11 @@ parameters). With ``g0`` and the gradient being computed, the peak of gradient-s
 accumulators as copies between steps as well (16 and 12 of its own); the first noisy backward
 now runs without the accumulators (12 instead of 20 or 16).
 
+Planned steps: over a fused SGD/AdamW base with the counter-based noise on the compiled
+extension (``backend="ext"``), ``on_nonfinite="skip"``, no clipping, one process and every group
+perturbed, a step runs as ``n_samples + 2`` ops of SAM's cached step plan, bit-identical to the
+unplanned step (:mod:`python_api._universal_plan`).
+
 Layout: this module holds the three classes (their formulas, defaults and constructors) and
 ``_UniversalSAM``'s construction; the parts are :mod:`python_api._universal_step` (the step),
 :mod:`python_api._universal_estimators` (each class's accumulation and final combination) and
@@ -52,7 +57,7 @@ from python_api._universal_estimators import (
     TraceEstimator,
 )
 from python_api._universal_noise import Noise, UniversalNoise
-from python_api._universal_plan import FrobPlan
+from python_api._universal_plan import UniversalPlan
 from python_api._universal_step import UniversalStep
 
 #: ``Noise`` (the ``noise=`` argument's type) is importable from here as before the split
@@ -75,7 +80,7 @@ def _check_n_samples(value: Any, least: int) -> None:
         raise ValueError(f"n_samples must be an integer >= {least}, got {value!r}")
 
 
-class _UniversalSAM(UniversalNoise, UniversalStep, SAMFamily):
+class _UniversalSAM(UniversalPlan, UniversalNoise, UniversalStep, SAMFamily):
     """Shared machinery: ``n`` noisy evaluations at ``w + rho * eps_i``, one base step at ``w``.
 
     Subclasses set the noise kind, whether ``L0`` is needed, and implement the accumulation
@@ -161,7 +166,7 @@ class _UniversalSAM(UniversalNoise, UniversalStep, SAMFamily):
     step = UniversalStep.step
 
 
-class FrobSAM(FrobPlan, FrobEstimator, _UniversalSAM):
+class FrobSAM(FrobEstimator, _UniversalSAM):
     r"""Frob-SAM: penalises the Frobenius norm of the Hessian (Tahmasebi et al., ICML 2024).
 
     .. code-block:: text

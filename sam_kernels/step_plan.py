@@ -24,13 +24,13 @@ that no parameter changed dtype, device or shape; if not it changes nothing and 
 
 CR-SAM's step uses the same plan for three ops around its two perturbed evaluations
 (:meth:`SamStepPlan.crsam_ascent`, :meth:`~SamStepPlan.crsam_middle`,
-:meth:`~SamStepPlan.crsam_descent`; python_api/crsam.py has the sequence), Frob-SAM's for an
-ascent, one op per noisy sample and a descent (:meth:`SamStepPlan.frob_ascent`,
-:meth:`~SamStepPlan.frob_sample`, :meth:`~SamStepPlan.frob_descent`;
-python_api/_universal_plan.py).
+:meth:`~SamStepPlan.crsam_descent`; python_api/crsam.py has the sequence), the universal class's
+(Frob-, Trace-, Det-SAM) for an ascent, one op per noisy sample and a descent
+(:meth:`SamStepPlan.universal_ascent`, :meth:`~SamStepPlan.universal_sample`,
+:meth:`~SamStepPlan.universal_descent`; python_api/_universal_plan.py).
 
 Available where the extension is built (:func:`available`, :func:`crsam_available`,
-:func:`frob_available`); import never fails without it.
+:func:`universal_available`); import never fails without it.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class SamStepPlan:
         "_descent_flag",
         "_descent_apply",
         "_crsam",
-        "_frob",
+        "_universal",
     )
 
     def __init__(self, counters: torch.Tensor) -> None:
@@ -95,13 +95,13 @@ class SamStepPlan:
             if hasattr(ops, "crsam_ascent")
             else None
         )
-        self._frob = (
+        self._universal = (
             (
-                ops.frob_ascent.default._op,
-                ops.frob_sample.default._op,
-                ops.frob_descent.default._op,
+                ops.universal_ascent.default._op,
+                ops.universal_sample.default._op,
+                ops.universal_descent.default._op,
             )
-            if hasattr(ops, "frob_ascent")
+            if hasattr(ops, "universal_ascent")
             else None
         )
 
@@ -255,45 +255,61 @@ class SamStepPlan:
         return list(self._plan.kept())
 
     def release(self) -> None:
-        """Drop what a CR-SAM or Frob-SAM step kept."""
+        """Drop what a CR-SAM or universal-class step kept."""
         self._plan.release()
 
-    # ----------------------------------------------------------------- Frob-SAM
-    def set_noise(self, scale: torch.Tensor, kind: int, half_cube_len: float) -> None:
-        """Frob-SAM's noise, once per plan: ``eps`` scaled by ``scale`` (rho: 0-d, or one per
+    # ----------------------------------------------------------------- the universal class
+    def set_universal(
+        self, estimator: int, scale: torch.Tensor, kind: int, half_cube_len: float
+    ) -> None:
+        """The universal class's step, once per plan: its ``estimator`` (0 Frob-SAM, 1
+        Trace-SAM, 2 Det-SAM) and noise, ``eps`` scaled by ``scale`` (rho: 0-d, or one per
         perturbed tensor), of ``kind`` (0 normal, 1 uniform on ``[-half_cube_len, a]``)."""
-        self._plan.set_noise(scale, int(kind), float(half_cube_len))
+        self._plan.set_universal(int(estimator), scale, int(kind), float(half_cube_len))
 
-    def frob_ascent(
+    def universal_ascent(
         self, loss: torch.Tensor | None, seed: torch.Tensor, offset: torch.Tensor
     ) -> torch.Tensor | None:
-        """Frob-SAM's first call: ``ok = finite(||g0||) [* finite(L0)]``, ``g0`` kept, ``b = w``,
+        """The first call: ``ok = finite(||g0||) [* finite(L0)]``, ``g0`` kept, ``b = w``,
         ``w = b + rho * eps_1`` (counter noise at ``offset``, which advances), ``p.grad = None``.
         ``None`` when the plan does not match or not every parameter with a gradient is
         perturbed (nothing was changed)."""
-        out = self._frob[0](self._counters, self._plan, loss, seed, offset)
+        out = self._universal[0](self._counters, self._plan, loss, seed, offset)
         return out[0] if out else None
 
-    def frob_sample(
-        self, loss: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor, more: bool
+    def universal_sample(
+        self,
+        loss: torch.Tensor | None,
+        coef: torch.Tensor | None,
+        seed: torch.Tensor,
+        offset: torch.Tensor,
+        n: int,
+        more: bool,
     ) -> None:
-        """After a noisy evaluation: its gradient and shifted loss folded into the sums (the
-        first one starts them); with ``more`` the next sample's weights drawn, ``p.grad = None``."""
-        self._frob[1](self._counters, self._plan, loss, seed, offset, bool(more))
+        """After a noisy evaluation: its gradient (and loss) folded into the estimator's sums
+        (the first one starts them); ``coef``: Trace-SAM's ``1/n``, Det-SAM's ``1/rho^2``; with
+        ``more`` the next sample's weights drawn and ``p.grad = None``."""
+        self._universal[1](self._counters, self._plan, loss, coef, seed, offset, int(n), bool(more))
 
-    def frob_descent(
-        self, ok: torch.Tensor, offset: torch.Tensor, consts: list[torch.Tensor], hyper: list[float]
+    def universal_descent(
+        self,
+        ok: torch.Tensor,
+        offset: torch.Tensor,
+        consts: list[torch.Tensor],
+        lams: list[float],
+        hyper: list[float],
     ) -> None:
-        """After the last sample: the base step from the backups with
-        ``g = (a + b Lsum) . (g0, cross, gsum)`` per group (``consts``: its ``a, b``), gated by
-        ``ok`` and every sample's finite flags and the coefficients'; the counters; the offset
+        """After the last sample: the base step from the backups with each group's combination
+        (``consts``: Frob-SAM's ``a, b`` per group, Trace-SAM's ``lam``; ``lams``: Det-SAM's),
+        gated by ``ok``, every sample's flags and the coefficients'; the counters; the offset
         rolled back on a skipped step; what the step kept dropped; the marks."""
-        self._frob[2](self._counters, self._plan, ok, offset, consts, hyper)
+        self._universal[2](self._counters, self._plan, ok, offset, consts, lams, hyper)
 
-    def frob_kept(self) -> list[torch.Tensor]:
-        """What a Frob-SAM step kept: ``[offset0, Lsum, pending..., g0..., cross..., gsum...]``
-        (``[offset0]`` before its first sample, empty outside a step)."""
-        return list(self._plan.frob_kept())
+    def universal_kept(self) -> list[torch.Tensor]:
+        """What a step of the universal class kept (``csrc/step_plan.h``): ``[offset0]`` before
+        its first sample, then the samples' flags, ``g0`` and the estimator's sums; empty
+        outside a step."""
+        return list(self._plan.universal_kept())
 
 
 def crsam_available(device: torch.device | str = "cpu") -> bool:
@@ -301,6 +317,6 @@ def crsam_available(device: torch.device | str = "cpu") -> bool:
     return available(device) and hasattr(getattr(torch.ops, _NS), "crsam_ascent")
 
 
-def frob_available(device: torch.device | str = "cpu") -> bool:
-    """True when the built extension has Frob-SAM's planned step too."""
-    return available(device) and hasattr(getattr(torch.ops, _NS), "frob_ascent")
+def universal_available(device: torch.device | str = "cpu") -> bool:
+    """True when the built extension has the universal class's planned step too."""
+    return available(device) and hasattr(getattr(torch.ops, _NS), "universal_ascent")

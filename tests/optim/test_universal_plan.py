@@ -1,7 +1,8 @@
-"""Frob-SAM's planned step on the compiled extension (python_api/_universal_plan.py,
-csrc/universal_plan.cpp).
+"""The universal class's planned step (Frob-, Trace- and Det-SAM) on the compiled extension
+(python_api/_universal_plan.py, csrc/universal_plan.cpp).
 
-Every case trains two copies from the same weights and the same noise seed, one with planned
+Every case, for each class, trains two copies from the same weights and the same noise seed,
+one with planned
 steps (the default) and one with ``plan_steps = False`` (the unplanned path, itself checked
 against the spec's equations in tests/optim/test_universal.py), and requires the weights, the
 base optimizer's state, the counters and the noise offset to be bit-identical after every step;
@@ -17,13 +18,13 @@ import torch
 from _helpers import DispatchedOps, assert_same_training
 from torch import nn
 
-from python_api import FrobSAM
+from python_api import DetSAM, FrobSAM, TraceSAM
 from python_api import _step_plan as sp
 from sam_kernels import step_plan
 
 pytestmark = pytest.mark.skipif(
-    not step_plan.frob_available("cpu"),
-    reason="the compiled extension (with Frob-SAM's step plan) is not built",
+    not step_plan.universal_available("cpu"),
+    reason="the compiled extension (with the universal class's step plan) is not built",
 )
 
 BASES = {
@@ -37,13 +38,18 @@ BASES = {
     "adamw-amsgrad": (torch.optim.AdamW, dict(lr=0.01, betas=(0.8, 0.95), amsgrad=True)),
 }
 ASCENT, SAMPLE, DESCENT = (
-    "sam_kernels_C.frob_ascent.default",
-    "sam_kernels_C.frob_sample.default",
-    "sam_kernels_C.frob_descent.default",
+    "sam_kernels_C.universal_ascent.default",
+    "sam_kernels_C.universal_sample.default",
+    "sam_kernels_C.universal_descent.default",
 )
 PLAN_OPS = (ASCENT, SAMPLE, DESCENT)
-# large enough a rho and lam that the sharpness term moves the weights visibly
-HP = dict(rho=0.05, lam=0.005, backend="ext", seed=1234)
+# per class: settings whose sharpness term moves the weights visibly and stays finite
+CLASSES = {
+    "frob": (FrobSAM, dict(rho=0.05, lam=0.005)),
+    "trace": (TraceSAM, dict(rho=0.05, lam=0.5, n_samples=2)),
+    "det": (DetSAM, dict(rho=0.5, lam=1e-4, half_cube_len=0.05, n_samples=2)),
+}
+COMMON = dict(backend="ext", seed=1234)
 
 
 class Net(nn.Module):
@@ -69,15 +75,16 @@ def _data(seed: int, dtype=torch.float32):
     return torch.randn(6, 3, 6, 6, generator=g).to(dtype), torch.randn(6, 3, generator=g)
 
 
-def _pair(base="sgd", groups=None, dtype=torch.float32, **kw):
+def _pair(base="sgd", groups=None, dtype=torch.float32, algo="frob", **kw):
     torch.manual_seed(0)
     m = Net().to(dtype)
     r = copy.deepcopy(m)
     cls, hp = BASES[base]
+    algo_cls, algo_kw = CLASSES[algo]
     opts = []
     for model in (m, r):
         params = groups(model) if groups is not None else model.parameters()
-        opts.append(FrobSAM(params, cls, **{**hp, **HP, **kw}))
+        opts.append(algo_cls(params, cls, **{**hp, **algo_kw, **COMMON, **kw}))
     opts[1].plan_steps = False
     return m, r, opts[0], opts[1]
 
@@ -128,8 +135,9 @@ def _train(pairs, steps, dtype=torch.float32, user_backward=False, **closure_kw)
 
 @pytest.mark.parametrize("base", list(BASES))
 @pytest.mark.parametrize("user_backward", [False, True])
-def test_bit_identical_to_the_unplanned_step(base, user_backward):
-    pairs = _pair(base)
+@pytest.mark.parametrize("algo", list(CLASSES))
+def test_bit_identical_to_the_unplanned_step(algo, base, user_backward):
+    pairs = _pair(base, algo=algo)
     before = [p.clone() for p in pairs[0].parameters()]
     assert _train(pairs, 6, user_backward=user_backward) == 4  # from the third step on
     assert _planned(pairs[2]) and not _planned(pairs[3])
@@ -140,16 +148,18 @@ def test_bit_identical_to_the_unplanned_step(base, user_backward):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_parameters(dtype):
-    pairs = _pair("adamw", dtype=dtype)
+@pytest.mark.parametrize("algo", list(CLASSES))
+def test_half_precision_parameters(algo, dtype):
+    pairs = _pair("adamw", dtype=dtype, algo=algo)
     assert _train(pairs, 4, dtype=dtype) == 2
     assert _planned(pairs[2])
 
 
 @pytest.mark.parametrize("n_samples", [2, 3])
-def test_own_ops_per_step(n_samples):
+@pytest.mark.parametrize("algo", list(CLASSES))
+def test_own_ops_per_step(algo, n_samples):
     """An ascent, one op per noisy sample and a descent, and nothing else of the package's."""
-    m, r, opt, ref = _pair("sgd", n_samples=n_samples)
+    m, r, opt, ref = _pair("sgd", n_samples=n_samples, algo=algo)
     _train((m, r, opt, ref), 3)
     x, y = _data(9)
     with DispatchedOps() as seen:
@@ -162,7 +172,8 @@ def test_own_ops_per_step(n_samples):
     assert len([op for op in seen.ops if op.startswith("sam_kernels")]) > 3 * n_samples
 
 
-def test_groups_with_their_own_rho_lam_and_lr():
+@pytest.mark.parametrize("algo", list(CLASSES))
+def test_groups_with_their_own_rho_lam_and_lr(algo):
     def groups(model):
         return [
             {"params": [model.conv.weight, model.fc.weight], "rho": 0.1, "lam": 0.02},
@@ -170,7 +181,7 @@ def test_groups_with_their_own_rho_lam_and_lr():
             {"params": [model.t, model.gated], "weight_decay": 0.0, "lam": 0.1},
         ]
 
-    pairs = _pair("sgd", groups=groups, n_samples=3)
+    pairs = _pair("sgd", groups=groups, n_samples=3, algo=algo)
     assert _train(pairs, 5) == 3
     # a lam schedule between steps: the plan reads the groups' lam every step
     for o in pairs[2:]:
@@ -178,8 +189,9 @@ def test_groups_with_their_own_rho_lam_and_lr():
     assert _train(pairs, 2) == 2
 
 
-def test_n_samples_changed_between_steps():
-    pairs = _pair("adamw")
+@pytest.mark.parametrize("algo", list(CLASSES))
+def test_n_samples_changed_between_steps(algo):
+    pairs = _pair("adamw", algo=algo)
     _train(pairs, 3)
     for o in pairs[2:]:
         o.n_samples = 4
@@ -188,10 +200,11 @@ def test_n_samples_changed_between_steps():
 
 @pytest.mark.parametrize("where", [0, 1, 2])
 @pytest.mark.parametrize("kind", ["loss", "grad"])
-def test_nonfinite_skips_on_the_device(where, kind):
+@pytest.mark.parametrize("algo", list(CLASSES))
+def test_nonfinite_skips_on_the_device(algo, where, kind):
     """A non-finite loss or gradient at ``w`` or at a noisy sample (closure call 0, 1, 2) skips
     the step: weights, state and noise offset as before, the skip counted, as unplanned."""
-    m, r, opt, ref = _pair("adamw")
+    m, r, opt, ref = _pair("adamw", algo=algo)
     _train((m, r, opt, ref), 3)
     before = [p.clone() for p in m.parameters()]
     offset = opt._noise_offset.clone()
@@ -223,32 +236,35 @@ def test_nonfinite_skips_on_the_device(where, kind):
     assert _train((m, r, opt, ref), 2) == 2
 
 
-def test_overflowing_coefficients_skip_the_step():
-    """``lam / rho^2`` overflowing float32 makes the coefficients non-finite: skipped."""
-    m, r, opt, ref = _pair("sgd")
+@pytest.mark.parametrize("algo", list(CLASSES))
+def test_overflowing_coefficients_skip_the_step(algo):
+    """A ``lam`` that overflows the coefficients in float32 skips the step."""
+    m, r, opt, ref = _pair("sgd", algo=algo)
     _train((m, r, opt, ref), 3)
     before = [p.clone() for p in m.parameters()]
     for o in (opt, ref):
-        o.param_groups[0]["lam"] = 1e36
+        o.param_groups[0]["lam"] = 1e39  # (float32: inf for Trace-SAM's lam itself)
     assert _train((m, r, opt, ref), 1) == 1
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
     assert opt._counters.tolist() == [3.0, 1.0]
 
 
-def test_gradients_missing_or_new_at_noisy_points():
+@pytest.mark.parametrize("algo", list(CLASSES))
+def test_gradients_missing_or_new_at_noisy_points(algo):
     """A parameter the loss stops depending on at a noisy point gets zeros; one without a
     gradient at ``w`` that gets one at a noisy point has it dropped, on the plan too."""
-    pairs = _pair("sgd")
+    pairs = _pair("sgd", algo=algo)
     _train(pairs, 3)
     # closure calls 0 (w), 1 and 2 (the samples) of each step
     assert _train(pairs, 4, calls=[], use_gated=lambda k: k % 3 != 1) == 4
     assert _planned(pairs[2])
 
 
-def test_learning_rate_made_a_tensor_during_the_step():
+@pytest.mark.parametrize("algo", list(CLASSES))
+def test_learning_rate_made_a_tensor_during_the_step(algo):
     """The groups changed during the closures: the plan's descent is not taken, the step ends
     unplanned from what the plan kept (the same bits), and the plan is rebuilt."""
-    pairs = _pair("adamw")
+    pairs = _pair("adamw", algo=algo)
     _train(pairs, 3)
 
     def to_tensor(k, o):
@@ -265,8 +281,9 @@ def test_learning_rate_made_a_tensor_during_the_step():
 
 
 @pytest.mark.parametrize("at", [1, 2])
-def test_a_closure_that_raises_leaves_weights_state_and_offset(at):
-    m, r, opt, ref = _pair("sgd")
+@pytest.mark.parametrize("algo", list(CLASSES))
+def test_a_closure_that_raises_leaves_weights_state_and_offset(algo, at):
+    m, r, opt, ref = _pair("sgd", algo=algo)
     _train((m, r, opt, ref), 3)
     plan = opt._step_plan
     before = [p.clone() for p in m.parameters()]
@@ -284,7 +301,7 @@ def test_a_closure_that_raises_leaves_weights_state_and_offset(at):
     for k, v in opt.base_optimizer.state[m.fc.weight].items():
         assert torch.equal(v, state[k]), k
     assert torch.equal(opt._noise_offset, offset)
-    assert plan.plan.frob_kept() == []  # what the step kept was dropped
+    assert plan.plan.universal_kept() == []  # what the step kept was dropped
     # the reference did not take that step either: the next steps give the same bits
     assert _train((m, r, opt, ref), 2) == 2
 
@@ -297,8 +314,9 @@ def test_a_closure_that_raises_leaves_weights_state_and_offset(at):
         dict(backend=None),  # the CPU default: the reference's global stream, drawn eagerly
     ],
 )
-def test_not_planned_where_it_may_not(kw):
-    m, r, opt, ref = _pair("sgd", **kw)
+@pytest.mark.parametrize("algo", list(CLASSES))
+def test_not_planned_where_it_may_not(algo, kw):
+    m, r, opt, ref = _pair("sgd", **kw, algo=algo)
     opt.plan_steps = True
     for s in range(4):
         x, y = _data(s)
@@ -308,34 +326,37 @@ def test_not_planned_where_it_may_not(kw):
     assert not _planned(opt)
 
 
-def test_not_planned_with_an_unperturbed_group():
+@pytest.mark.parametrize("algo", list(CLASSES))
+def test_not_planned_with_an_unperturbed_group(algo):
     def groups(model):
         return [
             {"params": [model.conv.weight, model.fc.weight]},
             {"params": [model.conv.bias, model.fc.bias, model.scale, model.t, model.gated]},
         ]
 
-    pairs = _pair("sgd", groups=groups)
+    pairs = _pair("sgd", groups=groups, algo=algo)
     for o in pairs[2:]:
         o.param_groups[1]["rho"] = 0.0
     assert _train(pairs, 4) == 0
     assert isinstance(pairs[2]._step_plan, sp.Unplanned)
 
 
-def test_noise_given_runs_unplanned():
-    m, r, opt, ref = _pair("sgd")
+@pytest.mark.parametrize("algo", list(CLASSES))
+def test_noise_given_runs_unplanned(algo):
+    m, r, opt, ref = _pair("sgd", algo=algo)
     _train((m, r, opt, ref), 3)
     x, y = _data(9)
     pert = [p for p in m.parameters()]
-    noise = [[torch.randn_like(p) for p in pert] for _ in range(opt.n_samples)]
+    noise = [[0.05 * torch.randn_like(p) for p in pert] for _ in range(opt.n_samples)]
     with DispatchedOps() as seen:
         opt.step(_closure(m, opt, x, y), noise=noise)
     assert not any(op in PLAN_OPS for op in seen.ops)
     assert opt.steps_taken == 4
 
 
-def test_state_dict_round_trip_between_planned_steps():
-    m, r, opt, ref = _pair("adamw")
+@pytest.mark.parametrize("algo", list(CLASSES))
+def test_state_dict_round_trip_between_planned_steps(algo):
+    m, r, opt, ref = _pair("adamw", algo=algo)
     _train((m, r, opt, ref), 3)
     opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert _train((m, r, opt, ref), 3) >= 2
