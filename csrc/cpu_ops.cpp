@@ -558,15 +558,15 @@ SK_KERNEL void sgd_chunk(T* p, const T* w, T* buf, const T* const* gp_in, const 
 
 template <typename T, int K, bool kAms>
 SK_KERNEL void adamw_chunk(T* p, const T* w, T* m, T* v, T* x, const T* const* gp_in, const float* co_in,
-                 int64_t n, const AdamWBias bias, const AdamWParams o) {
+                 int64_t n, const AdamWBias bias, AdamWParams o) {
   const T* gp[3] = {gp_in[0], gp_in[1], gp_in[2]};
   const float co[3] = {co_in[0], co_in[1], co_in[2]};
-  // A gradient of two or three terms is combined a block ahead into a buffer (its own simd
-  // loop, the same value): inlined into the AdamW loop, GCC left that loop scalar, and CR-SAM's
-  // and Frob-SAM's AdamW steps ran 5x slower (ResNet-50's shapes, 1 thread: 104 ms for K = 3
-  // against 21 ms for one term; 37 ms now; SGD's simpler loop vectorises either way)
-  constexpr bool kCombineFirst = K >= 2;
-  alignas(64) float gbuf[kStoreBlock];
+  // amsgrad a constant in the loop, and maximize a sign-bit xor (adamw_set_maximize): a select
+  // on either runtime flag kept GCC from vectorising the loop once a combined gradient made it
+  // too large to unswitch. CR-SAM's and Frob-SAM's AdamW steps ran scalar (ResNet-50's shapes,
+  // 1 thread: 104 ms for K = 3; 37 ms with the combination formed a block ahead in a loop of
+  // its own, ~27 ms inline and vectorised, against ~19 ms for one term)
+  o.amsgrad = kAms;
   step_blocks(
       p, w, n,
       [&](int64_t i0) {
@@ -574,15 +574,10 @@ SK_KERNEL void adamw_chunk(T* p, const T* w, T* m, T* v, T* x, const T* const* g
         prefetch<kStoreBlock>(m, i0);
         prefetch<kStoreBlock>(v, i0);
         if constexpr (kAms) prefetch<kStoreBlock>(x, i0);
-        if constexpr (kCombineFirst) {
-          const int64_t len = std::min(n - i0, kStoreBlock);
-          SK_SIMD
-          for (int64_t j = 0; j < len; ++j) gbuf[j] = grad_at<T, K>(gp, co, i0 + j);
-        }
       },
       [&](int64_t i0, int64_t j) {
         const int64_t i = i0 + j;
-        const float g = kCombineFirst ? gbuf[j] : grad_at<T, K>(gp, co, i);
+        const float g = grad_at<T, K>(gp, co, i);
         float mv = f32(m[i]), vv = f32(v[i]), xv = kAms ? f32(x[i]) : 0.0f;
         const float nw = adamw_value(f32(w[i]), g, &mv, &vv, &xv, bias, o);
         m[i] = static_cast<T>(mv);
@@ -697,7 +692,7 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads,
   o.lerp_weight = static_cast<float>(1.0 - beta1);
   o.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   o.amsgrad = amsgrad;
-  o.maximize = maximize;
+  adamw_set_maximize(o, maximize);
   auto& L = s.p.lists;
   parallel_chunks(make_chunks(L[0]), [&](const Chunk& c) {
     dispatch(L[0][c.t].scalar_type(), [&](auto tag) {

@@ -266,7 +266,16 @@ struct AdamWParams {
   float lerp_weight;  // 1 - beta1
   float one_minus_beta2;
   bool amsgrad, maximize;
+  int32_t neg_bits;  // the sign bit where maximizing, else 0 (set with adamw_set_maximize)
 };
+
+// maximize and the word adamw_value flips the gradient's sign bit with: -g as an integer xor by
+// a loop-invariant word (exactly -g, NaN included), which GCC vectorises, where the select on
+// the flag, in a loop too large to unswitch (AdamW with a combined gradient), kept it scalar
+SK_HD void adamw_set_maximize(AdamWParams& o, bool maximize) {
+  o.maximize = maximize;
+  o.neg_bits = maximize ? static_cast<int32_t>(0x80000000u) : 0;
+}
 
 struct AdamWBias {
   float bc1;       // 1 - beta1^t
@@ -283,7 +292,7 @@ SK_HD AdamWBias adamw_bias(float beta1, float beta2, float t) {
 // torch.optim.AdamW for one element (eager order of operations). m, v, vmax in/out.
 SK_HD float adamw_value(float w, float g, float* m, float* v, float* vmax, const AdamWBias& b,
                         const AdamWParams& o) {
-  if (o.maximize) g = -g;
+  g = bits_float(float_bits(g) ^ o.neg_bits);  // -g where maximizing
   const float nw = w * o.decay;
   const float nm = lerp_value(*m, g, o.lerp_weight);
   const float nv = *v * o.beta2 + (o.one_minus_beta2 * g) * g;

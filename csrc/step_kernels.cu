@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kThreads)
   o.lerp_weight = static_cast<float>(1.0 - static_cast<double>(beta1));
   o.one_minus_beta2 = static_cast<float>(1.0 - static_cast<double>(beta2));
   o.amsgrad = amsgrad;
-  o.maximize = sc.maximize;
+  adamw_set_maximize(o, sc.maximize);
   SK_CHUNK_LOOP(i, c) {
     float wv[kVec], gv[kVec], mv[kVec], vv[kVec], xv[kVec], out[kVec];
     load_f(w, i, c.len, vec, wv);
