@@ -325,15 +325,19 @@ def build_runners(
             continue
         add_sam(label, "ours", opt, {"backend": backend, "default": backend == default})
     if "step(closure)" in modes:
-        # CR-SAM's and Frob-SAM's steps (three evaluations each) beside SAM's rows, outside the
-        # targets (their own target is their op count, "about 8"). CR-SAM on the default
-        # backend; Frob-SAM on the extension with its counter-based noise (the CPU default draws
-        # the reference's global stream eagerly, one draw per tensor: never planned)
-        from python_api import CRSAM, FrobSAM
+        # CR-SAM's and the universal class's steps beside SAM's rows, outside the targets
+        # (their own target is their op count, "about 8"). CR-SAM on the default backend; the
+        # universal class (its defaults: Frob-SAM n = 2, Trace- and Det-SAM n = 1) on the
+        # extension with its counter-based noise (the CPU default draws the reference's global
+        # stream eagerly, one draw per tensor: never planned)
+        from python_api import CRSAM, DetSAM, FrobSAM, TraceSAM
 
+        counter = " (counter noise)"
         extras = [
             ("CR-SAM", CRSAM, default, " (default)", {}),
-            ("Frob-SAM", FrobSAM, "ext", " (counter noise)", {"seed": 0}),
+            ("Frob-SAM", FrobSAM, "ext", counter, {"seed": 0}),
+            ("Trace-SAM", TraceSAM, "ext", counter, {"seed": 0}),
+            ("Det-SAM", DetSAM, "ext", counter, {"seed": 0}),
         ]
         for name, algo, backend, what, extra in extras:
             label = f"ours {name} {backend}{what}"
