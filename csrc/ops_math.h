@@ -265,15 +265,15 @@ struct AdamWParams {
   float decay;        // 1 - lr * weight_decay
   float lerp_weight;  // 1 - beta1
   float one_minus_beta2;
-  bool amsgrad, maximize;
-  int32_t neg_bits;  // the sign bit where maximizing, else 0 (set with adamw_set_maximize)
+  bool amsgrad;
+  // maximize, as the word adamw_value flips the gradient's sign bit with (adamw_set_maximize):
+  // -g as an integer xor by a loop-invariant word (exactly -g, NaN included), which GCC
+  // vectorises, where a select on a flag, in a loop too large to unswitch (AdamW with a combined
+  // gradient), kept the loop scalar
+  int32_t neg_bits = 0;
 };
 
-// maximize and the word adamw_value flips the gradient's sign bit with: -g as an integer xor by
-// a loop-invariant word (exactly -g, NaN included), which GCC vectorises, where the select on
-// the flag, in a loop too large to unswitch (AdamW with a combined gradient), kept it scalar
 SK_HD void adamw_set_maximize(AdamWParams& o, bool maximize) {
-  o.maximize = maximize;
   o.neg_bits = maximize ? static_cast<int32_t>(0x80000000u) : 0;
 }
 

@@ -40,8 +40,9 @@ class UniversalPlan(_step_plan.PlannedSteps):
     """Mixin of :class:`python_api.universal._UniversalSAM` (first in its bases):
     :meth:`_planned_step`, the hook of :class:`python_api._universal_step.UniversalStep`."""
 
-    #: the plan whose noise (estimator, scale, kind) was set (once per plan)
-    _noise_set_on: _step_plan.PlannedStep | None = None
+    #: the plan whose noise was set, and the half-cube length it was set with (an attribute a
+    #: user may change between steps: set again then)
+    _noise_set_on: tuple[_step_plan.PlannedStep, float] | None = None
 
     def _universal_plan(self, noise: Noise | None) -> _step_plan.PlannedStep | None:
         """The plan of this step, where one may run it (see the module docstring)."""
@@ -66,7 +67,7 @@ class UniversalPlan(_step_plan.PlannedSteps):
         plan = self._current_plan()
         if plan is None:
             return None
-        if plan is not self._noise_set_on and not self._set_noise(plan):
+        if self._noise_set_on != (plan, self.half_cube_len) and not self._set_noise(plan):
             # rho = 0 or sam=False groups (their gradient is g0: not in the plan), or the
             # noise or the estimator's ops run elsewhere: unplanned under these settings
             self._step_plan = _step_plan.Unplanned(plan.key)
@@ -94,7 +95,7 @@ class UniversalPlan(_step_plan.PlannedSteps):
         plan.plan.set_universal(
             self._plan_estimator, rho[0] if uniform else rho, _KINDS[self._kind], self.half_cube_len
         )
-        self._noise_set_on = plan
+        self._noise_set_on = (plan, self.half_cube_len)
         return True
 
     def _planned_step(

@@ -189,6 +189,15 @@ def test_groups_with_their_own_rho_lam_and_lr(algo):
     assert _train(pairs, 2) == 2
 
 
+def test_half_cube_length_changed_between_steps():
+    """Det-SAM's ``half_cube_len`` is an attribute: a change reaches the planned noise too."""
+    pairs = _pair("sgd", algo="det")
+    _train(pairs, 3)
+    for o in pairs[2:]:
+        o.half_cube_len = 0.02
+    assert _train(pairs, 2) == 2
+
+
 @pytest.mark.parametrize("algo", list(CLASSES))
 def test_n_samples_changed_between_steps(algo):
     pairs = _pair("adamw", algo=algo)
