@@ -15,7 +15,10 @@ import pytest
 import torch
 from _helpers import DispatchedOps
 from _helpers import assert_same_training as _same
-from torch import nn
+from _plan_training import BASES, Net, train_pair
+from _plan_training import closure_of as _closure
+from _plan_training import data as _data
+from _plan_training import planned as _planned
 
 from python_api import CRSAM
 from python_api import _step_plan as sp
@@ -26,16 +29,6 @@ pytestmark = pytest.mark.skipif(
     reason="the compiled extension (with CR-SAM's step plan) is not built",
 )
 
-BASES = {
-    "sgd": (torch.optim.SGD, dict(lr=0.01, momentum=0.9, weight_decay=1e-3)),
-    "sgd-nesterov-maximize": (
-        torch.optim.SGD,
-        dict(lr=0.005, momentum=0.8, nesterov=True, maximize=True),
-    ),
-    "sgd-no-momentum": (torch.optim.SGD, dict(lr=0.02)),
-    "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.01)),
-    "adamw-amsgrad": (torch.optim.AdamW, dict(lr=0.01, betas=(0.8, 0.95), amsgrad=True)),
-}
 OWN_OPS = [
     "sam_kernels_C.crsam_ascent.default",
     "sam_kernels_C.crsam_middle.default",
@@ -43,27 +36,12 @@ OWN_OPS = [
 ]
 
 
-class Net(nn.Module):
-    """Odd shapes, a one-element parameter, a non-contiguous one, and one (``gated``) that only
-    a loss with ``use_gated`` depends on."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 5, 3)
-        self.fc = nn.Linear(5 * 4 * 4, 7)
-        self.scale = nn.Parameter(torch.ones(1))
-        self.t = nn.Parameter(torch.randn(7, 3).t())  # a transposed (non-contiguous) weight
-        self.gated = nn.Parameter(torch.randn(3))
-
-    def forward(self, x: torch.Tensor, use_gated: bool = True) -> torch.Tensor:
-        h = torch.tanh(self.conv(x)).flatten(1)
-        out = (self.fc(h) * self.scale) @ self.t.t()
-        return out + self.gated if use_gated else out
-
-
-def _data(seed: int, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(6, 3, 6, 6, generator=g).to(dtype), torch.randn(6, 3, generator=g)
+def _train(pairs, steps, dtype=torch.float32, user_backward=False, **closure_kw) -> int:
+    """``steps`` steps of both; returns how many of the planned one's ran on its plan."""
+    return train_pair(
+        pairs, steps, descent=OWN_OPS[2], plan_ops=tuple(OWN_OPS), same=_same, dtype=dtype,
+        user_backward=user_backward, **closure_kw,
+    )  # fmt: skip
 
 
 def _pair(base="sgd", groups=None, dtype=torch.float32, **kw):
@@ -77,45 +55,6 @@ def _pair(base="sgd", groups=None, dtype=torch.float32, **kw):
         opts.append(CRSAM(params, cls, **{**hp, **kw}))
     opts[1].plan_steps = False
     return m, r, opts[0], opts[1]
-
-
-def _closure(model, opt, x, y, calls=None, use_gated=lambda k: True, on_call=None):
-    def closure():
-        k = len(calls) if calls is not None else 0
-        if calls is not None:
-            calls.append(k)
-        if on_call is not None:
-            on_call(k, opt)
-        opt.zero_grad()
-        loss = (model(x, use_gated(k)).float() - y).square().mean()
-        loss.backward()
-        return loss
-
-    return closure
-
-
-def _planned(opt) -> bool:
-    return isinstance(opt._step_plan, sp.PlannedStep)
-
-
-def _train(pairs, steps, dtype=torch.float32, user_backward=False, **closure_kw) -> int:
-    """``steps`` steps of both; returns how many of the planned one's ran on its plan."""
-    m, r, opt, ref = pairs
-    planned = 0
-    for s in range(steps):
-        x, y = _data(s, dtype)
-        for model, o in ((m, opt), (r, ref)):
-            if user_backward:  # davda54's loop: the user's own backward gives g0
-                o.zero_grad()
-                (model(x).float() - y).square().mean().backward()
-            with DispatchedOps() as seen:
-                o.step(_closure(model, o, x, y, **closure_kw))
-            if o is opt:
-                planned += seen.ops.count(OWN_OPS[2])
-            else:
-                assert not any(op.startswith("sam_kernels_C.crsam") for op in seen.ops)
-        _same(m, r, opt, ref)
-    return planned
 
 
 @pytest.mark.parametrize("base", list(BASES))

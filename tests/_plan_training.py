@@ -1,0 +1,102 @@
+"""What the tests of the planned steps share (tests/optim/test_crsam_plan.py,
+tests/optim/test_universal_plan.py): the base optimizers, a small model with awkward parameters,
+its data and closure, and the loop that trains a planned and an unplanned copy side by side and
+compares them bit for bit after every step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from _helpers import DispatchedOps
+from torch import nn
+
+from python_api import _step_plan as sp
+
+BASES = {
+    "sgd": (torch.optim.SGD, dict(lr=0.01, momentum=0.9, weight_decay=1e-3)),
+    "sgd-nesterov-maximize": (
+        torch.optim.SGD,
+        dict(lr=0.005, momentum=0.8, nesterov=True, maximize=True),
+    ),
+    "sgd-no-momentum": (torch.optim.SGD, dict(lr=0.02)),
+    "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.01)),
+    "adamw-amsgrad": (torch.optim.AdamW, dict(lr=0.01, betas=(0.8, 0.95), amsgrad=True)),
+}
+
+
+class Net(nn.Module):
+    """Odd shapes, a one-element parameter, a non-contiguous one, and one (``gated``) that only
+    a loss with ``use_gated`` depends on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3)
+        self.fc = nn.Linear(5 * 4 * 4, 7)
+        self.scale = nn.Parameter(torch.ones(1))
+        self.t = nn.Parameter(torch.randn(7, 3).t())  # a transposed (non-contiguous) weight
+        self.gated = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor, use_gated: bool = True) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)).flatten(1)
+        out = (self.fc(h) * self.scale) @ self.t.t()
+        return out + self.gated if use_gated else out
+
+
+def data(seed: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(6, 3, 6, 6, generator=g).to(dtype), torch.randn(6, 3, generator=g)
+
+
+def closure_of(model, opt, x, y, calls=None, use_gated=lambda k: True, on_call=None):
+    """A closure over ``model``; ``calls`` (a list) records the closure's calls, ``use_gated(k)``
+    and ``on_call(k, opt)`` act on call ``k``."""
+
+    def closure():
+        k = len(calls) if calls is not None else 0
+        if calls is not None:
+            calls.append(k)
+        if on_call is not None:
+            on_call(k, opt)
+        opt.zero_grad()
+        loss = (model(x, use_gated(k)).float() - y).square().mean()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def planned(opt) -> bool:
+    return isinstance(opt._step_plan, sp.PlannedStep)
+
+
+def train_pair(
+    pairs,
+    steps: int,
+    *,
+    descent: str,
+    plan_ops: tuple[str, ...],
+    same: Callable,
+    dtype=torch.float32,
+    user_backward: bool = False,
+    **closure_kw,
+) -> int:
+    """``steps`` steps of both copies ``pairs = (model, ref_model, opt, ref_opt)``, compared by
+    ``same`` after each; returns how many of the planned copy's steps ran their plan's
+    ``descent`` op (the unplanned copy may run none of ``plan_ops``)."""
+    m, r, opt, ref = pairs
+    count = 0
+    for s in range(steps):
+        x, y = data(s, dtype)
+        for model, o in ((m, opt), (r, ref)):
+            if user_backward:  # davda54's loop: the user's own backward gives g0
+                o.zero_grad()
+                (model(x).float() - y).square().mean().backward()
+            with DispatchedOps() as seen:
+                o.step(closure_of(model, o, x, y, **closure_kw))
+            if o is opt:
+                count += seen.ops.count(descent)
+            else:
+                assert not any(op in plan_ops for op in seen.ops)
+        same(m, r, opt, ref)
+    return count
