@@ -328,8 +328,8 @@ def build_runners(
         # CR-SAM's and the universal class's steps beside SAM's rows, outside the targets
         # (their own target is their op count, "about 8"). CR-SAM on the default backend; the
         # universal class (its defaults: Frob-SAM n = 2, Trace- and Det-SAM n = 1) on the
-        # extension with its counter-based noise (the CPU default draws the reference's global
-        # stream eagerly, one draw per tensor: never planned)
+        # extension with its counter-based noise (the CPU default's reference stream, one draw
+        # per tensor from the global generator, is planned too)
         from python_api import CRSAM, DetSAM, FrobSAM, TraceSAM
 
         counter = " (counter noise)"

@@ -98,13 +98,14 @@ TORCH_LIBRARY(sam_kernels_C, m) {
   // descent
   m.def(
       "universal_ascent(Tensor counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan "
-      "plan, Tensor? loss, Tensor seed, Tensor(a!) offset) -> Tensor[]");
+      "plan, Tensor? loss, Tensor? seed, Tensor(a!)? offset) -> Tensor[]");
   m.def(
       "universal_sample(Tensor counters, __torch__.torch.classes.sam_kernels_C.SamStepPlan "
-      "plan, Tensor? loss, Tensor? coef, Tensor seed, Tensor(a!) offset, int n, bool more) -> ()");
+      "plan, Tensor? loss, Tensor? coef, Tensor? seed, Tensor(a!)? offset, int n, bool more) "
+      "-> ()");
   m.def(
       "universal_descent(Tensor(a!) counters, "
-      "__torch__.torch.classes.sam_kernels_C.SamStepPlan plan, Tensor ok, Tensor(b!) offset, "
+      "__torch__.torch.classes.sam_kernels_C.SamStepPlan plan, Tensor ok, Tensor(b!)? offset, "
       "Tensor[] consts, float[] lams, float[] hyper) -> ()");
   // test hook: one Philox4x32-10 block (CPU)
   m.def("_philox4x32_10(Tensor(a!) out, int[] counter, int[] key) -> ()");

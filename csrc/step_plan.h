@@ -104,9 +104,14 @@ struct SamStepPlan : torch::CustomClassHolder {
   // sums: Frob-SAM's `cross`, `gsum` (aligned with pert_params), the first sample's loss (the
   // shift) and the sum of the shifted losses; Trace/Det-SAM's `acc`, the finite flag of their
   // coefficients and Det-SAM's x. `universal_kept` returns, for a step that finishes unplanned,
-  // [offset0, pending..., g0..., then Frob: lsum, cross..., gsum...; Trace: coef_ok, acc...;
-  // Det: coef_ok, x, acc...] ([offset0] before the first sample, [] outside a step).
+  // [offset0 (counter noise only), pending..., g0..., then Frob: lsum, cross..., gsum...;
+  // Trace: coef_ok, acc...; Det: coef_ok, x, acc...] ([offset0] or [] before the first sample,
+  // [] outside a step).
   int64_t estimator = 0;
+  // the noise: the counter-based contract (seed, offset), or the reference's global stream (the
+  // eager default on CPU tensors: one draw per tensor from the global generator, as
+  // noise_perturb_'s eager implementation without a seed)
+  bool reference_stream = false;
   at::Tensor noise_scale;
   int64_t noise_kind = 0;
   double half_cube_len = 1.0;
@@ -115,7 +120,8 @@ struct SamStepPlan : torch::CustomClassHolder {
   int64_t samples = 0;
   std::vector<at::Tensor> pending, cross, gsum, acc;
   at::Tensor offset0, l0, lref, lsum, coef_ok, x;
-  void set_universal(int64_t estimator, at::Tensor scale, int64_t kind, double half_cube_len);
+  void set_universal(int64_t estimator, at::Tensor scale, int64_t kind, double half_cube_len,
+                     bool reference_stream);
   std::vector<at::Tensor> universal_kept() const;
 };
 
@@ -155,18 +161,21 @@ void crsam_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepP
 // [ok] or [] (the plan does not match: nothing written); universal_sample after each noisy
 // evaluation (`loss` that sample's, None where the closure returned none (Trace-SAM); `coef`:
 // Trace-SAM's 1/n, Det-SAM's 1/rho^2 (one entry, or one per perturbed tensor), as cached
-// tensors; `n` the number of samples; `more`: another sample follows); universal_descent takes
+// tensors; `n` the number of samples; `more`: another sample follows; `seed` and `offset` the
+// counter noise's, None with the reference stream); universal_descent takes
 // the step (`consts`: Frob-SAM's (a, b) per base group, the coefficients being a + b * Lsum;
 // Trace-SAM's lam per group; `lams`: Det-SAM's lam per group).
 std::vector<at::Tensor> universal_ascent(const at::Tensor& counters,
                                          const c10::intrusive_ptr<SamStepPlan>& plan,
                                          const std::optional<at::Tensor>& loss,
-                                         const at::Tensor& seed, const at::Tensor& offset);
+                                         const std::optional<at::Tensor>& seed,
+                                         const std::optional<at::Tensor>& offset);
 void universal_sample(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
                       const std::optional<at::Tensor>& loss, const std::optional<at::Tensor>& coef,
-                      const at::Tensor& seed, const at::Tensor& offset, int64_t n, bool more);
+                      const std::optional<at::Tensor>& seed,
+                      const std::optional<at::Tensor>& offset, int64_t n, bool more);
 void universal_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
-                       const at::Tensor& ok, const at::Tensor& offset,
+                       const at::Tensor& ok, const std::optional<at::Tensor>& offset,
                        std::vector<at::Tensor> consts, std::vector<double> lams,
                        std::vector<double> hyper);
 

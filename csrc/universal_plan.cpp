@@ -4,7 +4,8 @@
 // The caller runs the closure of each noisy sample between the calls:
 //
 //   universal_ascent   n0 = ||g0||, ok = finite(n0) [* finite(L0)], offset0 = offset, g0 kept;
-//                      b = w, w = b + rho * eps_1 (counter noise at offset), offset += drawn
+//                      b = w, w = b + rho * eps_1 (counter noise at offset, offset += drawn;
+//                      or the reference's global stream, one draw per tensor)
 //   universal_sample   (after sample i) g_i collected, its norm and loss kept for the flag;
 //                      the estimator's accumulation (below); (more) w = b + rho * eps_{i+1},
 //                      offset += drawn, p.grad = None
@@ -36,12 +37,13 @@ const char* const kWho[] = {"FrobSAM", "TraceSAM", "DetSAM"};
 }  // namespace
 
 void SamStepPlan::set_universal(int64_t estimator_, at::Tensor scale, int64_t kind,
-                                double half_cube_len_) {
+                                double half_cube_len_, bool reference_stream_) {
   TORCH_CHECK(estimator_ >= kFrob && estimator_ <= kDet,
               "SamStepPlan.set_universal: estimator must be 0, 1 or 2, got ", estimator_);
   TORCH_CHECK(kind == 0 || kind == 1, "SamStepPlan.set_universal: kind must be 0 or 1, got ",
               kind);
   estimator = estimator_;
+  reference_stream = reference_stream_;
   noise_scale = std::move(scale);
   noise_kind = kind;
   half_cube_len = half_cube_len_;
@@ -55,8 +57,8 @@ void SamStepPlan::set_universal(int64_t estimator_, at::Tensor scale, int64_t ki
 
 std::vector<at::Tensor> SamStepPlan::universal_kept() const {
   std::vector<at::Tensor> out;
-  if (!offset0.defined()) return out;
-  out.push_back(offset0);
+  if (kept_g0.empty()) return out;  // outside a step
+  if (offset0.defined()) out.push_back(offset0);
   if (samples == 0) return out;
   auto add = [&](const std::vector<at::Tensor>& part) {
     out.insert(out.end(), part.begin(), part.end());
@@ -77,10 +79,39 @@ std::vector<at::Tensor> SamStepPlan::universal_kept() const {
 
 namespace {
 
-void draw_sample(SamStepPlan& plan, const at::Tensor& seed, const at::Tensor& offset, bool first) {
+// noise_perturb_eager without a seed (sam_kernels/ops/perturb.py), its ops in its order: [b = w;]
+// eps per tensor from the global generator, in parameter order (normal(0, 1) in float32, or
+// 2a * rand - a), eps *= s (per tensor with per-group rho), w = b, w += eps
+void draw_reference(SamStepPlan& plan, bool first) {
+  const auto& ps = plan.pert_params;
+  const auto& bs = plan.pert_backups;
+  if (first) at::_foreach_copy_(bs, ps);
+  std::vector<at::Tensor> noise;
+  noise.reserve(ps.size());
+  for (const auto& p : ps) {
+    const auto opts = at::TensorOptions().dtype(at::kFloat).device(p.device());
+    if (plan.noise_kind == 0) {
+      noise.push_back(at::normal(0.0, 1.0, p.sizes(), std::nullopt, opts));
+    } else {
+      const double a = plan.half_cube_len;
+      noise.push_back(at::sub(at::mul(at::rand(p.sizes(), opts), 2 * a), a));
+    }
+  }
+  const auto eps = plan.noise_scale.dim() == 0
+                       ? at::_foreach_mul(noise, plan.noise_scale)
+                       : at::_foreach_mul(noise, plan.noise_scale.unbind(0));
+  at::_foreach_copy_(ps, bs);
+  at::_foreach_add_(ps, eps);
+}
+
+void draw_sample(SamStepPlan& plan, const std::optional<at::Tensor>& seed,
+                 const std::optional<at::Tensor>& offset, bool first) {
+  if (plan.reference_stream) return draw_reference(plan, first);
+  TORCH_CHECK(seed.has_value() && offset.has_value(),
+              "the universal class's planned step: the counter noise needs a seed and an offset");
   op_noise_perturb().call(plan.pert_params, plan.pert_backups, plan.noise_scale, plan.noise_kind,
-                          plan.half_cube_len, /*save_backup=*/first, seed, offset);
-  const_cast<at::Tensor&>(offset).add_(plan.drawn);
+                          plan.half_cube_len, /*save_backup=*/first, *seed, *offset);
+  const_cast<at::Tensor&>(*offset).add_(plan.drawn);
 }
 
 // Perturbation._scratch: step-local buffers, allocated after the first noisy backward (not
@@ -153,7 +184,8 @@ at::Tensor entry0(const at::Tensor& t) { return t.select(0, 0); }
 std::vector<at::Tensor> universal_ascent(const at::Tensor& counters,
                                          const c10::intrusive_ptr<SamStepPlan>& plan,
                                          const std::optional<at::Tensor>& loss,
-                                         const at::Tensor& seed, const at::Tensor& offset) {
+                                         const std::optional<at::Tensor>& seed,
+                                         const std::optional<at::Tensor>& offset) {
   TORCH_CHECK(plan->noise_scale.defined(), "universal_ascent: the plan has no noise (set_universal)");
   if (plan->pert_params.empty() || plan->pert_params.size() != plan->norm_params.size() ||
       !plan->matches() || any_grad_view(plan->norm_params)) {
@@ -169,7 +201,10 @@ std::vector<at::Tensor> universal_ascent(const at::Tensor& counters,
     ok = at::mul(ok, loss_ok(*loss, counters.device()));
     plan->l0 = loss->reshape({}).to(counters.device());  // (Det-SAM's L0)
   }
-  plan->offset0 = offset.clone();
+  if (!plan->reference_stream) {
+    TORCH_CHECK(offset.has_value(), "universal_ascent: the counter noise needs an offset");
+    plan->offset0 = offset->clone();
+  }
   draw_sample(*plan, seed, offset, /*first=*/true);
   plan->kept_g0 = std::move(g0);
   plan->drop_grads();
@@ -178,8 +213,9 @@ std::vector<at::Tensor> universal_ascent(const at::Tensor& counters,
 
 void universal_sample(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
                       const std::optional<at::Tensor>& loss, const std::optional<at::Tensor>& coef,
-                      const at::Tensor& seed, const at::Tensor& offset, int64_t n, bool more) {
-  TORCH_CHECK(plan->kept_g0.size() == plan->norm_params.size() && plan->offset0.defined(),
+                      const std::optional<at::Tensor>& seed,
+                      const std::optional<at::Tensor>& offset, int64_t n, bool more) {
+  TORCH_CHECK(plan->kept_g0.size() == plan->norm_params.size() && !plan->kept_g0.empty(),
               "universal_sample: no universal_ascent before it");
   const int64_t est = plan->estimator;
   TORCH_CHECK(loss.has_value() || est == kTrace, "universal_sample: ", kWho[est],
@@ -213,7 +249,7 @@ void universal_sample(const at::Tensor& counters, const c10::intrusive_ptr<SamSt
 }
 
 void universal_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
-                       const at::Tensor& ok_in, const at::Tensor& offset,
+                       const at::Tensor& ok_in, const std::optional<at::Tensor>& offset,
                        std::vector<at::Tensor> consts, std::vector<double> lams,
                        std::vector<double> hyper) {
   check_hyper(*plan, hyper, "universal_descent");
@@ -279,8 +315,11 @@ void universal_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamS
     group_step(g, terms, OptT(coefs[k]), hyper.data() + 6 * k, ok_arg);
   }
   count_and_mark(counters, *plan, ok);
-  // a skipped step draws nothing: the next step uses the same counters
-  const_cast<at::Tensor&>(offset).copy_(at::where(at::gt(ok, 0), offset, plan->offset0));
+  if (!plan->reference_stream) {
+    // a skipped step draws nothing: the next step uses the same counters
+    TORCH_CHECK(offset.has_value(), "universal_descent: the counter noise needs its offset");
+    const_cast<at::Tensor&>(*offset).copy_(at::where(at::gt(ok, 0), *offset, plan->offset0));
+  }
   plan->release();
 }
 

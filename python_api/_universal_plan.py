@@ -15,11 +15,12 @@ tests/optim/test_universal_plan.py), so a step is ``n_samples + 2`` dispatched o
 and none per tensor. What each estimator passes (its per-sample coefficient, its per-group
 constants) comes from its mixin in :mod:`python_api._universal_estimators`.
 
-Where: over a fused SGD/AdamW base on the compiled extension, with the counter-based noise
-(``backend="ext"``, or any device where the extension draws the noise; the CPU default draws the
-reference's global stream in eager ops, which stays unplanned), ``on_nonfinite="skip"``, no
-clipping, one process, every parameter with a gradient perturbed (``rho > 0`` in every group),
-and no ``noise=`` given.
+Where: over a fused SGD/AdamW base on the compiled extension (the CPU default), with either
+noise: the counter-based contract where the extension draws it (``backend="ext"``), or the
+reference's global stream (the CPU default: one draw per tensor from the global generator,
+which the plan runs as the eager implementation's own ATen ops, in its order); with
+``on_nonfinite="skip"``, no clipping, one process, every parameter with a gradient perturbed
+(``rho > 0`` in every group), and no ``noise=`` given.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ class UniversalPlan(_step_plan.PlannedSteps):
         if (
             noise is not None
             or not self.plan_steps
-            or self._noise_seed is None
             or self.max_grad_norm is not None
             or torch.compiler.is_compiling()
             or not sk.step_plan.universal_available(self._device)
@@ -77,12 +77,17 @@ class UniversalPlan(_step_plan.PlannedSteps):
     def _set_noise(self, plan: _step_plan.PlannedStep) -> bool:
         """Give a new plan the step's noise; False where the plan may not run this step."""
         pert = plan.perturbed
-        ops = ("noise_perturb", "frob_accumulate" if self._plan_estimator == 0 else "lincomb")
+        acc_op = "frob_accumulate" if self._plan_estimator == 0 else "lincomb"
+        # the counter noise drawn by the extension, or (no seed) the reference's global stream,
+        # drawn by eager's implementation, which the plan runs as its own ATen ops
+        reference = self._noise_seed is None
+        noise_on = sk.runs_on("noise_perturb", pert, self.backend) if pert else None
         if (
             plan.adaptive
             or not pert
             or len(pert) != len(plan.norm_params)
-            or any(sk.runs_on(op, pert, self.backend) != "ext" for op in ops)
+            or noise_on != ("eager" if reference else "ext")
+            or sk.runs_on(acc_op, pert, self.backend) != "ext"
         ):
             return False
         groups = self._perturbed_groups()
@@ -93,7 +98,11 @@ class UniversalPlan(_step_plan.PlannedSteps):
         inv = [1.0 / rho_host[0] ** 2] if uniform else [1.0 / r**2 for r in rho_host]
         self._plan_inv_rho2 = inv
         plan.plan.set_universal(
-            self._plan_estimator, rho[0] if uniform else rho, _KINDS[self._kind], self.half_cube_len
+            self._plan_estimator,
+            rho[0] if uniform else rho,
+            _KINDS[self._kind],
+            self.half_cube_len,
+            reference,
         )
         self._noise_set_on = (plan, self.half_cube_len)
         return True
@@ -149,7 +158,7 @@ class UniversalPlan(_step_plan.PlannedSteps):
                 self._finish_unplanned(plan, ok, n + losses)
         except BaseException:
             kept = plan.plan.universal_kept()
-            if kept:  # the offset at the step's start (the unplanned step's rollback)
+            if kept and offset is not None:  # the offset at the step's start (its rollback)
                 offset.copy_(kept[0])
             raise
         finally:
@@ -163,8 +172,10 @@ class UniversalPlan(_step_plan.PlannedSteps):
         kept: ``g0``, the estimator's sums, the samples' flags, the offset at the step's start."""
         kept = plan.plan.universal_kept()
         ps, pert = plan.norm_params, plan.perturbed
-        offset0, pending = kept[0], kept[1 : 1 + n_pending]
-        rest = kept[1 + n_pending :]
+        offset0 = None
+        if self._noise_offset is not None:  # (the counter noise: kept first)
+            offset0, kept = kept[0], kept[1:]
+        pending, rest = kept[:n_pending], kept[n_pending:]
         g0, rest = rest[: len(ps)], rest[len(ps) :]
         ctx: dict[str, Any] = {"pert": pert, "dtype": torch.float32}
         if self._plan_estimator == 0:

@@ -27,10 +27,11 @@ parameters). With ``g0`` and the gradient being computed, the peak of gradient-s
 accumulators as copies between steps as well (16 and 12 of its own); the first noisy backward
 now runs without the accumulators (12 instead of 20 or 16).
 
-Planned steps: over a fused SGD/AdamW base with the counter-based noise on the compiled
-extension (``backend="ext"``), ``on_nonfinite="skip"``, no clipping, one process and every group
-perturbed, a step runs as ``n_samples + 2`` ops of SAM's cached step plan, bit-identical to the
-unplanned step (:mod:`python_api._universal_plan`).
+Planned steps: over a fused SGD/AdamW base on the compiled extension (the CPU default), with
+the counter-based noise (``backend="ext"``) or the reference's global stream (the CPU default),
+``on_nonfinite="skip"``, no clipping, one process and every group perturbed, a step runs as
+``n_samples + 2`` ops of SAM's cached step plan, bit-identical to the unplanned step
+(:mod:`python_api._universal_plan`).
 
 Layout: this module holds the three classes (their formulas, defaults and constructors) and
 ``_UniversalSAM``'s construction; the parts are :mod:`python_api._universal_step` (the step),

@@ -260,15 +260,24 @@ class SamStepPlan:
 
     # ----------------------------------------------------------------- the universal class
     def set_universal(
-        self, estimator: int, scale: torch.Tensor, kind: int, half_cube_len: float
+        self,
+        estimator: int,
+        scale: torch.Tensor,
+        kind: int,
+        half_cube_len: float,
+        reference_stream: bool = False,
     ) -> None:
         """The universal class's step, once per plan: its ``estimator`` (0 Frob-SAM, 1
         Trace-SAM, 2 Det-SAM) and noise, ``eps`` scaled by ``scale`` (rho: 0-d, or one per
-        perturbed tensor), of ``kind`` (0 normal, 1 uniform on ``[-half_cube_len, a]``)."""
-        self._plan.set_universal(int(estimator), scale, int(kind), float(half_cube_len))
+        perturbed tensor), of ``kind`` (0 normal, 1 uniform on ``[-half_cube_len, a]``): the
+        counter-based contract, or with ``reference_stream`` the global generator's stream (one
+        draw per tensor, as the eager implementation draws without a seed)."""
+        self._plan.set_universal(
+            int(estimator), scale, int(kind), float(half_cube_len), bool(reference_stream)
+        )
 
     def universal_ascent(
-        self, loss: torch.Tensor | None, seed: torch.Tensor, offset: torch.Tensor
+        self, loss: torch.Tensor | None, seed: torch.Tensor | None, offset: torch.Tensor | None
     ) -> torch.Tensor | None:
         """The first call: ``ok = finite(||g0||) [* finite(L0)]``, ``g0`` kept, ``b = w``,
         ``w = b + rho * eps_1`` (counter noise at ``offset``, which advances), ``p.grad = None``.
@@ -281,8 +290,8 @@ class SamStepPlan:
         self,
         loss: torch.Tensor | None,
         coef: torch.Tensor | None,
-        seed: torch.Tensor,
-        offset: torch.Tensor,
+        seed: torch.Tensor | None,
+        offset: torch.Tensor | None,
         n: int,
         more: bool,
     ) -> None:
@@ -294,7 +303,7 @@ class SamStepPlan:
     def universal_descent(
         self,
         ok: torch.Tensor,
-        offset: torch.Tensor,
+        offset: torch.Tensor | None,
         consts: list[torch.Tensor],
         lams: list[float],
         hyper: list[float],

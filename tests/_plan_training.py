@@ -79,16 +79,20 @@ def train_pair(
     same: Callable,
     dtype=torch.float32,
     user_backward: bool = False,
+    before_step: Callable[[int], None] | None = None,
     **closure_kw,
 ) -> int:
     """``steps`` steps of both copies ``pairs = (model, ref_model, opt, ref_opt)``, compared by
     ``same`` after each; returns how many of the planned copy's steps ran their plan's
-    ``descent`` op (the unplanned copy may run none of ``plan_ops``)."""
+    ``descent`` op (the unplanned copy may run none of ``plan_ops``). ``before_step(s)`` runs
+    before each copy's step ``s`` (e.g. seeding the global generator alike for both)."""
     m, r, opt, ref = pairs
     count = 0
     for s in range(steps):
         x, y = data(s, dtype)
         for model, o in ((m, opt), (r, ref)):
+            if before_step is not None:
+                before_step(s)
             if user_backward:  # davda54's loop: the user's own backward gives g0
                 o.zero_grad()
                 (model(x).float() - y).square().mean().backward()
