@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import torch
 from _helpers import DispatchedOps
 from torch import nn
@@ -64,6 +65,46 @@ def closure_of(model, opt, x, y, calls=None, use_gated=lambda k: True, on_call=N
         return loss
 
     return closure
+
+
+def nonfinite_closure(model, opt, x, y, where: int, kind: str):
+    """A closure whose call ``where`` returns an infinite loss (``kind="loss"``) or leaves a NaN
+    in a gradient (``kind="grad"``)."""
+    calls: list[int] = []
+
+    def closure():
+        k = len(calls)
+        calls.append(k)
+        opt.zero_grad()
+        loss = (model(x).float() - y).square().mean()
+        if k == where and kind == "loss":
+            loss = loss * float("inf")
+            loss.backward()
+            return loss
+        loss.backward()
+        if k == where:
+            model.fc.weight.grad[0, 0] = float("nan")
+        return loss
+
+    return closure
+
+
+def raise_at_call(model, opt, at: int) -> None:
+    """One step whose closure raises at call ``at``: the error propagates, and the weights and
+    the base optimizer's state are as they were before it."""
+    before = [p.clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.base_optimizer.state[model.fc.weight].items()}
+
+    def boom(k, o):
+        if k == at:
+            raise RuntimeError("boom")
+
+    x, y = data(30)
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(closure_of(model, opt, x, y, calls=[], on_call=boom))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    for k, v in opt.base_optimizer.state[model.fc.weight].items():
+        assert torch.equal(v, state[k]), k
 
 
 def planned(opt) -> bool:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from _helpers import DispatchedOps
 from _helpers import assert_same_training as _same
-from _plan_training import BASES, Net, train_pair
+from _plan_training import BASES, Net, nonfinite_closure, raise_at_call, train_pair
 from _plan_training import closure_of as _closure
 from _plan_training import data as _data
 from _plan_training import planned as _planned
@@ -106,22 +106,7 @@ def test_nonfinite_skips_on_the_device(where, kind):
     before = [p.clone() for p in m.parameters()]
     x, y = _data(50)
     for model, o in ((m, opt), (r, ref)):
-        calls: list[int] = []
-
-        def closure(model=model, o=o, calls=calls):
-            k = len(calls)
-            calls.append(k)
-            o.zero_grad()
-            loss = (model(x).float() - y).square().mean()
-            if k == where and kind == "loss":
-                loss = loss * float("inf")
-                loss.backward()
-                return loss
-            loss.backward()
-            if k == where:
-                model.fc.weight.grad[0, 0] = float("nan")
-            return loss
-
+        closure = nonfinite_closure(model, o, x, y, where, kind)
         with DispatchedOps() as seen:
             o.step(closure)
         assert (OWN_OPS[0] in seen.ops) == (o is opt)
@@ -164,19 +149,7 @@ def test_a_closure_that_raises_leaves_the_weights(at):
     m, r, opt, ref = _pair("sgd")
     _train((m, r, opt, ref), 3)
     plan = opt._step_plan
-    before = [p.clone() for p in m.parameters()]
-    state = {k: v.clone() for k, v in opt.base_optimizer.state[m.fc.weight].items()}
-
-    def boom(k, o):
-        if k == at:
-            raise RuntimeError("boom")
-
-    x, y = _data(30)
-    with pytest.raises(RuntimeError, match="boom"):
-        opt.step(_closure(m, opt, x, y, calls=[], on_call=boom))
-    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
-    for k, v in opt.base_optimizer.state[m.fc.weight].items():
-        assert torch.equal(v, state[k]), k
+    raise_at_call(m, opt, at)
     assert plan.plan.kept() == []  # the kept gradients were dropped
     # the reference did not take that step either: the next steps give the same bits
     _train((m, r, opt, ref), 2)

@@ -16,7 +16,7 @@ import copy
 import pytest
 import torch
 from _helpers import DispatchedOps, assert_same_training
-from _plan_training import BASES, Net, train_pair
+from _plan_training import BASES, Net, nonfinite_closure, raise_at_call, train_pair
 from _plan_training import closure_of as _closure
 from _plan_training import data as _data
 from _plan_training import planned as _planned
@@ -172,22 +172,7 @@ def test_nonfinite_skips_on_the_device(algo, noise, where, kind):
     offset = None if noise == "reference" else opt._noise_offset.clone()
     x, y = _data(50)
     for model, o in ((m, opt), (r, ref)):
-        calls: list[int] = []
-
-        def closure(model=model, o=o, calls=calls):
-            k = len(calls)
-            calls.append(k)
-            o.zero_grad()
-            loss = (model(x).float() - y).square().mean()
-            if k == where and kind == "loss":
-                loss = loss * float("inf")
-                loss.backward()
-                return loss
-            loss.backward()
-            if k == where:
-                model.fc.weight.grad[0, 0] = float("nan")
-            return loss
-
+        closure = nonfinite_closure(model, o, x, y, where, kind)
         _reseed(50)
         with DispatchedOps() as seen:
             o.step(closure)
@@ -253,20 +238,8 @@ def test_a_closure_that_raises_leaves_weights_state_and_offset(algo, noise, at):
     m, r, opt, ref = _pair("sgd", algo=algo, noise=noise)
     _train((m, r, opt, ref), 3)
     plan = opt._step_plan
-    before = [p.clone() for p in m.parameters()]
-    state = {k: v.clone() for k, v in opt.base_optimizer.state[m.fc.weight].items()}
     offset = None if noise == "reference" else opt._noise_offset.clone()
-
-    def boom(k, o):
-        if k == at:
-            raise RuntimeError("boom")
-
-    x, y = _data(30)
-    with pytest.raises(RuntimeError, match="boom"):
-        opt.step(_closure(m, opt, x, y, calls=[], on_call=boom))
-    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
-    for k, v in opt.base_optimizer.state[m.fc.weight].items():
-        assert torch.equal(v, state[k]), k
+    raise_at_call(m, opt, at)
     if offset is not None:
         assert torch.equal(opt._noise_offset, offset)
     assert plan.plan.universal_kept() == []  # what the step kept was dropped
