@@ -49,9 +49,16 @@ def data(seed: int, dtype=torch.float32):
     return torch.randn(6, 3, 6, 6, generator=g).to(dtype), torch.randn(6, 3, generator=g)
 
 
+def on_model(model, x, y):
+    """The batch on the model's device (the GPU run trains the pairs on CUDA too)."""
+    device = model.fc.weight.device
+    return x.to(device), y.to(device)
+
+
 def closure_of(model, opt, x, y, calls=None, use_gated=lambda k: True, on_call=None):
     """A closure over ``model``; ``calls`` (a list) records the closure's calls, ``use_gated(k)``
     and ``on_call(k, opt)`` act on call ``k``."""
+    x, y = on_model(model, x, y)
 
     def closure():
         k = len(calls) if calls is not None else 0
@@ -70,6 +77,7 @@ def closure_of(model, opt, x, y, calls=None, use_gated=lambda k: True, on_call=N
 def nonfinite_closure(model, opt, x, y, where: int, kind: str):
     """A closure whose call ``where`` returns an infinite loss (``kind="loss"``) or leaves a NaN
     in a gradient (``kind="grad"``)."""
+    x, y = on_model(model, x, y)
     calls: list[int] = []
 
     def closure():
@@ -136,7 +144,8 @@ def train_pair(
                 before_step(s)
             if user_backward:  # davda54's loop: the user's own backward gives g0
                 o.zero_grad()
-                (model(x).float() - y).square().mean().backward()
+                xd, yd = on_model(model, x, y)
+                (model(xd).float() - yd).square().mean().backward()
             with DispatchedOps() as seen:
                 o.step(closure_of(model, o, x, y, **closure_kw))
             if o is opt:

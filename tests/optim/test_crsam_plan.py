@@ -28,6 +28,11 @@ pytestmark = pytest.mark.skipif(
     not step_plan.crsam_available("cpu"),
     reason="the compiled extension (with CR-SAM's step plan) is not built",
 )
+#: the GPU run checks the plan on CUDA tensors too (the extension is not the default there: asked
+#: for by name)
+DEVICES = ["cpu"] + (
+    ["cuda"] if torch.cuda.is_available() and step_plan.crsam_available("cuda") else []
+)
 
 OWN_OPS = [
     "sam_kernels_C.crsam_ascent.default",
@@ -44,9 +49,11 @@ def _train(pairs, steps, dtype=torch.float32, user_backward=False, **closure_kw)
     )  # fmt: skip
 
 
-def _pair(base="sgd", groups=None, dtype=torch.float32, **kw):
+def _pair(base="sgd", groups=None, dtype=torch.float32, device="cpu", **kw):
     torch.manual_seed(0)
-    m = Net().to(dtype)
+    if device != "cpu":
+        kw.setdefault("backend", "ext")
+    m = Net().to(device, dtype)
     r = copy.deepcopy(m)
     cls, hp = BASES[base]
     opts = []
@@ -59,8 +66,9 @@ def _pair(base="sgd", groups=None, dtype=torch.float32, **kw):
 
 @pytest.mark.parametrize("base", list(BASES))
 @pytest.mark.parametrize("user_backward", [False, True])
-def test_bit_identical_to_the_unplanned_step(base, user_backward):
-    pairs = _pair(base)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bit_identical_to_the_unplanned_step(device, base, user_backward):
+    pairs = _pair(base, device=device)
     assert _train(pairs, 6, user_backward=user_backward) == 4  # from the third step on
     assert _planned(pairs[2]) and not _planned(pairs[3])
     assert pairs[2].steps_taken == 6

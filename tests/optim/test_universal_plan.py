@@ -29,6 +29,11 @@ pytestmark = pytest.mark.skipif(
     not step_plan.universal_available("cpu"),
     reason="the compiled extension (with the universal class's step plan) is not built",
 )
+#: the GPU run checks the plan on CUDA tensors too (the extension is not the default there: asked
+#: for by name)
+DEVICES = ["cpu"] + (
+    ["cuda"] if torch.cuda.is_available() and step_plan.universal_available("cuda") else []
+)
 
 ASCENT, SAMPLE, DESCENT = (
     "sam_kernels_C.universal_ascent.default",
@@ -52,9 +57,11 @@ def _reseed(s: int = 0) -> None:
     torch.manual_seed(10_000 + s)
 
 
-def _pair(base="sgd", groups=None, dtype=torch.float32, algo="frob", noise="counter", **kw):
+def _pair(
+    base="sgd", groups=None, dtype=torch.float32, algo="frob", noise="counter", device="cpu", **kw
+):
     torch.manual_seed(0)
-    m = Net().to(dtype)
+    m = Net().to(device, dtype)
     r = copy.deepcopy(m)
     cls, hp = BASES[base]
     algo_cls, algo_kw = CLASSES[algo]
@@ -81,12 +88,17 @@ def _train(pairs, steps, dtype=torch.float32, user_backward=False, **closure_kw)
     )  # fmt: skip
 
 
+#: (on CUDA the counter noise only, the extension asked for by name: the reference stream is
+#: the CPU default's)
+CASES = [("cpu", n) for n in NOISES] + [(d, "counter") for d in DEVICES if d != "cpu"]
+
+
 @pytest.mark.parametrize("base", list(BASES))
 @pytest.mark.parametrize("user_backward", [False, True])
-@pytest.mark.parametrize("noise", list(NOISES))
+@pytest.mark.parametrize("device, noise", CASES)
 @pytest.mark.parametrize("algo", list(CLASSES))
-def test_bit_identical_to_the_unplanned_step(algo, noise, base, user_backward):
-    pairs = _pair(base, algo=algo, noise=noise)
+def test_bit_identical_to_the_unplanned_step(algo, device, noise, base, user_backward):
+    pairs = _pair(base, algo=algo, noise=noise, device=device)
     before = [p.clone() for p in pairs[0].parameters()]
     assert _train(pairs, 6, user_backward=user_backward) == 4  # from the third step on
     assert _planned(pairs[2]) and not _planned(pairs[3])
