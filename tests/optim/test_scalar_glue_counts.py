@@ -7,7 +7,7 @@ Measured with the fused flag (``finite_and``), scale (``ascent_scale``) and coun
 reciprocal chain, ``neg``, ``rsub``/``stack``/``add_``), its log form 55 (84), unplanned SAM 16
 (35), Frob-SAM unplanned 50 (404, then 378 with 322 of them the step-local ``empty_like``
 buffers of its two sums, 58 with one ``empty_like_list`` per sum; planned it is n + 2 ops of its
-own, tests/optim/test_frob_plan.py).
+own, tests/optim/test_universal_plan.py).
 
 The ops per step do not grow with the tensor count either (issue 14: host work per tensor):
 Frob-SAM (its step-local sums), FriendlySAM (its scratch ``d`` and the skip's zeroing of
