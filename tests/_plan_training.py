@@ -5,6 +5,7 @@ compares them bit for bit after every step."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -42,6 +43,32 @@ class Net(nn.Module):
         h = torch.tanh(self.conv(x)).flatten(1)
         out = (self.fc(h) * self.scale) @ self.t.t()
         return out + self.gated if use_gated else out
+
+
+def make_pair(
+    net: Callable[[], nn.Module],
+    opt_cls: type,
+    base: tuple[type, dict],
+    groups: Callable | None = None,
+    dtype=torch.float32,
+    device="cpu",
+    **kw,
+):
+    """Two identical models and optimizers of ``opt_cls`` over the ``base`` (class, kwargs):
+    planned (the default) and unplanned (``plan_steps = False``). Off the CPU the extension is
+    asked for by name (not the default there)."""
+    torch.manual_seed(0)
+    if device != "cpu":
+        kw.setdefault("backend", "ext")
+    m = net().to(device, dtype)
+    r = copy.deepcopy(m)
+    cls, hp = base
+    opts = []
+    for model in (m, r):
+        params = groups(model) if groups is not None else model.parameters()
+        opts.append(opt_cls(params, cls, **{**hp, **kw}))
+    opts[1].plan_steps = False
+    return m, r, opts[0], opts[1]
 
 
 def data(seed: int, dtype=torch.float32):
@@ -113,6 +140,23 @@ def raise_at_call(model, opt, at: int) -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     for k, v in opt.base_optimizer.state[model.fc.weight].items():
         assert torch.equal(v, state[k]), k
+
+
+def lr_made_a_tensor(pairs, same: Callable, before_step: Callable[[int], None] | None = None):
+    """One step of both copies in which the closure's call 2 makes the first group's learning
+    rate a tensor (the groups change during the closures), then the copies compared."""
+
+    def to_tensor(k, o):
+        if k == 2:
+            o.param_groups[0]["lr"] = torch.tensor(0.02)
+
+    m, r, opt, ref = pairs
+    x, y = data(20)
+    for model, o in ((m, opt), (r, ref)):
+        if before_step is not None:
+            before_step(20)
+        o.step(closure_of(model, o, x, y, calls=[], on_call=to_tensor))
+    same(m, r, opt, ref)
 
 
 def planned(opt) -> bool:

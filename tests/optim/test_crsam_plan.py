@@ -15,7 +15,15 @@ import pytest
 import torch
 from _helpers import DispatchedOps
 from _helpers import assert_same_training as _same
-from _plan_training import BASES, Net, nonfinite_closure, raise_at_call, train_pair
+from _plan_training import (
+    BASES,
+    Net,
+    lr_made_a_tensor,
+    make_pair,
+    nonfinite_closure,
+    raise_at_call,
+    train_pair,
+)
 from _plan_training import closure_of as _closure
 from _plan_training import data as _data
 from _plan_training import planned as _planned
@@ -50,18 +58,7 @@ def _train(pairs, steps, dtype=torch.float32, user_backward=False, **closure_kw)
 
 
 def _pair(base="sgd", groups=None, dtype=torch.float32, device="cpu", **kw):
-    torch.manual_seed(0)
-    if device != "cpu":
-        kw.setdefault("backend", "ext")
-    m = Net().to(device, dtype)
-    r = copy.deepcopy(m)
-    cls, hp = BASES[base]
-    opts = []
-    for model in (m, r):
-        params = groups(model) if groups is not None else model.parameters()
-        opts.append(CRSAM(params, cls, **{**hp, **kw}))
-    opts[1].plan_steps = False
-    return m, r, opts[0], opts[1]
+    return make_pair(Net, CRSAM, BASES[base], groups, dtype, device, **kw)
 
 
 @pytest.mark.parametrize("base", list(BASES))
@@ -138,16 +135,8 @@ def test_learning_rate_made_a_tensor_during_the_step():
     runs unplanned from the gradients the plan kept (the same bits), and the plan is rebuilt."""
     pairs = _pair("adamw")
     _train(pairs, 3)
-
-    def to_tensor(k, o):
-        if k == 2:
-            o.param_groups[0]["lr"] = torch.tensor(0.02)
-
-    m, r, opt, ref = pairs
-    x, y = _data(20)
-    for model, o in ((m, opt), (r, ref)):
-        o.step(_closure(model, o, x, y, calls=[], on_call=to_tensor))
-    _same(m, r, opt, ref)
+    lr_made_a_tensor(pairs, _same)
+    opt = pairs[2]
     assert not _planned(opt)
     assert opt._step_plan is None or isinstance(opt._step_plan, sp.Unplanned)
 

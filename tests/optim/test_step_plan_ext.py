@@ -16,6 +16,7 @@ import pytest
 import torch
 from _helpers import DispatchedOps
 from _helpers import assert_same_training as _same
+from _plan_training import make_pair
 from torch import nn
 
 import python_api._step_plan as sp
@@ -74,18 +75,7 @@ def _loss(model: nn.Module, x, y) -> torch.Tensor:
 
 def _pair(base: str = "sgd", groups=None, dtype=torch.float32, device="cpu", **kw):
     """Two identical models and optimizers: planned (default) and unplanned."""
-    torch.manual_seed(0)
-    if device != "cpu":
-        kw.setdefault("backend", "ext")
-    m = Net().to(device, dtype)
-    r = copy.deepcopy(m)
-    cls, hp = BASES[base]
-    opts = []
-    for model in (m, r):
-        params = groups(model) if groups is not None else model.parameters()
-        opts.append(SAM(params, cls, **{**hp, **kw}))
-    opts[1].plan_steps = False
-    return m, r, opts[0], opts[1]
+    return make_pair(Net, SAM, BASES[base], groups, dtype, device, **kw)
 
 
 def _grads(model, opt, seed, dtype=torch.float32):

@@ -16,7 +16,15 @@ import copy
 import pytest
 import torch
 from _helpers import DispatchedOps, assert_same_training
-from _plan_training import BASES, Net, nonfinite_closure, raise_at_call, train_pair
+from _plan_training import (
+    BASES,
+    Net,
+    lr_made_a_tensor,
+    make_pair,
+    nonfinite_closure,
+    raise_at_call,
+    train_pair,
+)
 from _plan_training import closure_of as _closure
 from _plan_training import data as _data
 from _plan_training import planned as _planned
@@ -60,17 +68,9 @@ def _reseed(s: int = 0) -> None:
 def _pair(
     base="sgd", groups=None, dtype=torch.float32, algo="frob", noise="counter", device="cpu", **kw
 ):
-    torch.manual_seed(0)
-    m = Net().to(device, dtype)
-    r = copy.deepcopy(m)
-    cls, hp = BASES[base]
     algo_cls, algo_kw = CLASSES[algo]
-    opts = []
-    for model in (m, r):
-        params = groups(model) if groups is not None else model.parameters()
-        opts.append(algo_cls(params, cls, **{**hp, **algo_kw, **NOISES[noise], **kw}))
-    opts[1].plan_steps = False
-    return m, r, opts[0], opts[1]
+    kw = {**algo_kw, **NOISES[noise], **kw}
+    return make_pair(Net, algo_cls, BASES[base], groups, dtype, device, **kw)
 
 
 def _same(m, r, opt, ref) -> None:
@@ -228,17 +228,8 @@ def test_learning_rate_made_a_tensor_during_the_step(algo, noise):
     unplanned from what the plan kept (the same bits), and the plan is rebuilt."""
     pairs = _pair("adamw", algo=algo, noise=noise)
     _train(pairs, 3)
-
-    def to_tensor(k, o):
-        if k == 2:
-            o.param_groups[0]["lr"] = torch.tensor(0.02)
-
-    m, r, opt, ref = pairs
-    x, y = _data(20)
-    for model, o in ((m, opt), (r, ref)):
-        _reseed(20)
-        o.step(_closure(model, o, x, y, calls=[], on_call=to_tensor))
-    _same(m, r, opt, ref)
+    lr_made_a_tensor(pairs, _same, before_step=_reseed)
+    opt = pairs[2]
     assert not _planned(opt)
     assert opt.steps_taken == 4
 
