@@ -25,6 +25,17 @@ std::vector<at::Tensor> collect_grads(SamStepPlan& plan, const char* who) {
   return out;
 }
 
+Opening open_step(SamStepPlan& plan, const OptT& loss, const at::Device& device) {
+  const std::vector<at::Tensor> none;
+  plan.release();
+  Opening o;
+  o.g0 = grads_of(plan.norm_params);
+  o.norm = op_grad_norm().call(o.g0, none, 0.0);
+  o.ok = finite01(o.norm);
+  if (loss.has_value()) o.ok = at::mul(o.ok, loss_ok(*loss, device));
+  return o;
+}
+
 std::vector<at::Tensor> take(std::vector<at::Tensor> grads) {
   for (auto& g : grads) {
     if (g.is_view()) g = at::empty_like(g, at::MemoryFormat::Preserve).copy_(g);

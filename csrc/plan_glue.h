@@ -136,6 +136,15 @@ inline std::vector<at::Tensor> pick(const std::vector<at::Tensor>& kept,
   return out;
 }
 
+// The opening of a step that keeps g0 across its evaluations (CR-SAM, the universal class): what
+// the plan kept from an earlier step dropped, g0 read, its norm, ok = finite(norm) [* finite(L0)].
+// The caller has checked the plan and is below autograd.
+struct Opening {
+  std::vector<at::Tensor> g0;
+  at::Tensor norm, ok;
+};
+Opening open_step(SamStepPlan& plan, const OptT& loss, const at::Device& device);
+
 // ---------------------------------------------------------------- the base step
 // One base group's fused step from its backups (its launch in BaseStep._base_step): `grads` the
 // gradient (K term lists concatenated with `coefs`), `h` the group's six hyper-parameters.

@@ -344,21 +344,16 @@ std::vector<at::Tensor> crsam_ascent(const at::Tensor& counters,
                                      const std::optional<at::Tensor>& loss) {
   if (!plan->matches() || any_grad_view(plan->norm_params)) return {};
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in plan_ascent
-  const std::vector<at::Tensor> none;
-  plan->release();
-  std::vector<at::Tensor> g0 = grads_of(plan->norm_params);
-  const at::Tensor norm = op_grad_norm().call(g0, none, 0.0);
-  at::Tensor ok = finite01(norm);
-  if (loss.has_value()) ok = at::mul(ok, loss_ok(*loss, counters.device()));
+  Opening o = open_step(*plan, loss, counters.device());
   if (!plan->pert_params.empty()) {
-    auto scales = op_ascent_scale().call(norm, plan->rho, std::nullopt, 1.0, true);
-    op_perturb().call(plan->pert_params, pick(g0, plan->pert_index), plan->pert_backups,
+    auto scales = op_ascent_scale().call(o.norm, plan->rho, std::nullopt, 1.0, true);
+    op_perturb().call(plan->pert_params, pick(o.g0, plan->pert_index), plan->pert_backups,
                       scales[0], false, 0.0, /*save_backup=*/true);
     plan->neg_scale = std::move(scales[1]);
   }
-  plan->kept_g0 = std::move(g0);
+  plan->kept_g0 = std::move(o.g0);
   plan->drop_grads();
-  return {ok};
+  return {o.ok};
 }
 
 // After the evaluation at w + e: g+ collected and kept, its norm returned (its finite flag is

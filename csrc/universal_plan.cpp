@@ -192,23 +192,16 @@ std::vector<at::Tensor> universal_ascent(const at::Tensor& counters,
     return {};
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in plan_ascent
-  const std::vector<at::Tensor> none;
-  plan->release();
-  std::vector<at::Tensor> g0 = grads_of(plan->norm_params);
-  const at::Tensor n0 = op_grad_norm().call(g0, none, 0.0);
-  at::Tensor ok = finite01(n0);
-  if (loss.has_value()) {
-    ok = at::mul(ok, loss_ok(*loss, counters.device()));
-    plan->l0 = loss->reshape({}).to(counters.device());  // (Det-SAM's L0)
-  }
+  Opening o = open_step(*plan, loss, counters.device());
+  if (loss.has_value()) plan->l0 = loss->reshape({}).to(counters.device());  // (Det-SAM's L0)
   if (!plan->reference_stream) {
     TORCH_CHECK(offset.has_value(), "universal_ascent: the counter noise needs an offset");
     plan->offset0 = offset->clone();
   }
   draw_sample(*plan, seed, offset, /*first=*/true);
-  plan->kept_g0 = std::move(g0);
+  plan->kept_g0 = std::move(o.g0);
   plan->drop_grads();
-  return {ok};
+  return {o.ok};
 }
 
 void universal_sample(const at::Tensor& counters, const c10::intrusive_ptr<SamStepPlan>& plan,
