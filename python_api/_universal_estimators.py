@@ -27,6 +27,10 @@ class Estimator:
             self._consts[key] = t
         return t
 
+    def _plan_noise_set(self, rho_host: list[float], uniform: bool) -> None:
+        """The planned step's noise was set for these per-tensor rho values (Det-SAM keeps its
+        ``1/rho^2``)."""
+
 
 class FrobEstimator(Estimator):
     """Frob-SAM's: the sample cross-covariance of ``L_i`` and ``g_i`` (``cross``, ``gsum``)."""
@@ -126,6 +130,15 @@ class DetEstimator(ISAMEstimator):
     #: planned step's noise
     _plan_inv_rho2: list[float] = []
 
+    @staticmethod
+    def _inv_rho2(rho_host: list[float], uniform: bool) -> list[float]:
+        """``1/rho^2``: one value when every perturbed group has the same rho, else one per
+        perturbed tensor."""
+        return [1.0 / rho_host[0] ** 2] if uniform else [1.0 / r**2 for r in rho_host]
+
+    def _plan_noise_set(self, rho_host: list[float], uniform: bool) -> None:
+        self._plan_inv_rho2 = self._inv_rho2(rho_host, uniform)
+
     def _plan_sample_coef(self, loss, l0, n: int) -> torch.Tensor | None:
         dt = torch.promote_types(torch.promote_types(loss.dtype, l0.dtype), torch.float32)
         return self._const(self._plan_inv_rho2, dt)
@@ -136,11 +149,9 @@ class DetEstimator(ISAMEstimator):
     def _accumulate(self, i, grads, g0, loss, l0, ctx) -> None:
         dtype = ctx["dtype"]
         dt = torch.promote_types(torch.promote_types(loss.dtype, l0.dtype), dtype)
-        rho_host = ctx["rho_host"]
+        inv_rho2 = self._const(self._inv_rho2(ctx["rho_host"], ctx["uniform"]), dt)
         if ctx["uniform"]:
-            inv_rho2 = self._const([1.0 / rho_host[0] ** 2], dt)[0]
-        else:
-            inv_rho2 = self._const([1.0 / r**2 for r in rho_host], dt)
+            inv_rho2 = inv_rho2[0]
         d = (loss.to(dt) - l0.to(dt)) * inv_rho2
         psi = torch.exp(-0.5 * d)
         n = self.n_samples

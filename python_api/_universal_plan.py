@@ -44,6 +44,8 @@ class UniversalPlan(_step_plan.PlannedSteps):
     #: the plan whose noise was set, and the half-cube length it was set with (an attribute a
     #: user may change between steps: set again then)
     _noise_set_on: tuple[_step_plan.PlannedStep, float] | None = None
+    #: whether that noise's rho is one value (every perturbed group's the same)
+    _noise_uniform = True
 
     def _universal_plan(self, noise: Noise | None) -> _step_plan.PlannedStep | None:
         """The plan of this step, where one may run it (see the module docstring)."""
@@ -90,21 +92,13 @@ class UniversalPlan(_step_plan.PlannedSteps):
             or sk.runs_on(acc_op, pert, self.backend) != "ext"
         ):
             return False
-        groups = self._perturbed_groups()
-        rho = self._rho_vector(groups)
-        rho_host = [float(g["rho"]) for g, gps in groups for _ in gps]
-        uniform = len(set(rho_host)) == 1
-        # (DetEstimator's 1/rho^2, as its unplanned _accumulate computes it)
-        inv = [1.0 / rho_host[0] ** 2] if uniform else [1.0 / r**2 for r in rho_host]
-        self._plan_inv_rho2 = inv
+        scale, rho_host, uniform = self._noise_rho(self._perturbed_groups())
+        self._plan_noise_set(rho_host, uniform)
         plan.plan.set_universal(
-            self._plan_estimator,
-            rho[0] if uniform else rho,
-            _KINDS[self._kind],
-            self.half_cube_len,
-            reference,
+            self._plan_estimator, scale, _KINDS[self._kind], self.half_cube_len, reference
         )
         self._noise_set_on = (plan, self.half_cube_len)
+        self._noise_uniform = uniform
         return True
 
     def _planned_step(
@@ -184,7 +178,7 @@ class UniversalPlan(_step_plan.PlannedSteps):
             ctx["coef_ok"], rest = rest[0], rest[1:]
             if self._plan_estimator == 2:
                 ctx["x"], rest = rest[0], rest[1:]
-                ctx["uniform"] = len(self._plan_inv_rho2) == 1
+                ctx["uniform"] = self._noise_uniform
             ctx["acc"] = rest
         ok = self._and_finite(ok, *pending)
         g0_of = {id(p): g for p, g in zip(ps, g0)}

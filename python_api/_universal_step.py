@@ -56,6 +56,16 @@ class UniversalStep:
         None where the step runs unplanned (python_api._universal_plan)."""
         return None
 
+    def _noise_rho(
+        self, groups: list[tuple[dict, list[torch.Tensor]]]
+    ) -> tuple[torch.Tensor, list[float], bool]:
+        """The noise's scale (rho: 0-d when every perturbed group has the same, else one per
+        perturbed tensor), the per-tensor rho values, and whether they are all the same."""
+        rho = self._rho_vector(groups)
+        rho_host = [float(g["rho"]) for g, gps in groups for _ in gps]
+        uniform = len(set(rho_host)) == 1
+        return (rho[0] if uniform else rho), rho_host, uniform
+
     # ----------------------------------------------------------------- step
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -96,9 +106,8 @@ class UniversalStep:
         g0_of = {id(p): b for p, b in zip(ps, g0)}
         g0_pert = [g0_of[id(p)] for p in pert]
         backups = self._backups(pert)
-        rho = self._rho_vector(groups)
-        uniform = len({float(g["rho"]) for g, _ in groups}) == 1
-        cdtype = rho.dtype
+        scale, rho_host, uniform = self._noise_rho(groups)
+        cdtype = scale.dtype
         l0r = None
         if l0 is not None and self._needs_l0:
             l0r = self._reduce_loss(l0).reshape(()).to(self._device)
@@ -106,14 +115,13 @@ class UniversalStep:
             "pert": pert,
             "uniform": uniform,
             "dtype": cdtype,
-            "rho_host": [float(g["rho"]) for g, gps in groups for _ in gps],
+            "rho_host": rho_host,
         }
         pert_ids = {id(p) for p in pert}
         counter = self._noise_seed is not None
         offset0 = self._noise_offset.clone() if counter else None
         drawn = sum(p.numel() for p in pert)
         first_loss = None
-        scale = rho[0] if uniform else rho
         # unless a non-finite value raises, the samples' finite flags are folded into one op
         # after the loop (the accumulation does not read the flag)
         raises = self._raises_on_nonfinite
