@@ -116,7 +116,8 @@ struct SamStepPlan : torch::CustomClassHolder {
   int64_t noise_kind = 0;
   double half_cube_len = 1.0;
   int64_t drawn = 0;
-  std::vector<int64_t> pert_place;  // each of norm_params' place in pert_params (-1: none)
+  // each base group's parameters' places in pert_params (their sums' columns)
+  std::vector<std::vector<int64_t>> group_pert_index;
   int64_t samples = 0;
   std::vector<at::Tensor> pending, cross, gsum, acc;
   at::Tensor offset0, l0, lref, lsum, coef_ok, x;

@@ -49,9 +49,16 @@ void SamStepPlan::set_universal(int64_t estimator_, at::Tensor scale, int64_t ki
   half_cube_len = half_cube_len_;
   drawn = 0;
   for (const auto& p : pert_params) drawn += p.numel();
-  pert_place.assign(norm_params.size(), -1);
+  std::vector<int64_t> pert_place(norm_params.size(), -1);  // norm_params' places in pert
   for (size_t j = 0; j < pert_index.size(); ++j) {
     pert_place[pert_index[j]] = static_cast<int64_t>(j);
+  }
+  group_pert_index.clear();
+  for (const auto& g : groups) {
+    std::vector<int64_t> place;
+    place.reserve(g.norm_index.size());
+    for (const int64_t i : g.norm_index) place.push_back(pert_place[i]);
+    group_pert_index.push_back(std::move(place));
   }
 }
 
@@ -263,13 +270,9 @@ void universal_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamS
   const at::Tensor lsum = est == kFrob ? plan->lsum.to(at::promote_types(
                                              plan->lsum.scalar_type(), at::kFloat))
                                        : at::Tensor();
+  const auto& places = plan->group_pert_index;
   std::vector<at::Tensor> coefs, flat;
-  std::vector<std::vector<int64_t>> places;
   for (size_t k = 0; k < n_groups; ++k) {
-    const BaseGroupPlan& g = plan->groups[k];
-    std::vector<int64_t> place;
-    place.reserve(g.norm_index.size());
-    for (const int64_t i : g.norm_index) place.push_back(plan->pert_place[i]);
     at::Tensor c;
     if (est == kFrob) {
       c = at::add(consts[2 * k], at::mul(consts[2 * k + 1], lsum)).to(at::kFloat);
@@ -279,7 +282,8 @@ void universal_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamS
         scale = entry0(consts[k]);
       } else {
         // phi'(x) = -2 / x^3 (Python's float / tensor: reciprocal, then the product)
-        const at::Tensor xk = plan->noise_scale.dim() == 0 ? plan->x : plan->x.select(0, place[0]);
+        const at::Tensor xk =
+            plan->noise_scale.dim() == 0 ? plan->x : plan->x.select(0, places[k][0]);
         const at::Tensor phi = at::mul(at::reciprocal(at::mul(at::mul(xk, xk), xk)), -2.0);
         scale = at::mul(phi, lams[k]);
       }
@@ -287,7 +291,6 @@ void universal_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamS
     }
     coefs.push_back(c);
     flat.push_back(c.reshape({-1}));
-    places.push_back(std::move(place));
   }
   ok = at::mul(ok, at::isfinite(at::cat(flat)).all().to(at::kFloat));
   if (est != kFrob) ok = at::mul(ok, plan->coef_ok.to(at::kFloat));
