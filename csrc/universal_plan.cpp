@@ -193,7 +193,8 @@ std::vector<at::Tensor> universal_ascent(const at::Tensor& counters,
                                          const std::optional<at::Tensor>& loss,
                                          const std::optional<at::Tensor>& seed,
                                          const std::optional<at::Tensor>& offset) {
-  TORCH_CHECK(plan->noise_scale.defined(), "universal_ascent: the plan has no noise (set_universal)");
+  TORCH_CHECK(plan->noise_scale.defined(),
+              "universal_ascent: the plan has no noise (set_universal)");
   if (plan->pert_params.empty() || plan->pert_params.size() != plan->norm_params.size() ||
       !plan->matches() || any_grad_view(plan->norm_params)) {
     return {};

@@ -60,10 +60,11 @@ flag, at the same point of the step, and a plan only ever falls back where that 
 
 No plan decision is itself a collective or depends on another rank.
 
-Not planned (the unplanned path runs, as before): any other class (but CR-SAM, below) or base
-optimizer, Triton or eager ops, fp64, a learning rate given as a tensor, several (adaptive, eta)
-settings in one optimizer, a group that is not perturbed while others are, torch.compile
-tracing, a step under a GradScaler or a data-parallel helper (``SAMDDPStep``, ``FSDP2SAMStep``).
+Not planned (the unplanned path runs, as before): any other class (but CR-SAM and the universal
+class, below) or base optimizer, Triton or eager ops, fp64, a learning rate given as a tensor,
+several (adaptive, eta) settings in one optimizer, a group that is not perturbed while others
+are, torch.compile tracing, a step under a GradScaler or a data-parallel helper
+(``SAMDDPStep``, ``FSDP2SAMStep``).
 
 CR-SAM (:class:`python_api.CRSAM`) uses the same plan (:class:`PlannedSteps`: the same lists,
 state, checks and marks) for three ops around its two perturbed evaluations, where its step is
@@ -84,7 +85,8 @@ unplanned). After it the step is committed to the plan: the middle and the desce
 gradients as the unplanned step does. If the groups' settings change during the closures (the
 key, or a learning rate made a tensor), the base step runs unplanned from the gradients the plan
 kept (:meth:`sam_kernels.step_plan.SamStepPlan.kept`). The results are bit-identical to the
-unplanned path (tests/optim/test_crsam_plan.py).
+unplanned path (tests/optim/test_crsam_plan.py). The universal class (Frob-, Trace-, Det-SAM)
+runs on it as an ascent, one op per noisy sample and a descent (python_api/_universal_plan.py).
 """
 
 from __future__ import annotations
@@ -344,9 +346,9 @@ distributed = (
 
 class PlannedSteps:
     """What a class whose steps a plan may run shares (:class:`python_api.SAM`,
-    :class:`python_api.CRSAM`): the plan, found or built (:meth:`_current_plan`), the marks its
-    steps leave and its word that no parameter moved (the hooks of ``_closures``). Before
-    ``SAMFamily`` in the bases."""
+    :class:`python_api.CRSAM`, the universal class): the plan, found or built
+    (:meth:`_current_plan`), the marks its steps leave and its word that no parameter moved (the
+    hooks of ``_closures``). Before ``SAMFamily`` in the bases."""
 
     #: run qualifying steps as the compiled extension's cached step plan (the same results);
     #: False on an instance or the class runs every step unplanned
