@@ -43,18 +43,44 @@ from sam_kernels._backend import available as _available
 
 _NS = "sam_kernels_C"
 
+# The plan's ops take the plan, a torch script object. Before running an op, torch asks each
+# argument that is not a plain tensor for ``__torch_function__``; a script object answers by
+# raising (and catching) a C++ exception, 3-7 us per op on a CPU core: 18 us of a 60 us SAM step
+# on two tensors. With subclass torch functions disabled around the call torch does not ask.
+# What that leaves out: a tensor subclass's ``__torch_function__`` for these ops (a loss of
+# such a class is read below autograd as its data); torch-function modes still see the call
+# and ``__torch_dispatch__`` is untouched.
+_no_subclass_tf = torch._C.DisableTorchFunctionSubclass
+
+
+def _call(op, *args):
+    """``op(*args)`` without the per-argument ``__torch_function__`` lookups (see above)."""
+    with _no_subclass_tf():
+        return op(*args)
+
+
+#: what :func:`available` and its variants found, per (variant, device): fixed for a process
+#: once the library's load was tried, and asked on every planned step
+_FOUND: dict[tuple[str, torch.device | str], bool] = {}
+
+
+def _found(variant: str, device: torch.device | str, ops: tuple[str, ...]) -> bool:
+    key = (variant, device)
+    hit = _FOUND.get(key)
+    if hit is None:
+        # an extension built before the plan (or a part of it) existed lacks some of ``ops``
+        lib = getattr(torch.ops, _NS)
+        hit = _FOUND[key] = (
+            _available("ext", device)
+            and hasattr(torch.classes.sam_kernels_C, "SamStepPlan")
+            and all(hasattr(lib, op) for op in ops)
+        )
+    return hit
+
 
 def available(device: torch.device | str = "cpu") -> bool:
     """True when the built extension has the step plan and runs on ``device``'s tensors."""
-    if not _available("ext", device):
-        return False
-    # an extension built before the plan (or its two-part descent) existed lacks these
-    ops = getattr(torch.ops, _NS)
-    return (
-        hasattr(ops, "plan_ascent")
-        and hasattr(ops, "plan_descent_apply")
-        and hasattr(torch.classes.sam_kernels_C, "SamStepPlan")
-    )
+    return _found("sam", device, ("plan_ascent", "plan_descent_apply"))
 
 
 class SamStepPlan:
@@ -180,7 +206,7 @@ class SamStepPlan:
         """The ascent; returns the step's finite flag ``ok`` (0-d float32), or ``None`` when the
         plan does not match (nothing was changed). ``drop_grads``: then ``p.grad = None`` for
         every watched parameter (:meth:`drop_grads`, in the same call)."""
-        out = self._ascent(self._counters, self._plan, loss, bool(drop_grads))
+        out = _call(self._ascent, self._counters, self._plan, loss, bool(drop_grads))
         return out[0] if out else None
 
     def descent(
@@ -197,7 +223,7 @@ class SamStepPlan:
         a non-finite norm skipping the step). False when the plan does not match (nothing was
         changed)."""
         clip = float(max_grad_norm) if max_grad_norm is not None else 0.0
-        return self._descent(self._counters, self._plan, ok, loss, hyper, clip)
+        return _call(self._descent, self._counters, self._plan, ok, loss, hyper, clip)
 
     def descent_flag(
         self, ok: torch.Tensor, loss: torch.Tensor | None = None
@@ -206,7 +232,7 @@ class SamStepPlan:
         rank's flag before the gate and the norm of ``g1``; ``None`` when the plan does not
         match (nothing was changed). A distributed step reduces the flag over the ranks, then
         calls :meth:`descent_apply`."""
-        out = self._descent_flag(self._counters, self._plan, ok, loss)
+        out = _call(self._descent_flag, self._counters, self._plan, ok, loss)
         return (out[0], out[1]) if out else None
 
     def descent_apply(
@@ -220,20 +246,20 @@ class SamStepPlan:
         :meth:`descent_flag`: clipping, the base steps, the counters and the marks, as
         :meth:`descent` runs them. False when the plan does not match (nothing was changed)."""
         clip = float(max_grad_norm) if max_grad_norm is not None else 0.0
-        return self._descent_apply(self._counters, self._plan, ok, norm, hyper, clip)
+        return _call(self._descent_apply, self._counters, self._plan, ok, norm, hyper, clip)
 
     # ----------------------------------------------------------------- CR-SAM
     def crsam_ascent(self, loss: torch.Tensor | None = None) -> torch.Tensor | None:
         """CR-SAM's first call: ``ok = finite(||g0||) [* finite(L0)]``, ``b = w``,
         ``w += rho g0 / (||g0|| + 1e-12)``, ``g0`` kept, ``p.grad = None``. ``None`` when the
         plan does not match (nothing was changed)."""
-        out = self._crsam[0](self._counters, self._plan, loss)
+        out = _call(self._crsam[0], self._counters, self._plan, loss)
         return out[0] if out else None
 
     def crsam_middle(self) -> torch.Tensor:
         """After the evaluation at ``w + e``: ``g+`` kept, ``w = b - e``, ``p.grad = None``;
         returns ``||g+||`` (its finite flag is folded into the descent's)."""
-        return self._crsam[1](self._counters, self._plan)[0]
+        return _call(self._crsam[1], self._counters, self._plan)[0]
 
     def crsam_descent(
         self,
@@ -247,7 +273,17 @@ class SamStepPlan:
         """After the evaluation at ``w - e``: the base step from the backups with
         ``g = coefs . (g+, g-, g0)``, gated by ``ok * finite(||g+||, L+, ||g-||, L-)``; the
         counters; the kept gradients dropped; the marks."""
-        self._crsam[2](self._counters, self._plan, ok, n_plus, loss_plus, loss_minus, coefs, hyper)
+        _call(
+            self._crsam[2],
+            self._counters,
+            self._plan,
+            ok,
+            n_plus,
+            loss_plus,
+            loss_minus,
+            coefs,
+            hyper,
+        )
 
     def kept(self) -> list[torch.Tensor]:
         """The gradients a CR-SAM step keeps: ``[g0..., g+...]`` over the norm's parameters (as
@@ -283,7 +319,7 @@ class SamStepPlan:
         ``w = b + rho * eps_1`` (counter noise at ``offset``, which advances), ``p.grad = None``.
         ``None`` when the plan does not match or not every parameter with a gradient is
         perturbed (nothing was changed)."""
-        out = self._universal[0](self._counters, self._plan, loss, seed, offset)
+        out = _call(self._universal[0], self._counters, self._plan, loss, seed, offset)
         return out[0] if out else None
 
     def universal_sample(
@@ -298,7 +334,17 @@ class SamStepPlan:
         """After a noisy evaluation: its gradient (and loss) folded into the estimator's sums
         (the first one starts them); ``coef``: Trace-SAM's ``1/n``, Det-SAM's ``1/rho^2``; with
         ``more`` the next sample's weights drawn and ``p.grad = None``."""
-        self._universal[1](self._counters, self._plan, loss, coef, seed, offset, int(n), bool(more))
+        _call(
+            self._universal[1],
+            self._counters,
+            self._plan,
+            loss,
+            coef,
+            seed,
+            offset,
+            int(n),
+            bool(more),
+        )
 
     def universal_descent(
         self,
@@ -312,7 +358,7 @@ class SamStepPlan:
         (``consts``: Frob-SAM's ``a, b`` per group, Trace-SAM's ``lam``; ``lams``: Det-SAM's),
         gated by ``ok``, every sample's flags and the coefficients'; the counters; the offset
         rolled back on a skipped step; what the step kept dropped; the marks."""
-        self._universal[2](self._counters, self._plan, ok, offset, consts, lams, hyper)
+        _call(self._universal[2], self._counters, self._plan, ok, offset, consts, lams, hyper)
 
     def universal_kept(self) -> list[torch.Tensor]:
         """What a step of the universal class kept (``csrc/step_plan.h``): ``[offset0]`` before
@@ -323,9 +369,9 @@ class SamStepPlan:
 
 def crsam_available(device: torch.device | str = "cpu") -> bool:
     """True when the built extension has CR-SAM's planned step too."""
-    return available(device) and hasattr(getattr(torch.ops, _NS), "crsam_ascent")
+    return _found("crsam", device, ("plan_ascent", "plan_descent_apply", "crsam_ascent"))
 
 
 def universal_available(device: torch.device | str = "cpu") -> bool:
     """True when the built extension has the universal class's planned step too."""
-    return available(device) and hasattr(getattr(torch.ops, _NS), "universal_ascent")
+    return _found("universal", device, ("plan_ascent", "plan_descent_apply", "universal_ascent"))
