@@ -18,6 +18,7 @@ from _helpers import DispatchedOps
 from _helpers import assert_same_training as _same
 from _plan_training import make_pair
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import python_api._step_plan as sp
 from python_api import SAM
@@ -130,6 +131,36 @@ def test_bit_identical_to_the_unplanned_step(base, form, device):
         _same(m, r, opt, ref)
     assert _planned(opt) and not _planned(ref)
     assert opt.steps_taken == 6
+
+
+class _SeenOps(TorchFunctionMode):
+    """A torch-function mode that records the name of every call it sees and runs it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(getattr(func, "__name__", func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("form", ["two-call", "closure"])
+def test_planned_under_a_torch_function_mode(form):
+    # the plan's ops are called with subclass torch functions disabled (the plan's script
+    # object answers torch's __torch_function__ probe by raising); a mode must still see them
+    m, r, opt, ref = _pair("sgd")
+    run = _two_call if form == "two-call" else _closure_step
+    for s in range(2):  # the state, the cached plans; the step plan from the third step
+        run([(m, opt), (r, ref)], s)
+    for s in range(2, 5):
+        with _SeenOps() as seen:
+            run([(m, opt), (r, ref)], s)
+        _same(m, r, opt, ref)
+        assert _planned(opt) and not _planned(ref)
+        assert any(n.startswith("plan_ascent") for n in seen.names), seen.names
+        assert any(n.startswith("plan_descent") for n in seen.names), seen.names
+    assert opt.steps_taken == ref.steps_taken == 5
 
 
 @pytest.mark.parametrize("zeroing", ["set_to_none", "in_place"])
