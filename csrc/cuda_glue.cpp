@@ -347,6 +347,113 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads,
   s.p.finish();
 }
 
+// ------------------------------------------------------------------ the scalar glue
+// (the CPU ops, their checks and their rules of bit-identity: scalar_glue.cpp)
+void check_on(const at::Tensor& t, const at::Device& dev, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == dev, "sam_kernels.", op, ": ", name, " is on ", t.device(),
+              ", expected ", dev);
+}
+
+kc::ValueKind value_kind(const at::Tensor& v) {
+  switch (v.scalar_type()) {
+    case at::kFloat:
+      return kc::kValueF32;
+    case at::kDouble:
+      return kc::kValueF64;
+    case at::kHalf:
+      return kc::kValueF16;
+    case at::kBFloat16:
+      return kc::kValueBF16;
+    default:
+      TORCH_CHECK(at::isIntegralType(v.scalar_type(), /*includeBool=*/true),
+                  "sam_kernels.finite_and: unsupported dtype ", v.scalar_type());
+      return kc::kValueInt;
+  }
+}
+
+// ok_out = ok * prod_i [values_i finite]  (float32 0-d; ok absent: 1)
+at::Tensor finite_and_cuda(const std::optional<at::Tensor>& ok, at::TensorList values) {
+  TORCH_CHECK(ok.has_value() || !values.empty(), "sam_kernels.finite_and: no tensor");
+  const at::Device dev = ok.has_value() ? ok->device() : values[0].device();
+  c10::cuda::CUDAGuard guard(dev);
+  if (ok.has_value()) {
+    TORCH_CHECK(ok->dim() == 0 && ok->scalar_type() == at::kFloat,
+                "sam_kernels.finite_and: ok must be a 0-d float32 tensor");
+  }
+  // values read in place (a view's own element): one-element tensors of one device
+  std::vector<at::Tensor> vals;
+  vals.reserve(values.size());
+  for (const at::Tensor& v : values) {
+    check_on(v, dev, "finite_and", "a value");
+    TORCH_CHECK(v.numel() == 1, "sam_kernels.finite_and: values must hold one element, got shape ",
+                v.sizes());
+    vals.push_back(v);
+  }
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(at::kFloat).device(dev));
+  const float* acc = ok.has_value() ? ok->const_data_ptr<float>() : nullptr;
+  size_t i = 0;
+  do {  // kMaxFiniteValues per launch; a longer list chains them (the same products in order)
+    kc::FiniteValues fv;
+    for (; i < vals.size() && fv.n < kc::kMaxFiniteValues; ++i, ++fv.n) {
+      fv.ptr[fv.n] = vals[i].const_data_ptr();
+      fv.kind[fv.n] = value_kind(vals[i]);
+    }
+    kc::launch_finite_and(acc, fv, out.mutable_data_ptr<float>(), stream_of(dev));
+    acc = out.const_data_ptr<float>();
+  } while (i < vals.size());
+  return out;
+}
+
+bool f32_or_f64(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+}
+
+// [rho * inv] (+ [-(rho * inv)] when negated), inv = nan_to_num(1/(norm + 1e-12)) [* factor]
+std::vector<at::Tensor> ascent_scale_cuda(const at::Tensor& norm, const at::Tensor& rho,
+                                          const std::optional<at::Tensor>& factor_tensor,
+                                          double factor, bool negated) {
+  const at::Device dev = norm.device();
+  c10::cuda::CUDAGuard guard(dev);
+  TORCH_CHECK(norm.dim() == 0 && f32_or_f64(norm),
+              "sam_kernels.ascent_scale: norm must be a 0-d float32/float64 tensor");
+  check_on(rho, dev, "ascent_scale", "rho");
+  TORCH_CHECK(rho.dim() == 1 && rho.is_contiguous() && f32_or_f64(rho),
+              "sam_kernels.ascent_scale: rho must be a contiguous 1-d float32/float64 tensor");
+  if (factor_tensor.has_value()) {
+    check_on(*factor_tensor, dev, "ascent_scale", "factor");
+    TORCH_CHECK(factor_tensor->dim() == 0 && factor_tensor->scalar_type() == norm.scalar_type(),
+                "sam_kernels.ascent_scale: factor must be a 0-d tensor of norm's dtype");
+  }
+  std::vector<at::Tensor> out{at::empty_like(rho)};
+  if (negated) out.push_back(at::empty_like(rho));
+  kc::AscentScaleArgs a;
+  a.norm = norm.const_data_ptr();
+  a.norm_f64 = norm.scalar_type() == at::kDouble;
+  a.rho = rho.const_data_ptr();
+  a.rho_f64 = rho.scalar_type() == at::kDouble;
+  a.n = rho.numel();
+  a.factor_t = factor_tensor.has_value() ? factor_tensor->const_data_ptr() : nullptr;
+  a.factor = factor;
+  a.scale = out[0].mutable_data_ptr();
+  a.negated = negated ? out[1].mutable_data_ptr() : nullptr;
+  kc::launch_ascent_scale(a, stream_of(dev));
+  return out;
+}
+
+// counters = [applied, skipped] += [ok, 1 - ok]
+void count_step_cuda(const at::Tensor& counters, const at::Tensor& ok) {
+  const at::Device dev = counters.device();
+  c10::cuda::CUDAGuard guard(dev);
+  TORCH_CHECK(counters.scalar_type() == at::kFloat && counters.dim() == 1 &&
+                  counters.numel() == 2 && counters.is_contiguous(),
+              "sam_kernels.count_step_: counters must be a contiguous float32 [2] tensor");
+  check_on(ok, dev, "count_step_", "ok");
+  TORCH_CHECK(ok.dim() == 0 && ok.scalar_type() == at::kFloat,
+              "sam_kernels.count_step_: ok must be a 0-d float32 tensor");
+  kc::launch_count_step(counters.mutable_data_ptr<float>(), ok.const_data_ptr<float>(),
+                        stream_of(dev));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sam_kernels_C, CUDA, m) {
@@ -359,6 +466,9 @@ TORCH_LIBRARY_IMPL(sam_kernels_C, CUDA, m) {
   m.impl("frob_accumulate_", &frob_accumulate_cuda);
   m.impl("sgd_step_", &sgd_step_cuda);
   m.impl("adamw_step_", &adamw_step_cuda);
+  m.impl("finite_and", &finite_and_cuda);
+  m.impl("ascent_scale", &ascent_scale_cuda);
+  m.impl("count_step_", &count_step_cuda);
 }
 
 }  // namespace sam_kernels

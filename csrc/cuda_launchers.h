@@ -85,6 +85,35 @@ void launch_sgd_step(const Group& g, const StepCommon& s, double momentum, doubl
 void launch_adamw_step(const Group& g, const StepCommon& s, double beta1, double beta2,
                        double eps, bool amsgrad, void* stream);
 
+// ---- the scalar glue (glue_kernels.cu; the CPU ops and their rules: scalar_glue.cpp) ----
+// the kinds of the one-element values finite_and tests
+enum ValueKind : int { kValueF32 = 0, kValueF64 = 1, kValueF16 = 2, kValueBF16 = 3, kValueInt = 4 };
+constexpr int kMaxFiniteValues = 8;
+struct FiniteValues {
+  const void* ptr[kMaxFiniteValues] = {};
+  int kind[kMaxFiniteValues] = {};
+  int n = 0;
+};
+// out[0] = (ok ? ok[0] : 1) * prod_i [value i finite]  (float32; one thread)
+void launch_finite_and(const float* ok, const FiniteValues& v, float* out, void* stream);
+// scale[i] = rho[i] * inv, negated[i] = -scale[i] (nullptr: not written), i < n;
+// inv = nan_to_num(1 / (norm + 1e-12)) [* factor_t[0] | * factor], in the norm's dtype, then cast
+// to rho's (norm, factor_t: float64 where norm_f64; rho, scale, negated: float64 where rho_f64)
+struct AscentScaleArgs {
+  const void* norm = nullptr;
+  bool norm_f64 = false;
+  const void* rho = nullptr;
+  bool rho_f64 = false;
+  int64_t n = 0;
+  const void* factor_t = nullptr;
+  double factor = 1.0;
+  void* scale = nullptr;
+  void* negated = nullptr;
+};
+void launch_ascent_scale(const AscentScaleArgs& a, void* stream);
+// counters[0] += ok[0]; counters[1] += 1 - ok[0]  (float32)
+void launch_count_step(float* counters, const float* ok, void* stream);
+
 // List slots of the step ops
 constexpr int kParams = 0, kGrad0 = 1, kBackups = 4, kBufs = 5, kSgdSteps = 6;
 constexpr int kExpAvg = 5, kExpAvgSq = 6, kMaxExpAvgSq = 7, kAdamSteps = 8;

@@ -31,8 +31,9 @@ Opening open_step(SamStepPlan& plan, const OptT& loss, const at::Device& device)
   Opening o;
   o.g0 = grads_of(plan.norm_params);
   o.norm = op_grad_norm().call(o.g0, none, 0.0);
-  o.ok = finite01(o.norm);
-  if (loss.has_value()) o.ok = at::mul(o.ok, loss_ok(*loss, device));
+  std::vector<at::Tensor> values{o.norm};
+  add_loss(values, loss);
+  o.ok = and_finite(std::nullopt, std::move(values), device);
   return o;
 }
 
@@ -59,7 +60,7 @@ void group_step(const BaseGroupPlan& g, const std::vector<at::Tensor>& grads, co
 }
 
 void count_and_mark(const at::Tensor& counters, SamStepPlan& plan, const at::Tensor& ok) {
-  const_cast<at::Tensor&>(counters).add_(at::stack({ok, at::rsub(ok, 1.0)}));
+  op_count_step().call(counters, ok.to(at::kFloat).reshape({}));
   plan.mark();
 }
 

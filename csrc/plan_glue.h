@@ -1,7 +1,9 @@
 // What the planned steps (step_plan.cpp: SAM, CR-SAM; universal_plan.cpp: Frob-SAM) share: the
 // extension's own ops, typed, called through the dispatcher (so the CPU or CUDA implementation
-// that runs is the one the unplanned path runs), and the scalar glue and list handling written
-// as the Python code writes them (the same ATen ops in the same order: the same bits).
+// that runs is the one the unplanned path runs), the scalar glue ops the Python code calls
+// (finite_and, ascent_scale, count_step_: one launch each on CUDA), and the rest of the glue and
+// list handling written as the Python code writes it (the same ATen ops in the same order: the
+// same bits).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -63,6 +65,20 @@ inline const auto& op_ascent_scale() {
   return h;
 }
 
+inline const auto& op_finite_and() {
+  static auto h = c10::Dispatcher::singleton()
+                      .findSchemaOrThrow("sam_kernels_C::finite_and", "")
+                      .typed<at::Tensor(const OptT&, TL)>();
+  return h;
+}
+
+inline const auto& op_count_step() {
+  static auto h = c10::Dispatcher::singleton()
+                      .findSchemaOrThrow("sam_kernels_C::count_step_", "")
+                      .typed<void(const at::Tensor&, const at::Tensor&)>();
+  return h;
+}
+
 inline const auto& op_sgd_step() {
   static auto h =
       c10::Dispatcher::singleton()
@@ -81,19 +97,20 @@ inline const auto& op_adamw_step() {
 }
 
 // ---------------------------------------------------------------- the scalar glue
-// python_api._checks.finite01: ((x - x) == 0).to(float32)
-inline at::Tensor finite01(const at::Tensor& x) {
-  return at::eq(at::sub(x, x), 0).to(at::kFloat);
+// SAMFamily._and_finite: ok (absent: 1) times 1.0 where every given one-element value (norms,
+// losses) is finite, else 0.0, the products in the values' order; values on another device are
+// moved to `device` first. One op (sam_kernels_C::finite_and).
+inline at::Tensor and_finite(const OptT& ok, std::vector<at::Tensor> values,
+                             const at::Device& device) {
+  for (auto& v : values) {
+    if (v.device() != device) v = v.to(device);
+  }
+  return op_finite_and().call(ok, values);
 }
 
-// python_api._checks.ascent_inv: nan_to_num(reciprocal(norm + 1e-12), 0, 0, 0)
-inline at::Tensor ascent_inv(const at::Tensor& norm) {
-  return at::nan_to_num(at::reciprocal(at::add(norm, 1e-12)), 0.0, 0.0, 0.0);
-}
-
-// SAMFamily._ok_from(loss): finite01(loss.reshape(()).to(device))
-inline at::Tensor loss_ok(const at::Tensor& loss, const at::Device& device) {
-  return finite01(loss.reshape({}).to(device));
+// the optional losses among the values of and_finite (absent ones are not checked)
+inline void add_loss(std::vector<at::Tensor>& values, const OptT& loss) {
+  if (loss.has_value()) values.push_back(*loss);
 }
 
 // ---------------------------------------------------------------- gradients
@@ -151,7 +168,7 @@ Opening open_step(SamStepPlan& plan, const OptT& loss, const at::Device& device)
 void group_step(const BaseGroupPlan& g, const std::vector<at::Tensor>& grads, const OptT& coefs,
                 const double* h, const OptT& ok);
 
-// The end of a step: BaseStep._count (counters += stack([ok, 1.0 - ok])), then the
+// The end of a step: BaseStep._count (counters += [ok, 1 - ok], sam_kernels_C::count_step_), then the
 // stale-gradient marks of this step (what SAMFamily._mark_grads records at its end: the caller
 // changes no gradient in between, or drops them all)
 void count_and_mark(const at::Tensor& counters, SamStepPlan& plan, const at::Tensor& ok);

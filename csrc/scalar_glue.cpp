@@ -9,8 +9,8 @@
 // the tensor's dtype (ATen's scalar cast), a 0-d value of another dtype is cast (static_cast)
 // before a product with a 1-d tensor (the 1-d tensor's dtype wins the promotion).
 //
-// CPU tensors only: the Python binding (sam_kernels/cuda_ext.py) declines other devices, so the
-// chooser runs Triton or the eager reference there.
+// CPU tensors here; their CUDA kernels (one launch each) are in glue_kernels.cu, with the same
+// rules. The Python binding (sam_kernels/cuda_ext.py) declines tensors on several devices.
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>

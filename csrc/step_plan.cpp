@@ -229,13 +229,15 @@ std::vector<at::Tensor> plan_ascent(const at::Tensor& counters,
   const std::vector<at::Tensor> none;
   at::Tensor norm =
       op_grad_norm().call(grads, plan->adaptive ? TL(plan->norm_params) : TL(none), plan->eta);
-  at::Tensor ok = finite01(norm);
+  // SAM._ascend's _ok_from(norm) and step's _and_finite(ok, L0) in one op: the same products
+  std::vector<at::Tensor> values{norm};
+  add_loss(values, loss);
+  const at::Tensor ok = and_finite(std::nullopt, std::move(values), counters.device());
   if (!plan->pert_params.empty()) {
-    const at::Tensor scale = at::mul(plan->rho, ascent_inv(norm));
+    const at::Tensor scale = op_ascent_scale().call(norm, plan->rho, std::nullopt, 1.0, false)[0];
     op_perturb().call(plan->pert_params, grads_of(plan->pert_params), plan->pert_backups, scale,
                       plan->adaptive, plan->eta, /*save_backup=*/true);
   }
-  if (loss.has_value()) ok = at::mul(ok, loss_ok(*loss, counters.device()));
   // step(closure): zero_grad(set_to_none=True) before the evaluation at w + e
   if (drop_grads) plan->drop_grads();
   return {ok};
@@ -254,9 +256,9 @@ std::pair<at::Tensor, at::Tensor> descent_local(const SamStepPlan& plan,
                                                 const at::Device& device) {
   const std::vector<at::Tensor> none;
   at::Tensor n1 = op_grad_norm().call(grads_of(plan.norm_params), none, 0.0);
-  at::Tensor ok = at::mul(ok_in, finite01(n1));
-  if (loss.has_value()) ok = at::mul(ok, loss_ok(*loss, device));
-  return {ok, n1};
+  std::vector<at::Tensor> values{n1};
+  add_loss(values, loss);
+  return {and_finite(ok_in, std::move(values), device), n1};
 }
 
 // The part after the gate (BaseStep._base_step from its _gate_ok on): with max_grad_norm > 0
@@ -270,7 +272,7 @@ void descent_rest(const at::Tensor& counters, SamStepPlan& plan, at::Tensor ok,
   // one-term combination with that coefficient (python_api._base_step._scaled)
   OptT coefs;
   if (max_grad_norm > 0.0) {
-    ok = at::mul(ok, finite01(n1));
+    ok = and_finite(ok.to(at::kFloat).reshape({}), {n1}, n1.device());
     const at::Tensor scale = at::nan_to_num(
         at::clamp(at::mul(at::reciprocal(at::add(n1, 1e-6)), max_grad_norm), std::nullopt, 1.0),
         0.0, 0.0, 0.0);
@@ -390,10 +392,11 @@ void crsam_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamStepP
   const std::vector<at::Tensor> none;
   const std::vector<at::Tensor> gminus = collect_grads(*plan, "CRSAM");
   const at::Tensor n_minus = op_grad_norm().call(gminus, none, 0.0);
-  at::Tensor ok = at::mul(ok_in, finite01(n_plus));
-  if (loss_plus.has_value()) ok = at::mul(ok, loss_ok(*loss_plus, counters.device()));
-  ok = at::mul(ok, finite01(n_minus));
-  if (loss_minus.has_value()) ok = at::mul(ok, loss_ok(*loss_minus, counters.device()));
+  std::vector<at::Tensor> values{n_plus};
+  add_loss(values, loss_plus);
+  values.push_back(n_minus);
+  add_loss(values, loss_minus);
+  const at::Tensor ok = and_finite(ok_in, std::move(values), counters.device());
   const OptT ok_arg = ok.to(at::kFloat).reshape({});
   const OptT coef_arg = coefs;
   for (size_t k = 0; k < plan->groups.size(); ++k) {

@@ -264,8 +264,7 @@ void universal_descent(const at::Tensor& counters, const c10::intrusive_ptr<SamS
   TORCH_CHECK(plan->samples > 0, "universal_descent: no universal_sample before it");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Device device = counters.device();
-  at::Tensor ok = ok_in;
-  for (const auto& v : plan->pending) ok = at::mul(ok, loss_ok(v, device));
+  at::Tensor ok = plan->pending.empty() ? ok_in : and_finite(ok_in, plan->pending, device);
   // each group's coefficients (the estimators' _final), then the step's check of them all (one
   // cat, as UniversalStep._finish)
   const at::Tensor lsum = est == kFrob ? plan->lsum.to(at::promote_types(

@@ -368,9 +368,24 @@ def aesam_stats_ext(grads, stats, delta: float, c: float) -> torch.Tensor:
     return _ops.aesam_stats_(list(grads), stats, float(delta), float(c))
 
 
-# the scalar glue of a step (csrc/scalar_glue.cpp): CPU scalars only; the chooser runs other
-# devices and dtypes on the next backend
+# the scalar glue of a step (csrc/scalar_glue.cpp, csrc/glue_kernels.cu): CPU scalars, and CUDA
+# scalars of one device where the library has their CUDA kernels; the chooser runs other devices
+# and dtypes on the next backend
 _F32_F64 = (torch.float32, torch.float64)
+
+
+def _glue_device(op: str, *tensors: torch.Tensor | None) -> None:
+    """Decline unless every given tensor is on one device on which ``op`` has a kernel."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise Declined(f"tensors on {sorted(map(str, devices))}: the scalar ops take one device")
+    (device,) = devices
+    if device.type == "cpu":
+        return
+    if device.type != "cuda" or not torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"{NAMESPACE}::{op}", "CUDA"
+    ):
+        raise Declined(f"a tensor on {device}: this build's {op} has no kernel there")
 
 
 def _cpu(*tensors: torch.Tensor | None) -> None:
@@ -384,7 +399,7 @@ def finite_and_ext(ok, values) -> torch.Tensor:
     values = list(values)
     if ok is None and not values:  # no tensor to dispatch on
         raise Declined("no tensor")
-    _cpu(ok, *values)
+    _glue_device("finite_and", ok, *values)
     if ok is not None and ok.dtype != torch.float32:
         raise Declined(f"ok of dtype {ok.dtype}")
     if any(v.is_complex() for v in values):
@@ -395,7 +410,7 @@ def finite_and_ext(ok, values) -> torch.Tensor:
 @register("ascent_scale", "ext")
 def ascent_scale_ext(norm, rho, factor, negated: bool) -> list[torch.Tensor]:
     factor_t = factor if isinstance(factor, torch.Tensor) else None
-    _cpu(norm, rho, factor_t)
+    _glue_device("ascent_scale", norm, rho, factor_t)
     if norm.dtype not in _F32_F64 or rho.dtype not in _F32_F64 or not rho.is_contiguous():
         raise Declined(f"norm {norm.dtype}, rho {rho.dtype} (contiguous: {rho.is_contiguous()})")
     if factor_t is not None and (factor_t.dim() != 0 or factor_t.dtype != norm.dtype):
@@ -406,7 +421,7 @@ def ascent_scale_ext(norm, rho, factor, negated: bool) -> list[torch.Tensor]:
 
 @register("count_step", "ext")
 def count_step_ext(counters, ok) -> None:
-    _cpu(counters, ok)
+    _glue_device("count_step_", counters, ok)
     if counters.dtype != torch.float32 or not counters.is_contiguous():
         raise Declined(f"counters of dtype {counters.dtype}")
     if ok.dtype != torch.float32:

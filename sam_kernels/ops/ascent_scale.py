@@ -9,8 +9,8 @@ reaches the weights (the step is skipped by its flag). ``factor`` scales every r
 
 Dtypes: ``inv`` in the norm's dtype (float32, or float64 for fp64 parameters), the scale in
 ``rho``'s (fp64 rho for fp64 parameters). The eager reference is the former chain op for op;
-the extension's CPU op forms each value with the same IEEE operations in the same order
-(bit-identical); CUDA tensors and other dtypes run on eager.
+the extension's CPU op and CUDA kernel (one launch) form each value with the same IEEE
+operations in the same order (bit-identical); other dtypes run on eager.
 """
 
 from __future__ import annotations

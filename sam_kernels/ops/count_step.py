@@ -3,8 +3,8 @@
 Every SAM-family step ends by counting itself on the device, with no host read:
 ``counters = [steps applied, steps skipped]`` (float32 [2]) and the step's flag ``ok``
 (float32 0-d, 1.0 applied / 0.0 skipped). As ATen ops: ``rsub``, ``stack``, ``add_``; here one.
-The eager reference is that chain; the extension's CPU op adds the same float32 values
-(bit-identical); CUDA tensors run on eager.
+The eager reference is that chain; the extension's CPU op and CUDA kernel (one launch) add
+the same float32 values (bit-identical).
 """
 
 from __future__ import annotations

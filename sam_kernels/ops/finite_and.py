@@ -9,7 +9,7 @@ float32 tensor on the values' device.
 
 The eager reference is the former chain itself, op for op (``finite01`` then the products in
 argument order), so the compiled graph and the eager values are unchanged; the extension's CPU
-op computes the same product of 0.0/1.0 factors (bit-identical; CUDA tensors run on eager).
+op and CUDA kernel (one launch) compute the same product of 0.0/1.0 factors (bit-identical).
 """
 
 from __future__ import annotations

@@ -502,6 +502,11 @@ def test_finite_and_and_count_step_are_bit_identical_to_eager(device, backend):
                 pair = [values[i], values[(7 * i + 3) % len(values)]]
                 ref = sk.finite_and(ok, pair, backend="eager")
                 assert _same_bits(sk.finite_and(ok, pair, backend=backend), ref), (ok, pair)
+            # more values than one CUDA launch takes (8): launches chained, the same products
+            for start in (0, 36):
+                many = values[start : start + 19]
+                ref = sk.finite_and(ok, many, backend="eager")
+                assert _same_bits(sk.finite_and(ok, many, backend=backend), ref), (ok, start)
         for ok in (0.0, 1.0, 0.5, float("nan")):
             c_ref, c_got = torch.tensor([7.0, 3.0]), torch.tensor([7.0, 3.0])
             sk.count_step_(c_ref, torch.tensor(ok), backend="eager")

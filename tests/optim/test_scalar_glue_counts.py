@@ -115,3 +115,56 @@ def test_ops_per_step_do_not_grow_with_the_tensor_count(cls, kw):
     small, large = _counted_step(cls, 10, **kw), _counted_step(cls, 100, **kw)
     grown = {op: (small[op], large[op]) for op in set(small) | set(large) if small[op] != large[op]}
     assert not grown, grown
+
+
+#: the ops a planned step runs inside its own ops (each a kernel launch or two on a GPU: the
+#: norm's partials and their sum), in order; no ATen glue between them (a ``to`` or ``reshape``
+#: that copies nothing launches nothing)
+INSIDE_PLAN = {
+    "SAM": [
+        ["grad_norm", "finite_and", "ascent_scale", "perturb_"],
+        ["grad_norm", "finite_and", "sgd_step_", "count_step_"],
+    ],
+    "CRSAM": [
+        ["grad_norm", "finite_and", "ascent_scale", "perturb_"],
+        ["grad_norm", "perturb_"],
+        ["grad_norm", "finite_and", "sgd_step_", "count_step_"],
+    ],
+}
+NO_LAUNCH = ("aten::to", "aten::reshape", "aten::view")
+COPIES = ("aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous")
+
+
+def _below(e) -> list[str]:
+    """The names of every op below profiler event ``e``."""
+    return [n for c in e.cpu_children for n in (c.name, *_below(c))]
+
+
+@pytest.mark.parametrize("name", list(INSIDE_PLAN))
+def test_planned_step_runs_only_the_extensions_ops(name):
+    from torch.profiler import ProfilerActivity, profile
+
+    opt, closure = _opt("SAM-unplanned" if name == "SAM" else name)
+    opt.plan_steps = True
+    for _ in range(3):  # plans and buffers built
+        opt.step(closure)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        opt.step(closure)
+    plan_ops = [
+        e
+        for e in prof.events()
+        if e.name.startswith("sam_kernels_C::")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("sam_kernels_C::"))
+    ]
+    inside = []
+    for e in plan_ops:
+        names = []
+        for c in e.cpu_children:
+            if c.name in NO_LAUNCH:
+                # a dtype or shape no-op: nothing copied below it
+                assert not set(_below(c)) & set(COPIES), (e.name, c.name, _below(c))
+                continue
+            names.append(c.name.removeprefix("sam_kernels_C::"))
+        inside.append(names)
+    assert inside == INSIDE_PLAN[name], [e.name for e in plan_ops]
+    assert opt.steps_taken == 4
