@@ -758,3 +758,22 @@ def test_cuda_noise_equals_cpu_noise(kind):
     for a, b, e in zip(out["cpu"], out["cuda"], eager):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
         assert torch.equal(a.view(torch.int32), e.view(torch.int32))
+
+
+def test_scalar_glue_ops_take_one_device_with_their_kernels():
+    """The glue ops (finite_and, ascent_scale, count_step_) run on CPU tensors, and on CUDA
+    tensors of one device where the build has their CUDA kernels; otherwise the binding
+    declines (the chooser then runs the next backend) instead of failing in the dispatcher."""
+    from sam_kernels._backend import Declined
+
+    cpu, meta = torch.tensor(1.0), torch.tensor(1.0, device="meta")
+    assert float(EXT.finite_and_ext(None, [cpu, torch.tensor(float("inf"))])) == 0.0
+    with pytest.raises(Declined, match="one device"):
+        EXT.finite_and_ext(None, [cpu, meta])
+    with pytest.raises(Declined, match="no kernel there"):
+        EXT.ascent_scale_ext(meta, torch.ones(3, device="meta"), 1.0, False)
+    with pytest.raises(Declined, match="no kernel there"):
+        EXT.count_step_ext(torch.zeros(2, device="meta"), meta)
+    if HAS_CUDA_EXT:  # the CUDA kernels, where built (bit-identity: test_declared_ops)
+        ok = EXT.finite_and_ext(None, [torch.tensor(2.0, device="cuda")])
+        assert ok.device.type == "cuda" and float(ok) == 1.0
