@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from itertools import chain
 from typing import Any
@@ -228,10 +229,22 @@ class _BasePlan:
     Keyed on the groups, the set of parameters with a gradient, the perturbed set and the
     state dicts' identity; ``intact()`` checks (by identity, one dict read per state entry)
     that no state tensor was replaced behind the plan's back (a user's edit, a base optimizer's
-    ``load_state_dict``). Parameters re-typed or moved drop the plan (``_follow_params``).
+    ``load_state_dict``), and that no parameter's whole state was replaced or deleted
+    (``base.state[p] = {}`` or ``del base.state[p]``: a reset that the next step must see).
+    Parameters re-typed or moved drop the plan (``_follow_params``).
     """
 
-    __slots__ = ("key", "groups", "restore_first", "pending", "_entries", "_keep")
+    __slots__ = (
+        "key",
+        "groups",
+        "restore_first",
+        "pending",
+        "_dicts",
+        "_keys",
+        "_values",
+        "_outer",
+        "_keep",
+    )
 
     def __init__(self, key, groups, restore_first, pending, opt: Any) -> None:
         self.key, self.groups, self.restore_first, self.pending = (
@@ -241,20 +254,33 @@ class _BasePlan:
             pending,
         )
         st = opt.base_optimizer.state
-        self._entries = [
+        entries = [
             (st[p], k, v) for gp in groups for p in gp.params if p in st for k, v in st[p].items()
         ]
-        self._entries += [
+        entries += [
             (opt.state[p], "backup", b)
             for gp in groups
             if gp.state.get("backups") is not None
             for p, b in zip(gp.params, gp.state["backups"])
         ]
+        self._dicts = [d for d, _, _ in entries]
+        self._keys = [k for _, k, _ in entries]
+        self._values = [v for _, _, v in entries]
+        # each state mapping with its per-parameter dicts in order: a dict replaced, deleted or
+        # added changes one of them (read without hashing a tensor: Tensor.__hash__ is Python)
+        self._outer = [(m, list(m.values())) for m in (st, opt.state)]
         # the objects whose ids are in the key stay alive as long as the plan (no id reuse)
         self._keep = (tuple(opt.param_groups), st, opt.state)
 
     def intact(self) -> bool:
-        return not self.pending and all(d.get(k) is v for d, k, v in self._entries)
+        return not self.pending and self.entries_intact()
+
+    def entries_intact(self) -> bool:
+        """Every state entry the plan holds is still the state's, in the same dicts."""
+        return all(
+            len(m) == len(dicts) and all(map(operator.is_, m.values(), dicts))
+            for m, dicts in self._outer
+        ) and all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._values))
 
 
 def _check_like(ps: Sequence[torch.Tensor], ts: Sequence[torch.Tensor], what: str) -> None:

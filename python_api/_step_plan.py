@@ -190,9 +190,6 @@ class PlannedStep(_NotCopied):
         "_base",
         "_counters",
         "_state",
-        "_dicts",
-        "_keys",
-        "_values",
         "_watch",
         "_keep",
         "adaptive",
@@ -206,11 +203,7 @@ class PlannedStep(_NotCopied):
         self._modes, self._base, self._counters = modes, base, opt._counters
         self._state = (opt.state, opt.base_optimizer.state)
         # the state entries the plan holds, checked by identity on every call (a user's edit, a
-        # base optimizer's load_state_dict): the base plan's own list
-        entries = base._entries
-        self._dicts = [d for d, _, _ in entries]
-        self._keys = [k for _, k, _ in entries]
-        self._values = [v for _, _, v in entries]
+        # base optimizer's load_state_dict, a parameter's state reset): the base plan's check
         self._keep = tuple(opt.param_groups)  # the ids in the key stay valid
         self._watch = [p for g in opt.param_groups for p in g["params"]]
         plan = self.plan = sk.SamStepPlan(opt._counters)
@@ -254,7 +247,7 @@ class PlannedStep(_NotCopied):
             and opt.base_optimizer.state is self._state[1]
             and (
                 not entries
-                or all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._values))
+                or self._base.entries_intact()
                 # a group's list changed in place (the key has its identity and length)
                 and all(
                     map(

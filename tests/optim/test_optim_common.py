@@ -237,3 +237,23 @@ def test_model_moved_after_construction(name):
     data = [(x.cuda(), y.cuda()) for x, y in batches(3)]
     run_steps(name, model, opt, data)
     assert opt.steps_taken == 3 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_a_parameters_state_reset_is_seen(name, base):
+    """``base.state[p] = {}`` restarts p's base state, as for torch's own optimizer: the next
+    step builds p's state afresh (the planned and cached steps held the old dict and kept
+    stepping its tensors, leaving the new one empty)."""
+    model = Net()
+    opt = build(name, base, model)
+    base_opt = getattr(opt, "base_optimizer", None)
+    if base_opt is None:
+        pytest.skip(f"{name} has no base optimizer")
+    run_steps(name, model, opt, batches(4))
+    p = next(q for q in model.parameters() if base_opt.state.get(q))
+    old = [v for v in base_opt.state[p].values() if isinstance(v, torch.Tensor)]
+    base_opt.state[p] = {}
+    run_steps(name, model, opt, batches(3)[1:])
+    new = base_opt.state[p]
+    assert new, f"{name}: the reset state of a parameter was not rebuilt"
+    assert not any(v is t for v in new.values() for t in old)

@@ -354,6 +354,72 @@ def test_a_replaced_state_tensor_is_the_one_stepped():
     )
 
 
+def _torch_sam_steps(model, base, steps, reset_at, reset):
+    """SAM as davda54/sam's loop over torch's own optimizer ``base`` (the reference of a state
+    reset): g0, e = rho g0 / (||g0|| + 1e-12), g at w + e, w restored, ``base.step()``."""
+    for s in range(steps):
+        if s == reset_at:
+            reset(base.state, model.fc.weight)
+        x, y = _data(s)
+        base.zero_grad()
+        _loss(model, x, y).backward()
+        with torch.no_grad():
+            ps = [p for p in model.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ps]))
+            old = [p.clone() for p in ps]
+            for p in ps:
+                p.add_(p.grad * (0.05 / (norm + 1e-12)))
+        base.zero_grad()
+        _loss(model, x, y).backward()
+        with torch.no_grad():
+            for p, o in zip(ps, old):
+                p.copy_(o)
+        base.step()
+
+
+def _replace(state, p):
+    state[p] = {}
+
+
+def _delete(state, p):
+    del state[p]
+
+
+@pytest.mark.parametrize("planned", [True, False], ids=["planned", "unplanned"])
+@pytest.mark.parametrize("reset", [_replace, _delete], ids=["replaced", "deleted"])
+@pytest.mark.parametrize("base", ["SGD", "AdamW"])
+def test_a_parameters_state_reset_is_seen(base, reset, planned):
+    """``base.state[p] = {}`` (or ``del``) restarts p's base state, as it does for torch's own
+    optimizer: the plans held p's old state dict (its momentum, its AdamW moments) and kept
+    stepping it, silently (0.135 away from torch's weights after two more SGD steps)."""
+    cls, kw = (
+        (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})
+        if base == "SGD"
+        else (torch.optim.AdamW, {"lr": 0.01})
+    )
+    torch.manual_seed(0)
+    m = Net()
+    r = copy.deepcopy(m)
+    opt = SAM(m.parameters(), cls, rho=0.05, **kw)
+    opt.plan_steps = planned
+    for s in range(6):
+        if s == 4:
+            assert _planned(opt) == planned
+            reset(opt.base_optimizer.state, m.fc.weight)
+        x, y = _data(s)
+
+        def closure():
+            opt.zero_grad()
+            loss = _loss(m, x, y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    _torch_sam_steps(r, cls(r.parameters(), **kw), 6, 4, reset)
+    for a, b in zip(m.parameters(), r.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_parameters_retyped():
     m, r, opt, ref = _pair("sgd")
     for s in range(3):
