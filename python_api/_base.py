@@ -270,6 +270,26 @@ class SAMFamily(
         self._check_group(self.param_groups[-1])
         self._rho_cache = None
 
+    def _check_groups(self) -> None:
+        """Every group's settings checked (hyper-parameters edited since the last step), after
+        a group added through the base optimizer got this optimizer's
+        (:meth:`_fill_group_settings`)."""
+        self._fill_group_settings()
+        for group in self.param_groups:
+            self._check_group(group)
+
+    def _fill_group_settings(self) -> None:
+        """Give a group added through the base optimizer (``base.add_param_group``, which knows
+        only its own defaults) this optimizer's defaults (rho, ...), as :meth:`add_param_group`
+        does: without them it was read as rho = 0 and silently never perturbed."""
+        own = self._own_keys
+        for g in self.param_groups:
+            if not all(k in g for k in own):
+                for k in own:
+                    g.setdefault(k, self.defaults[k])
+                self._check_group(g)
+                self._rho_cache = None
+
     # ----------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:
         """Algorithm state that is not per parameter (subclasses extend)."""

@@ -29,7 +29,9 @@ class DeviceFollowing:
         Frameworks such as HF accelerate build the optimizer on CPU parameters and move the model
         afterwards. Counters, statistics, seeds and caches held as tensor attributes (or in
         tuples/lists of them) follow the parameters; one attribute compare per call otherwise.
+        Groups added through the base optimizer get this optimizer's settings first.
         """
+        self._fill_group_settings()
         self._follow_params()
         new = self._find_device()
         old = self._device

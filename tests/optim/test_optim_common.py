@@ -257,3 +257,20 @@ def test_a_parameters_state_reset_is_seen(name, base):
     new = base_opt.state[p]
     assert new, f"{name}: the reset state of a parameter was not rebuilt"
     assert not any(v is t for v in new.values() for t in old)
+
+
+def test_group_added_through_the_base_gets_the_class_settings(name):
+    """``opt.base_optimizer.add_param_group`` knows only the base's defaults: the class's own
+    (rho, ...) are filled in by the next step, as ``opt.add_param_group`` fills them."""
+    model = Net()
+    opt = build(name, "sgd", model)
+    base_opt = getattr(opt, "base_optimizer", None)
+    if base_opt is None:
+        pytest.skip(f"{name} has no base optimizer")
+    extra = nn.Parameter(torch.zeros(2))
+    base_opt.add_param_group({"params": [extra]})
+    run_steps(name, model, opt, batches(2))
+    group = opt.param_groups[-1]
+    missing = {k for k in opt._own_keys if k not in group}
+    assert not missing, f"{name}: {sorted(missing)} not filled in"
+    assert all(group[k] == opt.defaults[k] for k in opt._own_keys)

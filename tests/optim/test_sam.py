@@ -129,6 +129,44 @@ def test_base_optimizer_instance_and_generic_base():
         SAM([m1.w1], torch.optim.SGD(m2.parameters(), lr=0.1))
 
 
+@pytest.mark.parametrize("planned", [True, False], ids=["planned", "unplanned"])
+def test_group_added_through_the_base_gets_sams_settings(planned):
+    """A group added with ``opt.base_optimizer.add_param_group`` (which knows only the base's
+    defaults) gets SAM's rho as ``opt.add_param_group`` gives it: it was read as rho = 0 and
+    its parameters silently never perturbed. From the next step on its ascent is SAM's."""
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4))
+    opt = SAM([a], torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+    opt.plan_steps = planned
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def closure():
+        for p in (a, b):
+            p.grad = None
+        seen.append((a.detach().clone(), b.detach().clone()))
+        loss = a.square().sum() + b.square().sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    b.grad = None  # (its gradients so far were no optimizer's: none left to count as g0)
+    opt.base_optimizer.add_param_group({"params": [b]})
+    for _ in range(3):
+        seen.clear()
+        b0 = b.detach().clone()
+        opt.step(closure)
+        (wa, wb), (pa, pb) = seen  # the evaluations at w and at w + e
+        assert torch.equal(wb, b0)
+        # e = rho g / ||g||, g = 2 w over both parameters
+        g = torch.cat([2 * wa, 2 * wb])
+        torch.testing.assert_close(pb - wb, 0.5 * 2 * wb / (g.norm() + 1e-12))
+    assert opt.param_groups[1]["rho"] == 0.5
+    assert {k: opt.param_groups[1][k] for k in ("adaptive", "eta")} == {
+        k: opt.defaults[k] for k in ("adaptive", "eta")
+    }
+
+
 def test_param_groups_shared_with_scheduler():
     model = Net()
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
