@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any
 
 import torch
@@ -199,28 +199,40 @@ class _GroupPlan:
 class _ModePlan:
     """The norm's and the ascent's parameter lists by (adaptive, eta), with the rho vector."""
 
-    __slots__ = ("key", "norm", "pert", "rho", "_backups", "_keep")
+    __slots__ = ("key", "norm", "pert", "rho", "_backups", "_held", "_keep")
 
     def __init__(self, key, norm, pert, rho, opt: Any) -> None:
         self.key, self.norm, self.pert, self.rho = key, norm, pert, rho
         self._backups: list[list[torch.Tensor]] | None = None
+        # (state mapping, its per-parameter dicts in order, the backups' dicts, the backups)
+        self._held: tuple | None = None
         self._keep = tuple(opt.param_groups)  # the ids in the key stay valid
 
     def backups(self, opt: Any) -> list[list[torch.Tensor]]:
         """The backups of each setting's parameters; allocated once, re-checked by identity
-        (a state dict loaded or a buffer re-allocated since gives new ones)."""
+        (a state dict loaded, a parameter's state replaced or a buffer re-allocated since gives
+        new ones)."""
         b = self._backups
-        st = opt.state
-        if b is None or not all(
-            st[p].get("backup") is t
-            for (_, _, ps, _), bs in zip(self.pert, b)
-            for p, t in zip(ps, bs)
-        ):
+        if b is None or not self._held_intact(opt.state):
             b = self._backups = [opt._backups(ps) for _, _, ps, _ in self.pert]
             for (_, _, ps, _), bs in zip(self.pert, b):
                 # once per plan: the steps then run the ops under sk.prevalidated()
                 sk.check_lists(("params", "backups"), ps, bs, outputs=("params", "backups"))
+            st = opt.state
+            ps = [p for _, _, ps, _ in self.pert for p in ps]
+            self._held = (st, list(st.values()), [st[p] for p in ps], list(chain(*b)))
         return b
+
+    def _held_intact(self, st: Any) -> bool:
+        # by identity, without hashing a parameter (Tensor.__hash__ is Python): the mapping,
+        # each parameter's dict in it (none replaced, deleted or added), each backup in its dict
+        held_st, dicts, bdicts, backups = self._held
+        return (
+            st is held_st
+            and len(st) == len(dicts)
+            and all(map(operator.is_, st.values(), dicts))
+            and all(map(operator.is_, map(dict.get, bdicts, repeat("backup")), backups))
+        )
 
 
 class _BasePlan:
