@@ -406,15 +406,7 @@ def test_a_parameters_state_reset_is_seen(base, reset, planned):
         if s == 4:
             assert _planned(opt) == planned
             reset(opt.base_optimizer.state, m.fc.weight)
-        x, y = _data(s)
-
-        def closure():
-            opt.zero_grad()
-            loss = _loss(m, x, y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        _closure_step([(m, opt)], s)
     _torch_sam_steps(r, cls(r.parameters(), **kw), 6, 4, reset)
     for a, b in zip(m.parameters(), r.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
