@@ -1,7 +1,7 @@
 // The cached SAM step plan (see step_plan.h): build-time setters, the per-call check, and the
 // two halves of the step. The extension's own ops run through the dispatcher (CPU or CUDA), so
-// what runs is what the unplanned path runs; the scalar glue is written as the Python code of
-// python_api/sam.py writes it (the same ATen ops, in the same order), for bit-identical results.
+// what runs is what the unplanned path runs; the scalar glue is the glue ops python_api/sam.py
+// calls (finite_and, ascent_scale, count_step_), in the same order, for bit-identical results.
 #include "step_plan.h"
 
 #include <c10/core/impl/LocalDispatchKeySet.h>

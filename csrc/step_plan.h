@@ -5,10 +5,11 @@
 // ascent's lists, the backups, the per-tensor rho vector, each base group's state lists and the
 // step/skip counters. A step then passes no tensor list across the Python boundary: the
 // gradients are read from the parameters themselves (`Tensor::grad()`), and the scalar glue of
-// the two halves (finite flags, the ascent scale, the counters) runs here, as ATen ops on 0-d
-// device tensors, in the order the Python code runs it, so the results are bit-identical to the
-// unplanned path. The plan calls the extension's own ops through the dispatcher, so the CPU and
-// CUDA implementations are the ones the unplanned path runs.
+// the two halves (finite flags, the ascent scale, the counters) runs here as the glue ops the
+// Python code calls (finite_and, ascent_scale, count_step_: one kernel each on a GPU), in its
+// order, so the results are bit-identical to the unplanned path. The plan calls the extension's
+// own ops through the dispatcher, so the CPU and CUDA implementations are the ones the unplanned
+// path runs.
 //
 // A plan only answers for what it can see: before anything is written, every call checks that
 // each parameter's gradient is present exactly where the plan expects it, dense, and shaped,
