@@ -168,8 +168,8 @@ Opening open_step(SamStepPlan& plan, const OptT& loss, const at::Device& device)
 void group_step(const BaseGroupPlan& g, const std::vector<at::Tensor>& grads, const OptT& coefs,
                 const double* h, const OptT& ok);
 
-// The end of a step: BaseStep._count (counters += [ok, 1 - ok], sam_kernels_C::count_step_), then the
-// stale-gradient marks of this step (what SAMFamily._mark_grads records at its end: the caller
+// The end of a step: BaseStep._count (counters += [ok, 1 - ok], sam_kernels_C::count_step_),
+// then the stale-gradient marks of this step (what SAMFamily._mark_grads records at its end: the caller
 // changes no gradient in between, or drops them all)
 void count_and_mark(const at::Tensor& counters, SamStepPlan& plan, const at::Tensor& ok);
 

@@ -196,6 +196,13 @@ class _GroupPlan:
         )
 
 
+def _same_dicts(state: Any, dicts: list[dict]) -> bool:
+    """``state``'s per-parameter dicts are ``dicts``, in order: none replaced, deleted or added
+    (a reset of a parameter's state). Read by identity without hashing a parameter
+    (``Tensor.__hash__`` is Python)."""
+    return len(state) == len(dicts) and all(map(operator.is_, state.values(), dicts))
+
+
 class _ModePlan:
     """The norm's and the ascent's parameter lists by (adaptive, eta), with the rho vector."""
 
@@ -224,13 +231,11 @@ class _ModePlan:
         return b
 
     def _held_intact(self, st: Any) -> bool:
-        # by identity, without hashing a parameter (Tensor.__hash__ is Python): the mapping,
-        # each parameter's dict in it (none replaced, deleted or added), each backup in its dict
+        # by identity: the mapping, each parameter's dict in it, each backup in its dict
         held_st, dicts, bdicts, backups = self._held
         return (
             st is held_st
-            and len(st) == len(dicts)
-            and all(map(operator.is_, st.values(), dicts))
+            and _same_dicts(st, dicts)
             and all(map(operator.is_, map(dict.get, bdicts, repeat("backup")), backups))
         )
 
@@ -278,8 +283,7 @@ class _BasePlan:
         self._dicts = [d for d, _, _ in entries]
         self._keys = [k for _, k, _ in entries]
         self._values = [v for _, _, v in entries]
-        # each state mapping with its per-parameter dicts in order: a dict replaced, deleted or
-        # added changes one of them (read without hashing a tensor: Tensor.__hash__ is Python)
+        # each state mapping with its per-parameter dicts in order (_same_dicts)
         self._outer = [(m, list(m.values())) for m in (st, opt.state)]
         # the objects whose ids are in the key stay alive as long as the plan (no id reuse)
         self._keep = (tuple(opt.param_groups), st, opt.state)
@@ -289,10 +293,9 @@ class _BasePlan:
 
     def entries_intact(self) -> bool:
         """Every state entry the plan holds is still the state's, in the same dicts."""
-        return all(
-            len(m) == len(dicts) and all(map(operator.is_, m.values(), dicts))
-            for m, dicts in self._outer
-        ) and all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._values))
+        return all(_same_dicts(m, dicts) for m, dicts in self._outer) and all(
+            map(operator.is_, map(dict.get, self._dicts, self._keys), self._values)
+        )
 
 
 def _check_like(ps: Sequence[torch.Tensor], ts: Sequence[torch.Tensor], what: str) -> None:

@@ -17,6 +17,7 @@ given directly, more gradient terms than its kernels combine, and ``dot`` and
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -382,10 +383,15 @@ def _glue_device(op: str, *tensors: torch.Tensor | None) -> None:
     (device,) = devices
     if device.type == "cpu":
         return
-    if device.type != "cuda" or not torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"{NAMESPACE}::{op}", "CUDA"
-    ):
+    if device.type != "cuda" or not _has_cuda_kernel(op):
         raise Declined(f"a tensor on {device}: this build's {op} has no kernel there")
+
+
+@functools.cache
+def _has_cuda_kernel(op: str) -> bool:
+    """Whether the loaded library has a CUDA kernel of ``op`` (fixed once it is loaded; asked
+    by every glue op call on CUDA tensors)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", "CUDA")
 
 
 def _cpu(*tensors: torch.Tensor | None) -> None:
