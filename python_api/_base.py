@@ -48,6 +48,7 @@ from python_api._checks import (
     check_max_grad_norm,
     check_nonneg,
     check_range,
+    check_real_params,
     finite01,
 )
 from python_api._closures import Closure, ClosureContract
@@ -233,6 +234,7 @@ class SAMFamily(
         self.defaults.update(base.defaults)
         for group in self.param_groups:
             self._check_group(group)
+        check_real_params(self)
         self.model = model
         self.on_nonfinite = on_nonfinite
         self.backend = backend
@@ -267,7 +269,12 @@ class SAMFamily(
         for k in self._own_keys:
             param_group.setdefault(k, self.defaults[k])
         self.base_optimizer.add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
+        try:
+            self._check_group(self.param_groups[-1])
+            check_real_params(self)
+        except (ValueError, TypeError):
+            self.param_groups.pop()  # refused: the groups stay as they were
+            raise
         self._rho_cache = None
 
     def _check_groups(self) -> None:

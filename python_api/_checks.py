@@ -61,6 +61,25 @@ def check_range(name: str, value: float, lo: float, hi: float, lo_open: bool, hi
         raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value!r}")
 
 
+def check_real_params(opt: Any) -> None:
+    """Refuse complex parameters, naming the first one (before anything is written).
+
+    The fused ops read a tensor's elements as real numbers: a complex gradient's norm would
+    drop its imaginary parts and the base step would fail half way. torch's own optimizers
+    step complex parameters through ``torch.view_as_real``; the SAM family's quantities (the
+    norm, ASAM's ``|w|``, the curvature terms) have no agreed complex form, so a clear error
+    asks for real parameters instead of a silent choice.
+    """
+    for i, group in enumerate(opt.param_groups):
+        for j, p in enumerate(group["params"]):
+            if p.is_complex():
+                raise TypeError(
+                    f"{type(opt).__name__}: param_groups[{i}]['params'][{j}] has dtype "
+                    f"{p.dtype}; complex parameters are not supported (optimize a real "
+                    "parameter and view it as complex in the model: torch.view_as_complex)"
+                )
+
+
 def _dense_grads(opt: Any, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``[p.grad for p in params]``, refusing sparse gradients (the one per-step check the ops
     skip under ``sk.prevalidated()``: torch keeps a gradient's device, shape and dtype, not its

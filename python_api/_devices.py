@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from python_api._checks import check_real_params
+
 
 class DeviceFollowing:
     """Where the parameters are, and the state following them (a part of ``SAMFamily``). Reads
@@ -62,6 +64,8 @@ class DeviceFollowing:
         sig = [(p.dtype, p.device) for g in self.param_groups for p in g["params"]]
         if sig == self._param_sig:
             return
+        if any(dt.is_complex for dt, _ in sig):  # a model converted to complex since
+            check_real_params(self)
         self._param_sig = sig
         self._rho_cache = None
         self._plan = None

@@ -200,6 +200,10 @@ def test_bad_rho(name):
         cls(Net().parameters(), torch.optim.SGD, rho=-1.0, lr=0.1)
     with pytest.raises(TypeError, match="closure"):
         cls(Net().parameters(), torch.optim.SGD, lr=0.1).step()
+    opt = cls(Net().parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="rho"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "rho": -1.0})
+    assert len(opt.param_groups) == 1  # the refused group is not kept
 
 
 @pytest.mark.skipif(
@@ -274,3 +278,33 @@ def test_group_added_through_the_base_gets_the_class_settings(name):
     missing = {k for k in opt._own_keys if k not in group}
     assert not missing, f"{name}: {sorted(missing)} not filled in"
     assert all(group[k] == opt.defaults[k] for k in opt._own_keys)
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules")
+def test_complex_parameters_refused(name):
+    """A complex parameter is refused with an error naming it: at construction, in
+    ``add_param_group`` (the groups stay as they were) and at the first step after the model
+    was made complex, before anything is written. (The fused norm read a complex gradient as
+    its real parts, with only a cast warning, and the base step then failed half way.)"""
+    cls = opt_class(name)
+    z = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\].*complex"):
+        cls([nn.Parameter(torch.randn(2)), z], torch.optim.SGD, lr=0.1)
+    model = Net()
+    opt = build(name, "sgd", model)
+    n_groups = len(opt.param_groups)
+    with pytest.raises(TypeError, match="complex"):
+        opt.add_param_group({"params": [z]})
+    assert len(opt.param_groups) == n_groups
+    run_steps(name, model, opt, batches(2))
+    model.to(torch.complex64)  # the parameters' data swapped for complex tensors in place
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+
+    def closure():
+        raise AssertionError("the closure ran before the parameters were checked")
+
+    with pytest.raises(TypeError, match="complex"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
