@@ -25,8 +25,9 @@ def check_lists(
 ) -> torch.device | None:
     """Validate an op's arguments before anything runs; returns the tensors' device.
 
-    - equal lengths, no sparse tensors, one device for every tensor of every list (a meta
-      tensor among real ones included): the error names the list and index that differ;
+    - equal lengths, no sparse tensors, real floating-point dtypes, one device for every
+      tensor of every list (a meta tensor among real ones included): the error names the list
+      and index that differ;
     - ``scalars``: the op's tensor-valued coefficients (scale, ok flag, lr, loss, LinComb
       coefficients, ...; other values are ignored) must be on the lists' device. The one
       exception, as in torch's own ops, is a one-element CPU tensor beside accelerator lists
@@ -48,6 +49,10 @@ def check_lists(
         for i, t in enumerate(lst):
             if t.is_sparse:
                 raise ValueError(f"{name} contains a sparse tensor; SAM ops need dense tensors")
+            if not t.is_floating_point():  # a complex one would be read as its real parts
+                raise TypeError(
+                    f"{name}[{i}] has dtype {t.dtype}; SAM ops take real floating-point tensors"
+                )
             d = t.device
             if device is None:
                 device, first = d, f"{name}[{i}]"

@@ -183,12 +183,12 @@ def tensors(kw: dict) -> list[torch.Tensor]:
     return out
 
 
-def refused(op: str, kw: dict, *needles: str) -> None:
-    """The call raises a ValueError naming ``needles`` and changes no tensor."""
+def refused(op: str, kw: dict, *needles: str, exc: type[Exception] = ValueError) -> None:
+    """The call raises ``exc`` naming ``needles`` and changes no tensor."""
     spec = SPECS[op]
     ts = [x for x in tensors(kw) if x.device.type != "meta"]
     before = [x.clone() for x in ts]
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(exc) as info:
         spec.call(kw, None)
     msg = str(info.value)
     for needle in needles:
@@ -245,6 +245,21 @@ def test_interleaved_and_expanded_outputs_refused():
     kw = SPECS["restore_"].build()
     kw["params"][0] = torch.zeros(1).expand(N)
     refused("restore_", kw, "params[0]", "stride 0")
+
+
+# ------------------------------------------------------------------------ complex tensors
+@pytest.mark.parametrize("op", OPS)
+def test_complex_tensor_in_a_list_refused(op):
+    """A complex tensor (read as its real parts before, with only a cast warning) is refused
+    naming the list and index, on every backend."""
+    spec = SPECS[op]
+    for name in spec.outputs + spec.inputs:
+        kw = spec.build()
+        lst = get(kw, name)
+        if lst[1].dim() == 0:
+            continue  # 0-d step counters: not a parameter's dtype
+        lst[1] = torch.randn(N, dtype=torch.complex64)
+        refused(op, kw, f"{label(name)}[1] has dtype torch.complex64", exc=TypeError)
 
 
 # ------------------------------------------------------------------------ meta tensors
