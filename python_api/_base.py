@@ -254,6 +254,7 @@ class SAMFamily(
         self._grad_marks: dict[torch.Tensor, tuple[weakref.ref, int]] = {}
         self._live: list[torch.Tensor] = []
         self._param_sig: list[tuple[torch.dtype, torch.device]] = []
+        self._followed = False  # _follow_device ran in the current step
         self._plan: _BasePlan | None = None
         self._mode_plan: _ModePlan | None = None
 
@@ -359,6 +360,7 @@ class SAMFamily(
         self._grad_marks = {}
         self._live = []
         self._param_sig = []
+        self._followed = False
         self._plan = None
         self._mode_plan = None
 
@@ -383,6 +385,7 @@ def _guard_step(step: Callable) -> Callable:
 
     @functools.wraps(step)
     def wrapped(self: SAMFamily, *args: Any, **kwargs: Any):
+        self._followed = False  # a new step: the parameters are looked at again
         try:
             return step(self, *args, **kwargs)
         except BaseException:

@@ -118,6 +118,7 @@ _NOT_COPIED = (
     "_mode_plan",
     "_live",
     "_param_sig",
+    "_followed",
 )
 
 

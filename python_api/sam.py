@@ -105,6 +105,7 @@ class SAM(_step_plan.PlannedSteps, SAMFamily):
         """
         self = _conventions.owner(self)  # Lightning's LightningOptimizer: the optimizer itself
         _conventions.step_started(self)
+        self._followed = False  # a new step: the parameters are looked at again
         planned = self._planned_ascent(None)
         self._ok, self._perturbed = planned if planned is not None else self._ascend()
         if zero_grad:
