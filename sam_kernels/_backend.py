@@ -48,6 +48,7 @@ ALIASES = {"cuda": "ext"}
 #: ops whose CPU default stays the eager reference (see the module docstring)
 _EAGER_BY_DEFAULT_ON_CPU = frozenset({"noise_perturb", "filter_noise_perturb"})
 ENV_VAR = "SAM_KERNELS_BACKEND"
+_INTERPRET = "TRITON_INTERPRET"
 
 # op name -> backend name -> implementation
 _REGISTRY: dict[str, dict[str, Callable]] = {}
@@ -71,6 +72,7 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
 
     def deco(fn: Callable) -> Callable:
         _REGISTRY.setdefault(op, {})[backend] = fn
+        _RESOLVED.clear()  # a chain may now include it
         return fn
 
     return deco
@@ -97,7 +99,7 @@ def _triton_can_run(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     # The Triton interpreter runs kernels on CPU tensors (used by the test-suite).
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return device.type == "cpu" and os.environ.get(_INTERPRET, "0") == "1"
 
 
 def available(backend: str, device: torch.device | str = "cpu") -> bool:
@@ -191,10 +193,28 @@ def resolve(
     chosen, the callable returned runs it and, if it raises :class:`Declined`, the next one
     of :func:`candidates` (eager last, which never declines).
     """
+    if torch.compiler.is_compiling():  # traced: no cache for dynamo to guard on
+        return _resolve(op, device, backend, fusable)
+    key = (op, device, backend, fusable, os.environ.get(ENV_VAR), os.environ.get(_INTERPRET))
+    impl = _RESOLVED.get(key)
+    if impl is None:
+        impl = _RESOLVED[key] = _resolve(op, device, backend, fusable)
+    return impl
+
+
+def _resolve(op: str, device: torch.device | None, backend: str | None, fusable: bool) -> Callable:
     chain = candidates(op, device, backend, fusable)
     if len(chain) == 1:
         return chain[0]
     return functools.partial(_run_chain, chain)
+
+
+# What resolve() picked, per (op, device, backend, fusable) and the two environment variables
+# it reads: the choice is otherwise fixed once the backends are loaded (they register their
+# implementations when they load, which clears it). Every fused op call asks: 6 us of checks
+# and environment reads per call without it (8 calls in a SAM step). A test that patches the
+# registry or `available` clears it.
+_RESOLVED: dict[tuple, Callable] = {}
 
 
 def eager_impl(op: str) -> Callable:

@@ -550,6 +550,7 @@ def test_a_declined_call_runs_on_the_next_implementation(monkeypatch):
 
     monkeypatch.setitem(_backend._REGISTRY["restore"], "ext", refuses)
     monkeypatch.setattr(_backend, "available", lambda name, device="cpu": True)
+    monkeypatch.setattr(_backend, "_RESOLVED", {})  # the choices made before the patches
     p, b = nans_like(make(torch.float32)), make(torch.float32)
     sk.restore_(p, b, backend="ext")
     assert calls == [2]

@@ -471,6 +471,7 @@ def test_triton_fallback_keeps_the_counter_stream(monkeypatch):
     eager = impls["eager"]
     monkeypatch.setattr(filter_noise, "MAX_ROWLEN", 8)
     monkeypatch.setitem(impls, "eager", lambda *a: calls.append(1) or eager(*a))
+    monkeypatch.setattr(_backend, "_RESOLVED", {})  # the choices made before the patch
     _, d2, p2 = run(w, 0.07, "triton", seed=seed, offset=off)
     assert calls, "the fallback did not run"
     assert_close_lists(d2, d1, torch.float32, "deltas")
