@@ -50,10 +50,20 @@ class BaseStepPlans:
         """The fused base step's plan (see :class:`_BasePlan`), rebuilt only when it must be."""
         key = self._base_plan_key(perturbed)
         plan = self._plan
-        if plan is not None and plan.key == key and plan.intact():
-            return plan
-        plan = self._plan = self._build_base_plan(key, perturbed)
-        return plan
+        if plan is not None:
+            if plan.key == key and plan.intact():
+                return plan
+            # the classes that switch between a SAM step and a one-pass step (AE-SAM, LookSAM,
+            # SS-SAM) alternate between two keys (the perturbed set): the other plan is kept
+            other = plan.other
+            if other is not None and other.key == key and other.intact():
+                plan.other, other.other = None, plan
+                self._plan = other
+                return other
+            plan.other = None
+        new = self._plan = self._build_base_plan(key, perturbed)
+        new.other = plan
+        return new
 
     def _base_plan_key(self, perturbed: Sequence[torch.Tensor]) -> tuple:
         """What the base plan is keyed on: the groups and their parameter lists, the parameters
@@ -256,6 +266,7 @@ class _BasePlan:
         "groups",
         "restore_first",
         "pending",
+        "other",
         "_dicts",
         "_keys",
         "_values",
@@ -270,6 +281,9 @@ class _BasePlan:
             restore_first,
             pending,
         )
+        # the plan this one replaced, kept for a step under its key (see _base_plan): dropped
+        # with this one wherever the plans are dropped
+        self.other: _BasePlan | None = None
         st = opt.base_optimizer.state
         entries = [
             (st[p], k, v) for gp in groups for p in gp.params if p in st for k, v in st[p].items()
