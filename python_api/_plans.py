@@ -270,6 +270,8 @@ class _BasePlan:
         "_dicts",
         "_keys",
         "_values",
+        "_bdicts",
+        "_backups",
         "_outer",
         "_keep",
     )
@@ -285,11 +287,13 @@ class _BasePlan:
         # with this one wherever the plans are dropped
         self.other: _BasePlan | None = None
         st = opt.base_optimizer.state
+        # the base state's entries (the descent writes them) and the backups (the ascent writes
+        # them): checked apart, each by the half of a planned step that uses them
         entries = [
             (st[p], k, v) for gp in groups for p in gp.params if p in st for k, v in st[p].items()
         ]
-        entries += [
-            (opt.state[p], "backup", b)
+        backups = [
+            (opt.state[p], b)
             for gp in groups
             if gp.state.get("backups") is not None
             for p, b in zip(gp.params, gp.state["backups"])
@@ -297,6 +301,8 @@ class _BasePlan:
         self._dicts = [d for d, _, _ in entries]
         self._keys = [k for _, k, _ in entries]
         self._values = [v for _, _, v in entries]
+        self._bdicts = [d for d, _ in backups]
+        self._backups = [b for _, b in backups]
         # each state mapping with its per-parameter dicts in order (_same_dicts)
         self._outer = [(m, list(m.values())) for m in (st, opt.state)]
         # the objects whose ids are in the key stay alive as long as the plan (no id reuse)
@@ -307,9 +313,20 @@ class _BasePlan:
 
     def entries_intact(self) -> bool:
         """Every state entry the plan holds is still the state's, in the same dicts."""
+        return self.state_intact() and self._backups_held()
+
+    def state_intact(self) -> bool:
+        """The per-parameter dicts and the base state's entries (what a descent writes)."""
         return all(_same_dicts(m, dicts) for m, dicts in self._outer) and all(
             map(operator.is_, map(dict.get, self._dicts, self._keys), self._values)
         )
+
+    def backups_intact(self) -> bool:
+        """The per-parameter dicts and the backups (what an ascent writes)."""
+        return all(_same_dicts(m, dicts) for m, dicts in self._outer) and self._backups_held()
+
+    def _backups_held(self) -> bool:
+        return all(map(operator.is_, map(dict.get, self._bdicts, repeat("backup")), self._backups))
 
 
 def _check_like(ps: Sequence[torch.Tensor], ts: Sequence[torch.Tensor], what: str) -> None:

@@ -276,6 +276,14 @@ def _fresh_copy(v: Any) -> Any:
 
 def load_state_dict(opt: Any, sd: dict[str, Any]) -> None:
     """Validate ``sd`` entirely, then load it (see ``SAMFamily.load_state_dict``)."""
+    if getattr(opt, "_live", None):
+        # between first_step and second_step (or from a closure): the weights are at w + e and
+        # the step's backups hold w; loading would drop them and the step could not finish
+        raise RuntimeError(
+            f"{class_name(opt)}.load_state_dict was called inside a step (after first_step, "
+            "before second_step, or from the closure), while the weights are perturbed; load "
+            "the state before first_step or after second_step. Nothing was changed"
+        )
     if not isinstance(sd, dict):
         raise StateDictError(
             f"{class_name(opt)}.load_state_dict expects a dict, got {type(sd).__name__}"

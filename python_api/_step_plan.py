@@ -236,18 +236,21 @@ class PlannedStep(_NotCopied):
                     ams,
                 )
 
-    def valid(self, opt: Any, entries: bool = True) -> bool:
-        """The key, the optimizer's cached plans and counters, and (``entries``) every state
-        entry unchanged. The descent skips the entries: the ascent of the same step checked
-        them, and a state dict loaded in between drops the cached plans (checked here)."""
+    def valid(self, opt: Any, half: str = "ascent") -> bool:
+        """The key, the optimizer's cached plans and counters, and the state entries the
+        ``half`` of a step writes unchanged: the ascent the backups (and the parameter lists),
+        the descent the base state's entries (momentum, moments, step counters). Each half
+        checks its own: user code runs between them (the evaluation at ``w + e``, or between
+        ``first_step`` and ``second_step``) and may replace or reset a state entry there."""
         return (
             self._plans_stand(opt)
             and opt._counters is self._counters
             and opt.state is self._state[0]
             and opt.base_optimizer.state is self._state[1]
             and (
-                not entries
-                or self._base.entries_intact()
+                self._base.state_intact()
+                if half == "descent"
+                else self._base.backups_intact()
                 # a group's list changed in place (the key has its identity and length)
                 and all(
                     map(

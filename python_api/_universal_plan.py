@@ -142,7 +142,7 @@ class UniversalPlan(_step_plan.PlannedSteps):
                 coef = self._plan_sample_coef(li, l0, n)
                 plan.plan.universal_sample(li, coef, seed, offset, n, i + 1 < n)
             hyper = plan.hyper()
-            if hyper is not None and plan.valid(self, entries=False):
+            if hyper is not None and plan.valid(self, half="descent"):
                 consts, lams = self._plan_descent_args([g for g, _ in plan.groups])
                 plan.plan.universal_descent(ok, offset, consts, lams, hyper)
                 self._live = []

@@ -295,7 +295,7 @@ class CRSAM(_step_plan.PlannedSteps, SAMFamily):
                 closure, perturbed=True, need_loss=False, what="w - e", restore=pert
             )
             hyper = plan.hyper()
-            if hyper is not None and plan.valid(self, entries=False):
+            if hyper is not None and plan.valid(self, half="descent"):
                 coefs = self._coefs(self.alpha, self.beta, torch.float32, None)
                 plan.plan.crsam_descent(ok, n_plus, lp, lm, coefs, hyper)
                 self._live = []

@@ -107,7 +107,7 @@ class ESAM(SAMFamily):
         self.seed = seed
         # applied steps (the counter of the coin stream)
         self._t = torch.zeros((), dtype=torch.int64, device=self._device)
-        self._index_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._index_cache: tuple[tuple, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------- helpers
     def _eval_losses(self, closure: LossesClosure, what: str) -> torch.Tensor:
@@ -133,11 +133,12 @@ class ESAM(SAMFamily):
 
     def _coins(self, flat: list[torch.Tensor]) -> torch.Tensor:
         """0/1 per tensor of ``flat``: chosen for perturbation with probability beta."""
-        key = tuple(id(p) for p in flat)
+        # keyed on every parameter's place too: a coin is the j-th parameter's (of all groups,
+        # in order), which moves when a group's list changes in place (a parameter removed)
+        order = tuple(id(p) for g in self.param_groups for p in g["params"])
+        key = (tuple(id(p) for p in flat), order)
         if self._index_cache is None or self._index_cache[0] != key:
-            pos = {
-                id(p): j for j, p in enumerate(p for g in self.param_groups for p in g["params"])
-            }
+            pos = {i: j for j, i in enumerate(order)}
             idx = torch.tensor([pos[id(p)] for p in flat], dtype=torch.int64, device=self._device)
             self._index_cache = (key, idx)
         u = counter_uniform(

@@ -6,6 +6,7 @@ Reference code: nblt/F-SAM ``utils.py::FriendlySAM`` (the class the paper's resu
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -134,6 +135,8 @@ class FriendlySAM(SAMFamily):
         n = sum(len(g["params"]) for g in self.param_groups)
         # 1.0 where the parameter's m holds a value (its first step has been applied)
         self._m_init = torch.zeros(n, dtype=torch.float32, device=self._device)
+        # the parameters whose flags _m_init holds, in its order (_sync_flags)
+        self._m_params: tuple[torch.Tensor, ...] | None = self._order()
         self._index_cache: tuple[tuple, torch.Tensor] | None = None
         self._hyper_cache: tuple[tuple, torch.Tensor] | None = None
 
@@ -144,21 +147,41 @@ class FriendlySAM(SAMFamily):
         if not isinstance(group.get("adaptive", False), bool):
             raise TypeError(f"adaptive must be a bool, got {group['adaptive']!r}")
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        if hasattr(self, "_m_init"):  # after __init__: flags for the new parameters
-            new = len(self.param_groups[-1]["params"])
-            self._m_init = torch.cat([self._m_init, self._m_init.new_zeros(new)])
-            self._index_cache = None
+    def _order(self) -> tuple[torch.Tensor, ...]:
+        return tuple(p for g in self.param_groups for p in g["params"])
+
+    def _sync_flags(self) -> None:
+        """Keep each parameter's flag when the parameter order changes (a group added, here or
+        through the base optimizer; a parameter removed from a group's list in place): the
+        flags are by position, so they are moved with their parameters, new ones 0."""
+        order = self._order()
+        held = self._m_params
+        if held is None:  # a copy (pickle, deepcopy): its flags are in its groups' order
+            self._m_params = order
+            return
+        if len(held) == len(order) and all(map(operator.is_, held, order)):
+            return
+        old = {id(p): i for i, p in enumerate(held)}
+        pairs = [(j, old[id(p)]) for j, p in enumerate(order) if id(p) in old]
+        flags = self._m_init.new_zeros(len(order))
+        if pairs:
+            dst = torch.tensor([j for j, _ in pairs], dtype=torch.int64, device=flags.device)
+            src = torch.tensor([i for _, i in pairs], dtype=torch.int64, device=flags.device)
+            flags.index_copy_(0, dst, self._m_init.index_select(0, src))
+        self._m_init, self._m_params, self._index_cache = flags, order, None
 
     # ----------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:
         extra = super()._extra_state()
+        self._sync_flags()
         extra[INIT_KEY] = self._m_init.clone()
         return extra
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         super()._load_extra_state(extra)
+        self._m_params = order = self._order()  # the dict's flags are in the groups' order
+        if self._m_init.numel() != len(order):
+            self._m_init = self._m_init.new_zeros(len(order))
         self._m_init.copy_(torch.as_tensor(extra[INIT_KEY]).to(self._m_init))
 
     def _init_param_state(self, params: list[torch.Tensor]) -> None:
@@ -172,6 +195,7 @@ class FriendlySAM(SAMFamily):
     # ----------------------------------------------------------------- per-tensor scalars
     def _index(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """Positions of ``params`` in the parameter order (an int64 device tensor, cached)."""
+        self._sync_flags()
         order = tuple(id(p) for g in self.param_groups for p in g["params"])
         key = (order, tuple(map(id, params)))
         cache = self._index_cache

@@ -167,7 +167,7 @@ class SAM(_step_plan.PlannedSteps, SAMFamily):
             torch.compiler.is_compiling()
             or not isinstance(plan, _step_plan.PlannedStep)
             or perturbed is not plan.perturbed
-            or not plan.valid(self, entries=False)
+            or not plan.valid(self, half="descent")
         ):
             return False
         hyper = plan.hyper()

@@ -534,3 +534,30 @@ if __name__ == "__main__" and _gloo.is_worker_call(sys.argv):
         sys.argv,
         {b: functools.partial(_fsdp2_run, base=b, out_dir=sys.argv[4]) for b in ("sgd", "adamw")},
     )
+
+
+def test_load_inside_a_step_refused_unchanged():
+    """``load_state_dict`` between ``first_step`` and ``second_step`` dropped the step's
+    backups: ``second_step`` then failed with a bare ``KeyError`` and left the weights at
+    ``w + e``. It is refused, changing nothing, and the step finishes as without it."""
+    from python_api import SAM
+
+    pairs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = nn.Linear(4, 3)
+        pairs.append((m, SAM(m.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)))
+    x = torch.randn(8, 4)
+    for k, (m, opt) in enumerate(pairs):
+        m(x).square().mean().backward()
+        opt.first_step(zero_grad=True)
+        if k == 0:
+            sd = opt.state_dict()
+            with pytest.raises(RuntimeError, match="inside a step"):
+                opt.load_state_dict(sd)
+        m(x).square().mean().backward()
+        opt.second_step(zero_grad=True)
+    (a, _), (b, _) = pairs
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    opt = pairs[0][1]
+    opt.load_state_dict(opt.state_dict())  # after the step: accepted

@@ -435,3 +435,38 @@ def test_add_param_group_extends_the_flags():
 
 def test_sharded_and_per_replica_flags():
     assert FriendlySAM.sharded_safe is True and FriendlySAM.per_replica_safe is False
+
+
+def test_a_parameter_added_any_way_gets_its_own_first_step_flag():
+    """A parameter appended to a group's list in place, or added through the base optimizer,
+    trains as one added by ``opt.add_param_group``: its moving average starts at its first
+    step (the per-place flags were not extended: an IndexError at the next step)."""
+    runs = []
+    for mode in ("opt", "group list", "base"):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+        extra = nn.Parameter(torch.zeros(3))
+        groups = [{"params": [m[0].weight, m[0].bias]}, {"params": [m[2].weight, m[2].bias]}]
+        opt = FriendlySAM(groups, torch.optim.SGD, lr=0.05, momentum=0.9, rho=0.05)
+        g = torch.Generator().manual_seed(7)
+        for step in range(6):
+            x, y = torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
+            if step == 3:
+                if mode == "opt":
+                    opt.add_param_group({"params": [extra]})
+                elif mode == "group list":
+                    opt.param_groups[0]["params"].append(extra)
+                else:
+                    opt.base_optimizer.add_param_group({"params": [extra]})
+
+            def closure():
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(m(x), y) + (extra - 1).square().sum()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        runs.append([p.detach().clone() for p in [*m.parameters(), extra]])
+    assert not torch.equal(runs[0][-1], torch.zeros(3))
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))

@@ -308,3 +308,37 @@ def test_complex_parameters_refused(name):
     with pytest.raises(TypeError, match="complex"):
         opt.step(closure)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _remove(params: list, p: torch.Tensor) -> None:
+    params.pop(next(i for i, q in enumerate(params) if q is p))  # by identity, not ==
+
+
+def test_a_parameter_without_gradient_removed_in_place(name):
+    """A parameter that never has a gradient, removed from its group's list in place mid-run,
+    changes nothing: the run equals one that never had it. (ESAM's coins and FriendlySAM's
+    first-step flags are by place among all parameters: FriendlySAM kept the old places.)"""
+    if name in ("ESAM", "RSAM"):
+        pytest.skip(
+            f"{name} draws by place, or for every parameter that requires grad: a run without "
+            "the parameter draws other noise from the start (ESAM: tests/optim/test_esam.py)"
+        )
+    runs = []
+    for removed_at_start in (False, True):
+        torch.manual_seed(3)
+        model = Net()
+        groups = model.groups()
+        if removed_at_start:
+            _remove(groups[0]["params"], model.unused)
+        opt = opt_class(name)(
+            groups, BASES["sgd"][0], model=model, **SPECS[name][2], **BASES["sgd"][1]
+        )
+        for s, (x, y) in enumerate(batches(6)):
+            if s == 2 and not removed_at_start:
+                _remove(opt.param_groups[0]["params"], model.unused)
+            torch.manual_seed(100 + s)  # the global stream of the noise classes
+            opt.zero_grad()
+            opt.step(make_closure(name, model, x, y))
+        runs.append(model)
+    for p, q in zip(runs[0].parameters(), runs[1].parameters()):
+        assert torch.equal(p, q)

@@ -412,6 +412,83 @@ def test_a_parameters_state_reset_is_seen(base, reset, planned):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _edit_state(opt, p, edit):
+    st = opt.base_optimizer.state
+    if edit == "reset":
+        st[p] = {}
+    else:  # a buffer replaced (a value no step would give)
+        for k, v in list(st[p].items()):
+            st[p][k] = torch.full_like(v, 0.25)
+
+
+@pytest.mark.parametrize("edit", ["reset", "replaced"])
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("form", ["two-call", "closure"])
+def test_a_state_edit_inside_a_step_is_seen(form, base, edit):
+    """User code runs inside a step: between ``first_step`` and ``second_step``, or in the
+    closure. A base state entry replaced or reset there is written by the descent as by the
+    unplanned one (the planned descent stepped the tensors the ascent had checked)."""
+    m, r, opt, ref = _pair(base)
+    for s in range(6):
+        pairs = [(m, opt), (r, ref)]
+        if form == "two-call":
+            for model, o in pairs:
+                _grads(model, o, s)
+                o.first_step(zero_grad=True)
+                if s == 3:
+                    _edit_state(o, model.fc.weight, edit)
+                _grads(model, o, s + 1000)
+                o.second_step(zero_grad=True)
+        else:
+            for model, o in pairs:
+                x, y = _data(s)
+                calls = [0]
+
+                def closure(model=model, o=o, x=x, y=y, calls=calls):
+                    calls[0] += 1
+                    if s == 3 and calls[0] == 2:  # the evaluation at w + e
+                        _edit_state(o, model.fc.weight, edit)
+                    o.zero_grad()
+                    loss = _loss(model, x, y)
+                    loss.backward()
+                    return loss
+
+                o.step(closure)
+        _same(m, r, opt, ref)
+    assert _planned(opt)
+
+
+@pytest.mark.parametrize("edit", ["reset", "replaced"])
+@pytest.mark.parametrize("algo", ["CRSAM", "FrobSAM"])
+def test_a_state_edit_in_the_closure_is_seen_by_the_other_plans(algo, edit):
+    """The same for CR-SAM's and the universal class's plans (their descents checked only the
+    plans' keys: 0.03 away from the unplanned step after the edit)."""
+    import _plan_training as pt
+
+    import python_api
+
+    kw = {"seed": 1234, "backend": "ext"} if algo == "FrobSAM" else {}
+    m, r, opt, ref = pt.make_pair(pt.Net, getattr(python_api, algo), pt.BASES["sgd"], **kw)
+    for s in range(6):
+        g = torch.Generator().manual_seed(s)
+        x, y = torch.randn(6, 3, 6, 6, generator=g), torch.randn(6, 3, generator=g)
+        for model, o in ((m, opt), (r, ref)):
+            calls = [0]
+
+            def closure(model=model, o=o, calls=calls):
+                calls[0] += 1
+                if s == 3 and calls[0] == 2:  # an evaluation at a perturbed point
+                    _edit_state(o, model.fc.weight, edit)
+                o.zero_grad()
+                loss = (model(x) - y).square().mean()
+                loss.backward()
+                return loss
+
+            o.step(closure)
+        _same(m, r, opt, ref)
+    assert _planned(opt)
+
+
 def test_parameters_retyped():
     m, r, opt, ref = _pair("sgd")
     for s in range(3):
