@@ -105,6 +105,20 @@ def _closure_step(pairs, seed, dtype=torch.float32):
         opt.step(closure)
 
 
+def _closure_of(model, o, x, y, before=None):
+    """A closure of these tests: ``before()`` (a count, an edit), zero_grad, loss, backward."""
+
+    def closure():
+        if before is not None:
+            before()
+        o.zero_grad()
+        loss = _loss(model, x, y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def _ops_of_one_step(m, opt) -> tuple[list[str], list[str]]:
     """The ops dispatched by ``first_step`` and by ``second_step`` (gradients set outside)."""
     _grads(m, opt, 7)
@@ -181,14 +195,10 @@ def test_stale_and_fresh_gradients_on_the_plan(zeroing):
             if fresh:
                 _loss(model, x, y).backward()
 
-            def closure(model=model, o=o, x=x, y=y):
+            def count(o=o):
                 calls[id(o)] += 1
-                o.zero_grad()
-                loss = _loss(model, x, y)
-                loss.backward()
-                return loss
 
-            o.step(closure)
+            o.step(_closure_of(model, o, x, y, before=count))
         _same(m, r, opt, ref)
         assert _planned(opt) or s < 2  # built at the third step (after the state exists)
     # steps 0, 2, 4 fresh (one call each), 1, 3, 5 stale (two each)
@@ -444,16 +454,12 @@ def test_a_state_edit_inside_a_step_is_seen(form, base, edit):
                 x, y = _data(s)
                 calls = [0]
 
-                def closure(model=model, o=o, x=x, y=y, calls=calls):
+                def edit_at_w_plus_e(model=model, o=o, calls=calls):
                     calls[0] += 1
                     if s == 3 and calls[0] == 2:  # the evaluation at w + e
                         _edit_state(o, model.fc.weight, edit)
-                    o.zero_grad()
-                    loss = _loss(model, x, y)
-                    loss.backward()
-                    return loss
 
-                o.step(closure)
+                o.step(_closure_of(model, o, x, y, before=edit_at_w_plus_e))
         _same(m, r, opt, ref)
     assert _planned(opt)
 
