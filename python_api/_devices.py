@@ -17,8 +17,8 @@ from python_api._checks import check_real_params
 class DeviceFollowing:
     """Where the parameters are, and the state following them (a part of ``SAMFamily``). Reads
     ``param_groups``, ``state``, ``base_optimizer``, ``_device``, ``_param_sig``, ``_followed``
-    and the plan
-    caches (``_rho_cache``, ``_plan``, ``_mode_plan``) that ``SAMFamily`` creates."""
+    and the plan caches (``_rho_cache``, ``_plan``, ``_mode_plan``) that ``SAMFamily``
+    creates."""
 
     def _find_device(self) -> torch.device:
         for g in self.param_groups:
