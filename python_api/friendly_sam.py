@@ -147,6 +147,11 @@ class FriendlySAM(SAMFamily):
         if not isinstance(group.get("adaptive", False), bool):
             raise TypeError(f"adaptive must be a bool, got {group['adaptive']!r}")
 
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_m_params"):  # after __init__: flags for the new parameters now
+            self._sync_flags()
+
     def _order(self) -> tuple[torch.Tensor, ...]:
         return tuple(p for g in self.param_groups for p in g["params"])
 
