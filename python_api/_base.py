@@ -251,7 +251,9 @@ class SAMFamily(
         # current step (their backups hold w: restored if the step raises before its base step
         # is launched); _param_sig, the parameters' (dtype, device); _plan / _mode_plan, the
         # cached base-step and norm/ascent plans
-        self._grad_marks: dict[torch.Tensor, tuple[weakref.ref, int]] = {}
+        # ({} until a step ends: then the parameters in order with (weakref, version) or None
+        # each, or a step plan's marks)
+        self._grad_marks: Any = {}
         self._live: list[torch.Tensor] = []
         self._param_sig: list[tuple[torch.dtype, torch.device]] = []
         self._followed = False  # _follow_device ran in the current step

@@ -9,6 +9,7 @@ how a non-finite loss or gradient becomes the step's device flag (or an error wi
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -162,32 +163,38 @@ class ClosureContract:
         if planned is not None:  # recorded in C++ by the step plan (python_api._step_plan)
             self._grad_marks = planned
             return
-        marks: dict[torch.Tensor, tuple[weakref.ref, int]] = {}
-        for g in self.param_groups:
-            for p in g["params"]:
-                gr = p.grad
-                if gr is not None:
-                    marks[p] = (weakref.ref(gr), gr._version)
-        self._grad_marks = marks
+        # by place in the parameter order (a dict keyed by parameter would hash each one, and
+        # Tensor.__hash__ is Python); the order is kept with them, so a changed order is seen
+        params = tuple(p for g in self.param_groups for p in g["params"])
+        marks = [None if (gr := p.grad) is None else (weakref.ref(gr), gr._version) for p in params]
+        self._grad_marks = (params, marks)
 
     def _fresh_grads(self) -> bool:
         """Drop stale gradients (``p.grad = None``); True if any fresh gradient remains."""
         if torch.compiler.is_compiling():
             return _fresh_grads_untraced(self)
         marks = self._grad_marks
-        if not isinstance(marks, dict):  # a step plan's marks (python_api._step_plan.PlanMarks)
+        if not isinstance(marks, (tuple, dict)):  # a step plan's (_step_plan.PlanMarks)
             return marks.drop_stale(self)
+        params = [p for g in self.param_groups for p in g["params"]]
+        if isinstance(marks, tuple):  # _mark_grads': (the parameters in order, their marks)
+            held, by_place = marks
+            if len(held) != len(params) or not all(map(operator.is_, held, params)):
+                # the order changed since (a group added, a list edited): by identity (``held``
+                # keeps the marked parameters alive, so their ids are unique)
+                by_id = {id(p): m for p, m in zip(held, by_place)}
+                by_place = [by_id.get(id(p)) for p in params]
+        else:  # none yet ({}: a new or reloaded optimizer): every gradient is fresh
+            by_place = [None] * len(params)
         fresh = False
-        for g in self.param_groups:
-            for p in g["params"]:
-                gr = p.grad
-                if gr is None:
-                    continue
-                m = marks.get(p)
-                if m is not None and m[0]() is gr and gr._version - m[1] <= 1:
-                    p.grad = None
-                else:
-                    fresh = True
+        for p, m in zip(params, by_place):
+            gr = p.grad
+            if gr is None:
+                continue
+            if m is not None and m[0]() is gr and gr._version - m[1] <= 1:
+                p.grad = None
+            else:
+                fresh = True
         return fresh
 
     def _as_loss(self, loss: Any) -> torch.Tensor:

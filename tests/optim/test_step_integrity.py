@@ -81,6 +81,37 @@ def test_stale_gradients_are_not_g0(name, base, mode):
     assert _equal_models(ref, got)
 
 
+@pytest.mark.parametrize("planned", [True, False], ids=["planned", "unplanned"])
+def test_stale_gradients_seen_after_the_parameter_order_changed(planned):
+    """The marks a step leaves are by place, with the order they were taken in: after a group
+    is added in front of the marked parameters' places (here: a new group, and the first
+    group's list reversed in place), stale gradients are still found by parameter."""
+    runs = []
+    for zero in ("none", "false"):
+        torch.manual_seed(0)
+        model = Net()
+        extra = nn.Parameter(torch.zeros(2))
+        opt = build("SAM", "sgd", model)
+        opt.plan_steps = planned
+        calls = [0]
+        for s, (x, y) in enumerate(batches(5)):
+            if s == 2:
+                opt.add_param_group({"params": [extra]})
+                opt.param_groups[0]["params"].reverse()
+            inner = make_closure("SAM", model, x, y)
+
+            def closure(inner=inner):
+                calls[0] += 1
+                return inner()
+
+            opt.zero_grad(set_to_none=(zero == "none"))
+            opt.step(closure)
+        runs.append((model, calls[0]))
+    (ref, ref_calls), (got, calls) = runs
+    assert calls == ref_calls == 10  # stale gradients dropped: two evaluations every step
+    assert _equal_models(ref, got)
+
+
 @pytest.mark.parametrize("name", ["SAM", "CRSAM", "LookSAM"])
 def test_fresh_gradients_still_count(name):
     """davda54/sam's loop (the user's own first backward) keeps one closure call fewer, also
