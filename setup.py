@@ -32,6 +32,7 @@ CPU_SOURCES = [
     "csrc/bindings.cpp",
     "csrc/cpu_ops.cpp",
     "csrc/cpu_filter_noise.cpp",
+    "csrc/cpu_looksam.cpp",
     "csrc/step_plan.cpp",
     "csrc/plan_glue.cpp",
     "csrc/universal_plan.cpp",

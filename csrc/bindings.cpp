@@ -1,6 +1,6 @@
 // The custom-op schemas of the extension (namespace sam_kernels_C). Implementations are
-// registered per device: CPU in cpu_ops.cpp (and cpu_filter_noise.cpp, scalar_glue.cpp,
-// list_ops.cpp), CUDA in cuda_glue.cpp (CUDA builds only); fake
+// registered per device: CPU in cpu_ops.cpp (and cpu_filter_noise.cpp, cpu_looksam.cpp,
+// scalar_glue.cpp, list_ops.cpp), CUDA in cuda_glue.cpp (CUDA builds only); fake
 // (meta) implementations for torch.compile are registered from Python (sam_kernels/cuda_ext.py).
 //
 // Conventions: tensor lists are equal-length lists of dense tensors; a LinComb gradient is its
@@ -28,6 +28,9 @@ TORCH_LIBRARY(sam_kernels_C, m) {
       "filter_noise_perturb_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor(c!)[] deltas, "
       "Tensor sigma, float eps_1d, Tensor seed, Tensor offset) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
+  // LookSAM's per-tensor projection and reuse coefficients (cpu_looksam.cpp; CPU only)
+  m.def("looksam_project_(Tensor(a!)[] gv, Tensor[] g0, Tensor[] gs, Tensor? ok) -> ()");
+  m.def("looksam_reuse_coefs(Tensor[] g0, Tensor[] gv, float alpha) -> Tensor");
   m.def("lincomb_(Tensor(a!)[] out, Tensor[] terms, Tensor coefs) -> ()");
   m.def(
       "frob_accumulate_(Tensor(a!)[] cross, Tensor(b!)[] gsum, Tensor[] grads, Tensor loss, "

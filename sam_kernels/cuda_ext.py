@@ -10,8 +10,9 @@ Triton / eager, and says why when this backend was asked for).
 
 :func:`supports` tells the chooser where the ops run: CPU tensors always (the C++ ops), CUDA
 tensors when the library was built with CUDA. Calls the extension cannot take (a noise tensor
-given directly, more gradient terms than its kernels combine, and ``dot`` and
-``filter_noise_perturb`` on CUDA tensors, whose kernels are CPU-only) are declined
+given directly, more gradient terms than its kernels combine, and ``dot``,
+``filter_noise_perturb`` and LookSAM's two ops on CUDA tensors, whose kernels are CPU-only) are
+declined
 (:class:`sam_kernels._backend.Declined`): the chooser runs them on the next backend.
 """
 
@@ -128,6 +129,11 @@ def _dot_fake(a, b):
     return torch.empty((), dtype=torch.float64, device=a[0].device)
 
 
+@torch.library.register_fake(f"{NAMESPACE}::looksam_reuse_coefs")
+def _looksam_reuse_coefs_fake(g0, gv, alpha):
+    return torch.empty((2, len(g0)), dtype=torch.float32, device=g0[0].device)
+
+
 def _no_output(*args, **kwargs) -> None:
     return None
 
@@ -137,6 +143,7 @@ for _name in (
     "noise_perturb_",
     "filter_noise_perturb_",
     "restore_",
+    "looksam_project_",
     "lincomb_",
     "frob_accumulate_",
     "count_step_",
@@ -268,6 +275,37 @@ def dot_ext(a, b) -> torch.Tensor:
         return torch.zeros((), dtype=torch.float64)
     _cpu_only("dot", a[0].device)
     return _ops.dot(a, list(b))
+
+
+def _one_dtype_per_index(*lists) -> None:
+    # the kernels read every list of an index as one dtype (the eager reference promotes)
+    for ts in zip(*lists):
+        if any(t.dtype != ts[0].dtype for t in ts):
+            raise Declined("tensors of different dtypes at one index")
+
+
+@register("looksam_project", "ext")
+def looksam_project_ext(gv, g0, gs, ok) -> None:
+    gv = list(gv)
+    if not gv:
+        return
+    _cpu_only("looksam_project", gv[0].device)
+    g0, gs = list(g0), list(gs)
+    _one_dtype_per_index(gv, g0, gs)
+    if ok is not None and (ok.dtype != torch.float32 or ok.device != gv[0].device):
+        raise Declined(f"ok of dtype {ok.dtype} on {ok.device}")
+    _ops.looksam_project_(gv, g0, gs, ok)
+
+
+@register("looksam_reuse_coefs", "ext")
+def looksam_reuse_coefs_ext(g0, gv, alpha: float) -> torch.Tensor:
+    g0 = list(g0)
+    if not g0:
+        return torch.zeros((2, 0), dtype=torch.float32)
+    _cpu_only("looksam_reuse_coefs", g0[0].device)
+    gv = list(gv)
+    _one_dtype_per_index(g0, gv)
+    return _ops.looksam_reuse_coefs(g0, gv, float(alpha))
 
 
 @register("restore", "ext")

@@ -201,6 +201,23 @@ def case_dot(dtype, _):
     return (make(dtype), make(dtype)), ()
 
 
+def case_looksam_project(dtype, ok):
+    """``ok``: absent (gv copied from the result: NaN outputs must be written in full), 1.0
+    (selected: random finite outputs, which stay only where an element is not written), or 0.0
+    (gv keeps its values). g0's second tensor is zero (coefficient 0: gv = gs)."""
+    g0, gs = make(dtype), make(dtype)
+    g0[1] = torch.zeros_like(g0[1])
+    gv = nans_like(g0) if ok is None else make(dtype)
+    return (gv, g0, gs, None if ok is None else torch.tensor(ok)), (0,)
+
+
+def case_looksam_reuse_coefs(dtype, alpha):
+    """gv's second tensor is zero (coefficient 0)."""
+    g0, gv = make(dtype), make(dtype)
+    gv[1] = torch.zeros_like(gv[1])
+    return (g0, gv, alpha), ()
+
+
 def case_finite_and(dtype, variant):
     """Losses and norms of ``dtype`` (a one-element non-0-d one too); ``variant``: the flag
     given or not, every value finite or not."""
@@ -249,6 +266,8 @@ CASES = {
     "adamw_step": (case_adamw_step, [False, True]),
     "aesam_stats": (case_aesam_stats, [None]),
     "dot": (case_dot, [None]),
+    "looksam_project": (case_looksam_project, [None, 1.0, 0.0]),
+    "looksam_reuse_coefs": (case_looksam_reuse_coefs, [0.0, 0.7]),
     "empty_like_list": (case_empty_like_list, [None]),
     "zero_unless": (case_zero_unless, [0.0, 1.0]),
 }

@@ -209,20 +209,21 @@ def test_aesam_stats_fp64_sum(backend):
     assert_rel(stats[0], 0.5 * s, f"{backend} mu")
 
 
-def test_looksam_projection_large_values():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_looksam_projection_large_values(backend):
     """Per-tensor squared norms and dots of ~4e39 (beyond fp32): accumulated in fp64."""
     gen = torch.Generator().manual_seed(8)
     g0 = [torch.randn(4000, generator=gen) * 1e18, torch.randn(300, generator=gen)]
     gs = [0.5 * g0[0] + torch.randn(4000, generator=gen) * 1e18, torch.randn(300, generator=gen)]
     gv = [torch.zeros(4000), torch.zeros(300)]
-    sk.looksam_project_(gv, g0, gs, torch.ones(()), backend="eager")
+    sk.looksam_project_(gv, g0, gs, torch.ones(()), backend=backend)
     for a, b, v in zip(g0, gs, gv):
         a64, b64 = a.double(), b.double()
         want = b64 - (a64 @ b64) / (a64 @ a64) * a64
         assert torch.isfinite(v).all()
         err = float((v.double() - want).norm() / want.norm())
         assert err < RTOL, err
-    comb = sk.looksam_reuse(g0, gs, 0.7, backend="eager")
+    comb = sk.looksam_reuse(g0, gs, 0.7, backend=backend)
     for i, (a, v) in enumerate(zip(g0, gs)):
         want = 0.7 * float(a.double().norm()) / (float(v.double().norm()) + REUSE_EPS)
         assert_rel(comb.coefs[1, i], want, f"reuse coefficient {i}")

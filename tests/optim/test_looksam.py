@@ -26,6 +26,7 @@ from _switching_ref import (
     weights,
 )
 
+import sam_kernels as sk
 from python_api.looksam import LookSAM
 from sam_kernels.ops.looksam import looksam_project_, looksam_reuse
 
@@ -105,20 +106,26 @@ def _lists(dtype=torch.float32):
     return g0, gs
 
 
+#: the backends that run LookSAM's ops on CPU tensors here (the extension's own kernels; Triton
+#: has none, so its call runs the eager reference)
+OP_BACKENDS = [b for b in ("eager", "ext") if sk.available(b, "cpu")]
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_looksam_ops_match_float64(dtype):
+def test_looksam_ops_match_float64(dtype, backend):
     g0, gs = _lists(dtype)
     gv = [torch.full_like(t, 9.0) for t in g0]
-    looksam_project_(gv, g0, gs, torch.ones(()))
+    looksam_project_(gv, g0, gs, torch.ones(()), backend=backend)
     tol = 1e-6 if dtype == torch.float32 else 1e-13
     for a, b, v in zip(g0, gs, gv):
         want = look_project(a.double(), b.double())
         assert (v.double() - want).norm() <= tol * max(b.double().norm().item(), 1e-30)
     # ok = 0: gv keeps its values even when gs holds NaN
     old = [v.clone() for v in gv]
-    looksam_project_(gv, g0, [t * float("nan") for t in gs], torch.zeros(()))
+    looksam_project_(gv, g0, [t * float("nan") for t in gs], torch.zeros(()), backend=backend)
     assert all(torch.equal(a, b) for a, b in zip(old, gv))
-    comb = looksam_reuse(g0, gv, 0.7)
+    comb = looksam_reuse(g0, gv, 0.7, backend=backend)
     for i, (a, v) in enumerate(zip(g0, gv)):
         got = comb.coefs[0, i] * comb.terms[0][i] + comb.coefs[1, i] * comb.terms[1][i]
         want = look_reuse(a.double(), v.double(), 0.7)
