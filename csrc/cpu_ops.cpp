@@ -708,7 +708,7 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads,
         gp[k] = ptr<T>(L[1 + k][c.t], c.start);
         if (s.coefs != nullptr) co[k] = s.coefs[k * s.ci.k_stride + c.t * s.ci.n_stride];
       }
-      const AdamWBias bias = adamw_bias(o.beta1, o.beta2, s.steps[c.t] + 1.0f);
+      const AdamWBias bias = adamw_bias(beta1, beta2, static_cast<double>(s.steps[c.t]) + 1.0);
       dispatch_terms(s, [&](auto kt) {
         constexpr int K = decltype(kt)::value;
         if (amsgrad) {

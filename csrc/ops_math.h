@@ -282,10 +282,13 @@ struct AdamWBias {
   float bc2_sqrt;  // sqrt(1 - beta2^t)
 };
 
-SK_HD AdamWBias adamw_bias(float beta1, float beta2, float t) {
+// in fp64 from the betas as given (torch's AdamW takes them as Python floats), rounded once:
+// from the fp32 rounding of beta2 = 0.9999, 1 - beta2^t would be off by up to 2e-4 relative at
+// small t
+SK_HD AdamWBias adamw_bias(double beta1, double beta2, double t) {
   AdamWBias b;
-  b.bc1 = 1.0f - powf(beta1, t);
-  b.bc2_sqrt = sqrtf(1.0f - powf(beta2, t));
+  b.bc1 = static_cast<float>(1.0 - pow(beta1, t));
+  b.bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(beta2, t)));
   return b;
 }
 

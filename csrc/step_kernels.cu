@@ -151,7 +151,7 @@ void launch_sgd_step(const Group& g, const StepCommon& s, double momentum, doubl
 // ---- AdamW ----
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    adamw_kernel(const __grid_constant__ Meta<9> m, StepCommon sc, float beta1, float beta2,
+    adamw_kernel(const __grid_constant__ Meta<9> m, StepCommon sc, double beta1, double beta2,
                  float eps, bool amsgrad) {
   const ChunkLoc c = locate(m);
   if (sc.ok != nullptr && sc.ok[0] == 0.0f) {
@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const bool plain = sc.coefs.ptr == nullptr;
   const float steps = static_cast<const float*>(m.ptr[kAdamSteps][c.t])[0];
-  const AdamWBias bias = adamw_bias(beta1, beta2, steps + 1.0f);
+  const AdamWBias bias = adamw_bias(beta1, beta2, static_cast<double>(steps) + 1.0);
   AdamWParams o;
   if (sc.lr_ptr != nullptr) {
     o.lr = sc.lr_ptr[0];
@@ -183,11 +183,13 @@ __global__ void __launch_bounds__(kThreads)
     o.lr = static_cast<float>(sc.lr);
     o.decay = static_cast<float>(1.0 - sc.lr * sc.weight_decay);
   }
-  o.beta1 = beta1;
-  o.beta2 = beta2;
+  // (as the CPU kernels: 1 - beta from the fp64 beta, where 1 - fp32(beta2) was off by 1.3e-5
+  // relative for beta2 = 0.999)
+  o.beta1 = static_cast<float>(beta1);
+  o.beta2 = static_cast<float>(beta2);
   o.eps = eps;
-  o.lerp_weight = static_cast<float>(1.0 - static_cast<double>(beta1));
-  o.one_minus_beta2 = static_cast<float>(1.0 - static_cast<double>(beta2));
+  o.lerp_weight = static_cast<float>(1.0 - beta1);
+  o.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   o.amsgrad = amsgrad;
   adamw_set_maximize(o, sc.maximize);
   SK_CHUNK_LOOP(i, c) {
@@ -222,8 +224,7 @@ void launch_adamw_step(const Group& g, const StepCommon& s, double beta1, double
     for_each_table<9>(g, ids, [&](const Meta<9>& m, int blocks, int64_t) {
       if (blocks > 0) {
         adamw_kernel<T><<<blocks, kThreads, 0, as_stream(stream)>>>(
-            m, s, static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(eps),
-            amsgrad);
+            m, s, beta1, beta2, static_cast<float>(eps), amsgrad);
         check_cuda(cudaGetLastError(), "adamw_step");
       }
       steps_add_kernel<9><<<(m.n + 127) / 128, 128, 0, as_stream(stream)>>>(m, kAdamSteps, s.ok);

@@ -241,12 +241,26 @@ def _adamw_in_place(
 
 
 def _bias_corrections(beta1: float, beta2: float, t: list[torch.Tensor]):
-    """``1 - beta1^t`` and ``sqrt(1 - beta2^t)`` per tensor (device ops, torch's AdamW order)."""
-    bc1 = torch._foreach_pow(beta1, t)
-    bc2 = torch._foreach_pow(beta2, t)
-    torch._foreach_neg_(bc1)
-    torch._foreach_add_(bc1, 1.0)
-    torch._foreach_neg_(bc2)
-    torch._foreach_add_(bc2, 1.0)
-    torch._foreach_sqrt_(bc2)
-    return bc1, bc2
+    """``1 - beta1^t`` and ``sqrt(1 - beta2^t)`` per tensor, as 0-d tensors of the counters'
+    dtype on their device (no host read).
+
+    Computed in fp64 from the betas as given (torch's AdamW takes them as Python floats), then
+    rounded once: from the fp32 rounding of ``beta2 = 0.9999`` (off by 2.5e-9), ``1 - beta2^t``
+    would be off by up to 2e-4 relative at small ``t``. A fixed number of ops per dtype of the
+    counters (one stacked vector), whatever the number of tensors.
+    """
+    dtypes = {x.dtype for x in t}
+    if len(dtypes) > 1:  # counters of fp64 parameters beside fp32 ones: one vector per dtype
+        bc1: list = [None] * len(t)
+        bc2: list = [None] * len(t)
+        for dt in dtypes:
+            idx = [i for i, x in enumerate(t) if x.dtype == dt]
+            a, b = _bias_corrections(beta1, beta2, [t[i] for i in idx])
+            for i, x, y in zip(idx, a, b):
+                bc1[i], bc2[i] = x, y
+        return bc1, bc2
+    tt = torch.stack(t)
+    t64 = tt.to(torch.float64)
+    bc1_v = (1.0 - torch.pow(float(beta1), t64)).to(tt.dtype)
+    bc2_v = (1.0 - torch.pow(float(beta2), t64)).sqrt_().to(tt.dtype)
+    return list(bc1_v.unbind(0)), list(bc2_v.unbind(0))

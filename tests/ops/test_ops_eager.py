@@ -356,3 +356,38 @@ def test_backend_chooser(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="triton"):
         _backend.resolve("grad_norm", torch.device("cpu"), "triton")
+
+
+def _cpu_backends() -> list[str]:
+    return [b for b in ("eager", "triton", "ext") if sk.available(b, "cpu")]
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("beta2", [0.999, 0.9999])
+def test_adamw_bias_corrections_in_float64(backend, beta2):
+    """``1 - beta^t`` from the betas as torch's AdamW takes them (Python floats: fp64), not from
+    their fp32 roundings: ``beta2 = 0.9999`` rounded to fp32 is off by 2.5e-9, which ``1 - beta2^t``
+    turns into a 2e-4 relative error of the step at small ``t`` (8e-5 at ``t = 1``), where torch's
+    step is exact to fp32 rounding. Parameters at zero and no weight decay: the new parameter is
+    the update itself, compared with the fp64 formula on the same fp32 inputs."""
+    beta1, eps, lr = 0.9, 1e-8, 1.0
+    gen = torch.Generator().manual_seed(3)
+    counts = [0.0, 1.0, 9.0, 99.0, 999.0]
+    ps = [torch.zeros(7) for _ in counts]
+    gs = [torch.randn(7, generator=gen) for _ in counts]
+    m = [0.1 * torch.randn(7, generator=gen) for _ in counts]
+    v = [0.01 * torch.rand(7, generator=gen) for _ in counts]
+    m0, v0 = [x.double() for x in m], [x.double() for x in v]
+    steps = [torch.tensor(c) for c in counts]
+    sk.adamw_step_(
+        ps, gs, m, v, [], steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=0.0,
+        amsgrad=False, maximize=False, ok=torch.tensor(1.0), backend=backend,
+    )  # fmt: skip
+    for i, (p, g, c) in enumerate(zip(ps, gs, counts)):
+        t = c + 1.0
+        g64 = g.double()
+        m1 = beta1 * m0[i] + (1.0 - beta1) * g64
+        v1 = beta2 * v0[i] + (1.0 - beta2) * g64 * g64
+        want = -lr * (m1 / (1.0 - beta1**t)) / (v1.sqrt() / (1.0 - beta2**t) ** 0.5 + eps)
+        err = float(((p.double() - want).abs() / want.abs()).max())
+        assert err < 2e-6, (i, t, err)
