@@ -27,9 +27,12 @@ Design (details in :mod:`sam_kernels.triton._launch`):
   ``filter_noise_perturb`` (R-SAM's filter-wise noise): a row-norm launch (one program per
   output unit), then the elementwise one.
   ``grad_norm``, ``dot`` and ``aesam_stats``: per-program fp64 partial sums, then one program
-  that sums them in a fixed order (deterministic, no atomics). ``sgd_step`` / ``adamw_step``:
-  the fused step, then a one-program launch that adds ``ok`` to the step counters (every
-  program of a tensor reads its counter, so the step kernel cannot write it without a race).
+  that sums them in a fixed order (deterministic, no atomics). ``looksam_project`` /
+  ``looksam_reuse_coefs``: per-chunk fp64 partials, one program per tensor that sums its
+  chunks' partials in order into its coefficient, then (projection) the elementwise pass gated
+  by ``ok``. ``sgd_step`` / ``adamw_step``: the fused step, then a one-program launch that
+  adds ``ok`` to the step counters (every program of a tensor reads its counter, so the step
+  kernel cannot write it without a race).
 
 Bytes moved per parameter element, fp32 (4 B per element read or written; bf16/fp16 halve
 every term, except the fp64 temporaries of dot's eager reference: 60 B there; step counters,
@@ -50,6 +53,8 @@ lincomb (K = 2 / K = 3 terms)                               36 / 56   12 / 16
 frob_accumulate (``cross += L g; gsum += g``)               32        20
 aesam_stats                                                 4         4
 dot (``<a, b>``, fp64 products)                             64        8
+looksam_project (ok given / none)                           80 / 60   20
+looksam_reuse_coefs                                         8         8
 sgd_step (momentum, from backup, ok flag)                   88        20
 sgd_step (+ weight decay; + nesterov: each)                 +12       +0
 sgd_step with a K = 3 LinComb gradient                      144       28
@@ -71,6 +76,7 @@ from sam_kernels.triton import (  # noqa: F401  (importing registers the ops)
     frob_accumulate,
     grad_norm,
     lincomb,
+    looksam,
     perturb,
     restore,
     sgd_step,

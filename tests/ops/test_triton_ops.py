@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import like
+from _helpers import bits, like
 
 import sam_kernels as sk
 from sam_kernels import LinComb
@@ -236,6 +236,116 @@ def test_aesam_stats_matches_eager():
         de = sk.aesam_stats_([], before, delta=0.9, c=0.3, backend="eager")
         assert int(d) == int(de)
         torch.testing.assert_close(st, before)
+
+
+# ------------------------------------------------------------------------------ looksam
+#: SHAPES plus a tensor of more than one chunk under the interpreter too (64K-element blocks)
+LOOK_SHAPES = SHAPES + [(2**16 + 3,)]
+
+
+def _look_inputs(dtype, layout):
+    """g0, gs (``layout``: contig, strided, or mixed: g0 strided, gs contiguous); g0's 1-element
+    tensor is zero (coefficient 0: gv = gs)."""
+    g0 = make(LOOK_SHAPES, dtype, "contig" if layout == "contig" else "strided")
+    gs = make(LOOK_SHAPES, dtype, "strided" if layout == "strided" else "contig")
+    g0[1].zero_()
+    return g0, gs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ok", [None, 1.0, 0.0])
+@pytest.mark.parametrize("layout", ["contig", "strided", "mixed"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter
+def test_looksam_project_matches_eager(layout, ok, dtype):
+    g0, gs = _look_inputs(dtype, layout)
+    # every element written: gv starts as NaN (ok None), or random and finite (ok 1: the eager
+    # reference selects with a lerp, NaN there stays NaN), laid out as the inputs
+    gv = like(g0) if ok is None else make(LOOK_SHAPES, dtype, "strided")
+    ok_t = None if ok is None else torch.tensor(ok, device=DEVICE)
+    if ok == 0.0:  # a skipped step: gv keeps its bits whatever g0 and gs hold
+        gs[3].view(-1)[5] = float("nan")
+        g0[2][4] = float("inf")
+    before = clone(gv)
+    ve = up(gv)
+    sk.looksam_project_(gv, g0, gs, ok_t, backend="triton")
+    if ok == 0.0:
+        for i, (a, b) in enumerate(zip(gv, before)):
+            assert torch.equal(bits(a), bits(b)), f"gv[{i}] changed on a skipped step"
+        return
+    sk.looksam_project_(ve, up(g0), up(gs), ok_t, backend="eager")  # fp32 math, one rounding
+    assert finite(gv)
+    assert_ref(gv, ve, dtype, what="gv")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha", [0.0, 0.7, 3.3])
+@pytest.mark.parametrize("layout", ["contig", "mixed"])
+def test_looksam_reuse_coefs_match_eager(layout, alpha, dtype):
+    g0, gv = _look_inputs(dtype, layout)
+    gv[2].zero_()  # ||gv|| = 0: coefficient 0
+    ct = sk.looksam_reuse(g0, gv, alpha, backend="triton").coefs
+    ce = sk.looksam_reuse(up(g0), up(gv), alpha, backend="eager").coefs
+    assert ct.shape == (2, len(g0)) and ct.dtype == torch.float32 and ct.device == DEVICE
+    assert torch.equal(ct[0], torch.ones_like(ct[0]))
+    assert float(ct[1, 0]) == 0.0 and float(ct[1, 2]) == 0.0  # empty, zero gv
+    torch.testing.assert_close(ct, ce, rtol=1e-6, atol=0)
+
+
+def test_looksam_many_chunks_deterministic(monkeypatch):
+    """A tensor of more chunks than the per-tensor sum has lanes (several passes of its loop):
+    the coefficients against fp64 sums, two runs the same bits."""
+    from sam_kernels.triton.looksam import PART_BLOCK
+
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(_launch, "INTERP_MAX_BLOCK", 64)  # 64-element chunks
+        big = 64 * (2 * PART_BLOCK + 3) + 5
+    else:
+        big = BIG
+    shapes = [(big,), (0,), (17,), (17, 241)]
+    g0, gs = make(shapes), make(shapes)
+    gs[0] += 0.25 * g0[0]  # a coefficient well away from 0
+    runs = []
+    for _ in range(2):
+        gv = like(g0)
+        sk.looksam_project_(gv, g0, gs, None, backend="triton")
+        coefs = sk.looksam_reuse(g0, gv, 0.7, backend="triton").coefs
+        runs.append((gv, coefs))
+    for (v1, c1), (v2, c2) in zip(runs, runs[1:]):
+        assert torch.equal(c1, c2), "two runs gave different coefficients"
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(v1, v2))
+    gv, coefs = runs[0]
+    for i, (a, b, v) in enumerate(zip(g0, gs, gv)):
+        a, b = a.double().cpu(), b.double().cpu()
+        c = float((a * b).sum() / (a * a).sum()) if a.numel() else 0.0
+        want = b - torch.tensor(c, dtype=torch.float32).double() * a
+        torch.testing.assert_close(v.double().cpu(), want, rtol=1e-6, atol=1e-6)
+        nv = v.double().cpu().norm()
+        r = 0.7 * a.norm() / (nv + 1e-8) if nv > 0 else torch.zeros((), dtype=torch.float64)
+        torch.testing.assert_close(coefs[1, i].cpu(), r.float(), rtol=1e-6, atol=0)
+
+
+def test_looksam_empty_and_mixed_dtypes():
+    assert sk.looksam_reuse([], [], 0.5, backend="triton").coefs.shape == (2, 0)
+    sk.looksam_project_([], [], [], None, backend="triton")
+    z = [torch.empty(0, device=DEVICE), torch.empty(0, 3, device=DEVICE)]
+    sk.looksam_project_(like(z), z, z, torch.ones((), device=DEVICE), backend="triton")
+    c = sk.looksam_reuse(z, z, 0.5, backend="triton").coefs
+    assert c.device == DEVICE and torch.equal(c.cpu(), torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    # different dtypes at one index: declined, so the chooser runs the eager reference
+    from sam_kernels._backend import Declined
+    from sam_kernels.triton.looksam import looksam_project_triton, looksam_reuse_coefs_triton
+
+    g0 = make(SHAPES)
+    gs = make(SHAPES, torch.bfloat16)
+    gv = like(g0)
+    with pytest.raises(Declined):
+        looksam_project_triton(gv, g0, gs, None)
+    with pytest.raises(Declined):
+        looksam_reuse_coefs_triton(g0, gs, 0.5)
+    ve = like(g0)
+    sk.looksam_project_(gv, g0, gs, None, backend="triton")
+    sk.looksam_project_(ve, g0, gs, None, backend="eager")
+    assert_lists(gv, ve, exact=True, what="gv")
 
 
 # ------------------------------------------------------------------------------ sgd_step
