@@ -11,6 +11,14 @@ std::vector<at::Tensor> collect_grads(SamStepPlan& plan, const char* who) {
       plan.watch[i].mutable_grad().reset();
     }
   }
+  // not one gradient where each parameter of the set had one at w: the closure ran no backward
+  // (python_api._perturbation's _collect_grads raises the same)
+  bool any = plan.norm_params.empty();
+  for (const auto& p : plan.norm_params) any = any || grad_ref(p).defined();
+  TORCH_CHECK(any, who,
+              ": the closure's evaluation at a perturbed point left no gradient on any "
+              "parameter; it must call loss.backward() (the weights are restored, the step not "
+              "taken)");
   std::vector<at::Tensor> out;
   out.reserve(plan.norm_params.size());
   for (auto& p : plan.norm_params) {

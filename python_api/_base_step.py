@@ -109,6 +109,7 @@ class BaseStep(StepCounters):
         created for this step are only added once every launch has run; if anything raises,
         the weights are restored from their backups and nothing else has changed.
         """
+        self._check_settings()  # a group edited inside the step (its closure): checked first
         self._follow_device()
         if not gated:
             ok = self._gate_ok(ok)

@@ -29,8 +29,61 @@ def ascent_inv(norm: torch.Tensor) -> torch.Tensor:
 
 
 def check_nonneg(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0.0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    """A finite number >= 0 (an infinite radius or weight skipped every step, or gave
+    non-finite weights, without an error)."""
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not value >= 0.0
+        or not math.isfinite(value)
+    ):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_number(name: str, value: Any, lo: float | None, below_one: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value!r}")
+    if below_one and not value < 1.0:
+        raise ValueError(f"{name} must be < 1, got {value!r}")
+
+
+#: the base optimizer's settings a fused step reads, per base kind (python_api._plans)
+BASE_KEYS = {
+    "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"),
+    "adamw": ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"),
+}
+
+
+def check_base_group(kind: str, group: dict, index: int) -> None:
+    """The settings of ``param_groups[index]`` that the package's own SGD or AdamW step applies:
+    numbers, finite, in torch's ranges (lr, momentum, weight_decay, eps >= 0; betas in
+    [0, 1)). torch checks these in its constructors only; here a value written into the group
+    later (by hand, a scheduler) is checked before the step changes anything, so a NaN or a
+    string never reaches the weights. A tensor ``lr`` is checked for its shape only (its value
+    would need a host read)."""
+    where = f"param_groups[{index}]"
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"{where}['lr'] must be a number or a one-element tensor")
+    else:
+        _check_number(f"{where}['lr']", lr, 0.0)
+    _check_number(f"{where}['weight_decay']", group["weight_decay"], 0.0)
+    for flag in ("maximize", "nesterov", "amsgrad"):
+        if flag in group and not isinstance(group[flag], bool):
+            raise ValueError(f"{where}['{flag}'] must be True or False, got {group[flag]!r}")
+    if kind == "sgd":
+        _check_number(f"{where}['momentum']", group["momentum"], 0.0)
+        _check_number(f"{where}['dampening']", group["dampening"], None)
+    else:
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{where}['betas'] must be a pair of numbers, got {betas!r}")
+        for i, b in enumerate(betas):
+            _check_number(f"{where}['betas'][{i}]", b, 0.0, below_one=True)
+        _check_number(f"{where}['eps']", group["eps"], 0.0)
 
 
 def check_sigma(value: Any) -> None:
@@ -92,9 +145,20 @@ def _check_dense(opt: Any, grads: list[torch.Tensor]) -> list[torch.Tensor]:
     for g in grads:
         if g.layout is not torch.strided:
             raise ValueError(
-                f"{type(opt).__name__} does not support sparse gradients (layout {g.layout})"
+                f"{type(opt).__name__} does not support sparse gradients: the gradient of "
+                f"{where_grad(opt, g)} has layout {g.layout}"
             )
     return grads
+
+
+def where_grad(opt: Any, grad: torch.Tensor) -> str:
+    """``param_groups[i]['params'][j] (shape ...)``: the parameter whose ``.grad`` is ``grad``
+    (for error messages; a linear search)."""
+    for i, group in enumerate(opt.param_groups):
+        for j, p in enumerate(group["params"]):
+            if p.grad is grad:
+                return f"param_groups[{i}]['params'][{j}] (shape {tuple(p.shape)})"
+    return "a parameter"
 
 
 def _combine_norms(norms: list[torch.Tensor], device: torch.device) -> torch.Tensor:

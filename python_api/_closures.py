@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import sam_kernels as sk
-from python_api._checks import NonFiniteError, _check_dense
+from python_api._checks import NonFiniteError, _check_dense, where_grad
 from python_api.batchnorm import preserve_bn_stats
 
 Closure = Callable[[], Any]
@@ -104,7 +104,10 @@ class ClosureContract:
             for p in g["params"]:
                 if p.grad is not None:
                     if p.grad.is_sparse:
-                        raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+                        raise ValueError(
+                            f"{type(self).__name__} does not support sparse gradients: the "
+                            f"gradient of {where_grad(self, p.grad)} is sparse"
+                        )
                     out.append(p)
         return out
 

@@ -207,11 +207,32 @@ class MomentumSAMCore(StepCounters, MomentumSAMCheckpoint, Optimizer):
                 raise TypeError(f"closure must be callable, got {type(closure).__name__}")
             with torch.enable_grad():
                 loss = closure()
+        # hyper-parameters written into a group since (by hand, a scheduler, the closure):
+        # checked before anything changes (a NaN rho wrote NaN weights, a None momentum failed
+        # after the move up)
+        for i, group in enumerate(self.param_groups):
+            try:
+                self._check_hparams(group)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"{type(self).__name__}: param_groups[{i}]: {e}") from None
         active = self._active()
         ps = [p for _, group_ps in active for p in group_ps]
         if not ps:
             return loss
-        for p in ps:
+        grads = [p.grad for p in ps]
+        g_norm = sk.grad_norm(grads, backend=self.backend)
+        # the loss the closure returned is part of the check (the spec's shared rule: a
+        # non-finite loss skips the step as a non-finite gradient does)
+        checked = [g_norm]
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.is_floating_point():
+            checked.append(loss.detach().to(g_norm.device))
+        ok = sk.finite_and(None, checked, backend=self.backend)
+        if self.on_nonfinite == "raise" and not bool(ok.item()):
+            raise NonFiniteError(
+                f"{type(self).__name__}: non-finite gradient or loss; weights and optimizer "
+                "state are unchanged"
+            )
+        for p in ps:  # (after the raise: a refused first step creates no state)
             if p not in self.state or SCALE_KEY not in self.state[p]:
                 self._init_state(p)
         device = ps[0].device
@@ -219,17 +240,8 @@ class MomentumSAMCore(StepCounters, MomentumSAMCheckpoint, Optimizer):
             self._counters = self._counters.to(device)
         cdt = self._coef_dtype(ps)
         consts = self._constants(active, cdt, device)
-        grads = [p.grad for p in ps]
         dirs = [self.state[p][self._dir_key] for p in ps]
         scales = [self.state[p][SCALE_KEY] for p in ps]
-
-        g_norm = sk.grad_norm(grads, backend=self.backend)
-        ok = sk.finite_and(None, [g_norm], backend=self.backend)
-        if self.on_nonfinite == "raise" and not bool(ok.item()):
-            raise NonFiniteError(
-                f"{type(self).__name__}: non-finite gradient; weights and optimizer state are "
-                "unchanged"
-            )
         ones = consts[0]
         c_old = torch.stack(scales).to(cdt)
         c_up = c_old * ok.to(cdt)

@@ -87,10 +87,20 @@ class Perturbation:
         """The gradients of ``params`` after an extra evaluation of the closure.
 
         ``params`` are the parameters that had a gradient at ``w`` (this step's set). One that
-        got none at the new point gets zeros (the loss does not depend on it there); a parameter
+        got none at the new point gets zeros (the loss does not depend on it there), but none of
+        them getting one is an error (a closure without ``backward``); a parameter
         outside the set that got one has it dropped (``p.grad = None``), so every later pass and
         the base step see exactly the set.
         """
+        if params and all(p.grad is None for p in params):
+            # not one gradient where each of these parameters had one at w: the closure ran no
+            # backward (zero gradients would have taken a base step along nothing but momentum
+            # and weight decay, counted as taken)
+            raise RuntimeError(
+                f"{type(self).__name__}: the closure's evaluation at a perturbed point left no "
+                "gradient on any parameter; it must call loss.backward() (the weights are "
+                "restored, the step not taken)"
+            )
         keep = {id(p) for p in params}
         for g in self.param_groups:
             for p in g["params"]:

@@ -119,6 +119,7 @@ _NOT_COPIED = (
     "_live",
     "_param_sig",
     "_followed",
+    "_checked_settings",
 )
 
 

@@ -241,7 +241,11 @@ class PlannedStep(_NotCopied):
         ``half`` of a step writes unchanged: the ascent the backups (and the parameter lists),
         the descent the base state's entries (momentum, moments, step counters). Each half
         checks its own: user code runs between them (the evaluation at ``w + e``, or between
-        ``first_step`` and ``second_step``) and may replace or reset a state entry there."""
+        ``first_step`` and ``second_step``) and may replace or reset a state entry there.
+        Before the descent the groups' settings are checked (``_check_settings``: raises on a
+        value edited into a group there that the step must not apply)."""
+        if half == "descent":
+            opt._check_settings()
         return (
             self._plans_stand(opt)
             and opt._counters is self._counters

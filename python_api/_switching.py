@@ -227,18 +227,17 @@ class SwitchingSAM(SAMFamily):
             self._undo()
             raise
         with torch.no_grad():
-            gs = self._collect_grads(ps)
-            n1 = self._checked_norm(gs)  # the norm: reused by clipping
-            ok = self._ok_from(n1, l1)  # one fused op: [n1, l1 finite]
-            if l0_gate is not None:
-                ok = ok * l0_gate
+            # everything up to the base step's launch undone if it raises: the gradients
+            # collected (a sparse one refused), the flag, the base step's own checks (the AE
+            # statistics, updated at the decision, were left changed by an error here)
             try:
+                gs = self._collect_grads(ps)
+                n1 = self._checked_norm(gs)  # the norm: reused by clipping
+                ok = self._ok_from(n1, l1)  # one fused op: [n1, l1 finite]
+                if l0_gate is not None:
+                    ok = ok * l0_gate
                 self._check_raise(ok, "the perturbed evaluation (gradient at w + e)", perturbed)
-            except NonFiniteError:
-                self._undo()
-                raise
-            # the flag the base step used (gated by a GradScaler / the DDP helper's vote)
-            try:
+                # the flag the base step used (gated by a GradScaler / the DDP helper's vote)
                 ok = self._base_step(ok, perturbed, norm=n1)
             except BaseException:
                 self._undo()

@@ -106,6 +106,7 @@ class SAM(_step_plan.PlannedSteps, SAMFamily):
         self = _conventions.owner(self)  # Lightning's LightningOptimizer: the optimizer itself
         _conventions.step_started(self)
         self._followed = False  # a new step: the parameters are looked at again
+        self._check_settings()
         planned = self._planned_ascent(None)
         self._ok, self._perturbed = planned if planned is not None else self._ascend()
         if zero_grad:
@@ -122,8 +123,12 @@ class SAM(_step_plan.PlannedSteps, SAMFamily):
         ok, perturbed = self._ok, self._perturbed
         self._perturbed = []
         self._ok = self._one  # until the next first_step (never written in place)
-        if not self._planned_descent(ok, perturbed, loss):
-            self._descend(ok, perturbed, loss)
+        try:
+            if not self._planned_descent(ok, perturbed, loss):
+                self._descend(ok, perturbed, loss)
+        except BaseException:
+            self._abort_step()  # w restored from the backups (a setting refused, a kernel error)
+            raise
         if zero_grad:
             self.zero_grad()
         self._mark_grads()  # the end of a step: what is left is stale for the next one
@@ -213,6 +218,13 @@ class SAM(_step_plan.PlannedSteps, SAMFamily):
         self, ok: torch.Tensor, perturbed: list[torch.Tensor], loss: torch.Tensor | None
     ) -> None:
         ps = self._params_with_grad()
+        if perturbed and not ps:
+            # a closure (or the code between the halves) ran no backward at w + e
+            raise RuntimeError(
+                f"{type(self).__name__}: no parameter has a gradient at the perturbed point "
+                "w + e; the closure must call loss.backward() (the weights are restored, the "
+                "step not taken)"
+            )
         # the finite check is the fused norm of g1: clipping (max_grad_norm) reuses it
         n1 = self._checked_norm([p.grad for p in ps])
         ok = self._and_finite(ok, n1, loss)  # one fused op: ok * [n1, loss finite]

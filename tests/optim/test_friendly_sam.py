@@ -348,6 +348,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="sigma"):
         opt.step(lambda: None)
     assert torch.equal(p, torch.ones(2))
+    opt.param_groups[0]["sigma"] = 0.5  # (the groups are checked first, at every step)
     with pytest.raises(TypeError, match="closure"):
         opt.step()
 
