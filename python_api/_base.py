@@ -294,12 +294,13 @@ class SAMFamily(
 
         The values last checked are held and compared by identity (held, so no id is reused):
         about 1 us per step while nothing changes."""
-        self._fill_group_settings()
         keys = self._own_keys + BASE_KEYS.get(self._fused or "", ())
         vals = [g.get(k) for g in self.param_groups for k in keys]
         held = self._checked_settings
         if held is not None and len(held) == len(vals) and all(map(operator.is_, vals, held)):
-            return
+            return  # (a group added since, or a key missing, changes the list)
+        self._fill_group_settings()
+        vals = [g.get(k) for g in self.param_groups for k in keys]
         for i, g in enumerate(self.param_groups):
             self._check_group(g)
             if self._fused is not None:
