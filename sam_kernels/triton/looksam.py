@@ -54,6 +54,7 @@ from sam_kernels.triton._launch import (
     st,
     tptr,
 )
+from sam_kernels.triton.grad_norm import sum_partials
 
 #: lanes of the per-tensor sums of chunk partials (one program per tensor)
 PART_BLOCK = 128
@@ -101,16 +102,6 @@ def _partials_kernel(
 
 
 @triton.jit
-def _tensor_sum(p, nch, BLOCK: tl.constexpr):
-    """Sum of the fp64 ``p[0:nch]`` in a fixed order."""
-    offs = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float64)
-    for j in range(0, nch, BLOCK):
-        acc += tl.load(p + j + offs, mask=j + offs < nch, other=0.0)
-    return tl.sum(acc, axis=0)
-
-
-@triton.jit
 def _coef_kernel(
     table, n, partial, base, total, out, n_all, params,
     NROW: tl.constexpr, REUSE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
@@ -123,8 +114,8 @@ def _coef_kernel(
     first = row(table, n, NROW + 3, t)
     nch = (numel + CHUNK - 1) // CHUNK
     p = partial + base + first
-    s0 = _tensor_sum(p, nch, BLOCK)
-    s1 = _tensor_sum(p + total, nch, BLOCK)
+    s0 = sum_partials(p, nch, BLOCK)
+    s1 = sum_partials(p + total, nch, BLOCK)
     if REUSE:
         # alpha ||g0|| / (||gv|| + eps), the fp64 square roots IEEE on every target
         alpha = tl.load(params)
