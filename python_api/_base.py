@@ -307,14 +307,6 @@ class SAMFamily(
                 check_base_group(self._fused, g, i)
         self._checked_settings = vals
 
-    def _check_groups(self) -> None:
-        """Every group's settings checked (hyper-parameters edited since the last step), after
-        a group added through the base optimizer got this optimizer's
-        (:meth:`_fill_group_settings`)."""
-        self._fill_group_settings()
-        for group in self.param_groups:
-            self._check_group(group)
-
     def _fill_group_settings(self) -> None:
         """Give a group added through the base optimizer (``base.add_param_group``, which knows
         only its own defaults) this optimizer's defaults (rho, ...), as :meth:`add_param_group`

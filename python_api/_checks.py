@@ -40,15 +40,6 @@ def check_nonneg(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
-def _check_number(name: str, value: Any, lo: float | None, below_one: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if lo is not None and value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value!r}")
-    if below_one and not value < 1.0:
-        raise ValueError(f"{name} must be < 1, got {value!r}")
-
-
 #: the base optimizer's settings a fused step reads, per base kind (python_api._plans)
 BASE_KEYS = {
     "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"),
@@ -69,21 +60,23 @@ def check_base_group(kind: str, group: dict, index: int) -> None:
         if lr.numel() != 1:
             raise ValueError(f"{where}['lr'] must be a number or a one-element tensor")
     else:
-        _check_number(f"{where}['lr']", lr, 0.0)
-    _check_number(f"{where}['weight_decay']", group["weight_decay"], 0.0)
+        check_nonneg(f"{where}['lr']", lr)
+    check_nonneg(f"{where}['weight_decay']", group["weight_decay"])
     for flag in ("maximize", "nesterov", "amsgrad"):
         if flag in group and not isinstance(group[flag], bool):
             raise ValueError(f"{where}['{flag}'] must be True or False, got {group[flag]!r}")
     if kind == "sgd":
-        _check_number(f"{where}['momentum']", group["momentum"], 0.0)
-        _check_number(f"{where}['dampening']", group["dampening"], None)
+        check_nonneg(f"{where}['momentum']", group["momentum"])
+        d = group["dampening"]  # any sign, as torch's
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d):
+            raise ValueError(f"{where}['dampening'] must be a finite number, got {d!r}")
     else:
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"{where}['betas'] must be a pair of numbers, got {betas!r}")
         for i, b in enumerate(betas):
-            _check_number(f"{where}['betas'][{i}]", b, 0.0, below_one=True)
-        _check_number(f"{where}['eps']", group["eps"], 0.0)
+            check_range(f"{where}['betas'][{i}]", b, 0.0, 1.0, False, True)
+        check_nonneg(f"{where}['eps']", group["eps"])
 
 
 def check_sigma(value: Any) -> None:

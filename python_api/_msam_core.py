@@ -78,11 +78,15 @@ class MomentumSAMCore(StepCounters, MomentumSAMCheckpoint, Optimizer):
         check_nonneg("weight_decay", group["weight_decay"])
         check_nonneg("rho", group["rho"])
 
-    def _validate_group(self, group: dict[str, Any], index: int) -> None:
+    def _check_group_hparams(self, group: dict[str, Any], index: int) -> None:
+        """:meth:`_check_hparams`, its error naming the class and the group."""
         try:
             self._check_hparams(group)
-        except ValueError as e:
-            raise ValueError(f"{type(self).__name__}: param_groups[{index}]: {e}") from None
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{type(self).__name__}: param_groups[{index}]: {e}") from None
+
+    def _validate_group(self, group: dict[str, Any], index: int) -> None:
+        self._check_group_hparams(group, index)
         for j, p in enumerate(group["params"]):
             if not p.is_floating_point():
                 raise TypeError(
@@ -211,10 +215,7 @@ class MomentumSAMCore(StepCounters, MomentumSAMCheckpoint, Optimizer):
         # checked before anything changes (a NaN rho wrote NaN weights, a None momentum failed
         # after the move up)
         for i, group in enumerate(self.param_groups):
-            try:
-                self._check_hparams(group)
-            except (ValueError, TypeError) as e:
-                raise type(e)(f"{type(self).__name__}: param_groups[{i}]: {e}") from None
+            self._check_group_hparams(group, i)
         active = self._active()
         ps = [p for _, group_ps in active for p in group_ps]
         if not ps:

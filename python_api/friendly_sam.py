@@ -231,7 +231,6 @@ class FriendlySAM(SAMFamily):
     ) -> torch.Tensor | None:
         """One FriendlySAM step: gradients at ``w`` and ``w + e``, one base step at ``w``."""
         closure = self._require_closure(closure)
-        self._check_groups()  # hyper-parameters edited since: checked first
         l0, ps = self._evaluate_w(closure, loss, need_loss=False)
         if not ps:  # nothing to perturb: the base step has been taken
             return l0

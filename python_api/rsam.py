@@ -247,7 +247,6 @@ class RSAM(NoiseStreamState, SAMFamily):
     ) -> torch.Tensor | None:
         """One R-SAM step: gradients at ``w + delta`` and ``w + e``, one base step at ``w``."""
         closure = self._require_closure(closure)
-        self._check_groups()  # hyper-parameters edited since: checked first
         self._follow_device()
         given = self._as_loss(loss) if loss is not None else None
         ok = self._ok_from(given)
