@@ -103,6 +103,15 @@ def _make_extension(torch, cpp_extension, cuda: bool):
     )
 
 
+def _identity_extension():
+    # the plans' identity checks (csrc/py_identity.cpp): a plain CPython module, no torch
+    from setuptools import Extension
+
+    return Extension(
+        "sam_kernels._identity", ["csrc/py_identity.cpp"], extra_compile_args=["-O2", "-g0"]
+    )
+
+
 def _extension_setup() -> dict:
     """ext_modules / cmdclass for setup(), or nothing when the extension is skipped."""
     if _flag("SAM_KERNELS_NO_EXT"):
@@ -131,7 +140,10 @@ def _extension_setup() -> dict:
             attempts = [cuda, False] if cuda else [False]
             for i, with_cuda in enumerate(attempts):
                 if i > 0:
-                    self.extensions = [_make_extension(torch, cpp_extension, with_cuda)]
+                    self.extensions = [
+                        _make_extension(torch, cpp_extension, with_cuda),
+                        _identity_extension(),
+                    ]
                 try:
                     super().run()
                     _say("built " + ("the CPU+CUDA" if with_cuda else "the CPU") + " extension")
@@ -150,7 +162,7 @@ def _extension_setup() -> dict:
 
     build_ext = OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)
     return {
-        "ext_modules": [_make_extension(torch, cpp_extension, cuda)],
+        "ext_modules": [_make_extension(torch, cpp_extension, cuda), _identity_extension()],
         "cmdclass": {"build_ext": build_ext},
     }
 

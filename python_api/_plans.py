@@ -9,15 +9,15 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
-from itertools import chain, repeat
+from itertools import chain
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
 import sam_kernels as sk
+from sam_kernels import same_entries, same_values
 
 
 def _fused_kind(base: Optimizer) -> str | None:
@@ -210,7 +210,7 @@ def _same_dicts(state: Any, dicts: list[dict]) -> bool:
     """``state``'s per-parameter dicts are ``dicts``, in order: none replaced, deleted or added
     (a reset of a parameter's state). Read by identity without hashing a parameter
     (``Tensor.__hash__`` is Python)."""
-    return len(state) == len(dicts) and all(map(operator.is_, state.values(), dicts))
+    return same_values(state, dicts)
 
 
 class _ModePlan:
@@ -243,11 +243,7 @@ class _ModePlan:
     def _held_intact(self, st: Any) -> bool:
         # by identity: the mapping, each parameter's dict in it, each backup in its dict
         held_st, dicts, bdicts, backups = self._held
-        return (
-            st is held_st
-            and _same_dicts(st, dicts)
-            and all(map(operator.is_, map(dict.get, bdicts, repeat("backup")), backups))
-        )
+        return st is held_st and _same_dicts(st, dicts) and same_entries(bdicts, "backup", backups)
 
 
 class _BasePlan:
@@ -317,16 +313,18 @@ class _BasePlan:
 
     def state_intact(self) -> bool:
         """The per-parameter dicts and the base state's entries (what a descent writes)."""
-        return all(_same_dicts(m, dicts) for m, dicts in self._outer) and all(
-            map(operator.is_, map(dict.get, self._dicts, self._keys), self._values)
-        )
+        return self._outer_held() and same_entries(self._dicts, self._keys, self._values)
 
     def backups_intact(self) -> bool:
         """The per-parameter dicts and the backups (what an ascent writes)."""
-        return all(_same_dicts(m, dicts) for m, dicts in self._outer) and self._backups_held()
+        return self._outer_held() and self._backups_held()
+
+    def _outer_held(self) -> bool:
+        (m0, d0), (m1, d1) = self._outer
+        return same_values(m0, d0) and same_values(m1, d1)
 
     def _backups_held(self) -> bool:
-        return all(map(operator.is_, map(dict.get, self._bdicts, repeat("backup")), self._backups))
+        return same_entries(self._bdicts, "backup", self._backups)
 
 
 def _check_like(ps: Sequence[torch.Tensor], ts: Sequence[torch.Tensor], what: str) -> None:

@@ -91,13 +91,12 @@ runs on it as an ascent, one op per noisy sample and a descent (python_api/_univ
 
 from __future__ import annotations
 
-import operator
-from itertools import chain
 from typing import Any
 
 import torch
 
 import sam_kernels as sk
+from sam_kernels import same_group_params
 
 _SGD = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
 _ADAMW = ("lr", "beta1", "beta2", "eps", "weight_decay", "maximize")
@@ -256,13 +255,7 @@ class PlannedStep(_NotCopied):
                 if half == "descent"
                 else self._base.backups_intact()
                 # a group's list changed in place (the key has its identity and length)
-                and all(
-                    map(
-                        operator.is_,
-                        chain.from_iterable(g["params"] for g in opt.param_groups),
-                        self._watch,
-                    )
-                )
+                and same_group_params(opt.param_groups, self._watch)
             )
         )
 

@@ -16,6 +16,7 @@ from sam_kernels._backend import (
     runs_on,
     why_unavailable,
 )
+from sam_kernels.identity import same_entries, same_group_params, same_values
 from sam_kernels.ops import (
     DECISION_ERM,
     DECISION_NONFINITE,
@@ -124,6 +125,9 @@ __all__ = [
     "requested_backend",
     "restore_",
     "runs_on",
+    "same_entries",
+    "same_group_params",
+    "same_values",
     "sanitize",
     "sanitize_",
     "select_",

@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 import python_api._step_plan as sp
 from python_api import SAM
-from sam_kernels import step_plan
+from sam_kernels import identity, step_plan
 
 pytestmark = pytest.mark.skipif(
     not step_plan.available("cpu"),
@@ -31,6 +31,18 @@ pytestmark = pytest.mark.skipif(
 #: the GPU run checks the plan on CUDA tensors too (the extension is not the default there: asked
 #: for by name)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and step_plan.available("cuda") else [])
+
+#: the plans' identity checks (sam_kernels/identity.py): the C loops, and the Python versions
+#: they replace where the C module is not built; the tests that change what a plan holds run both
+IDENTITY = ["python"] + (["c"] if identity.compiled() else [])
+
+
+@pytest.fixture(params=IDENTITY)
+def identity_checks(request, monkeypatch):
+    if request.param == "python":
+        monkeypatch.setattr(identity, "_c", None)
+    return request.param
+
 
 SGD = (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3))
 BASES = {
@@ -349,7 +361,7 @@ def test_add_param_group_and_load_state_dict():
     assert _planned(opt) and opt._step_plan is not plan
 
 
-def test_a_replaced_state_tensor_is_the_one_stepped():
+def test_a_replaced_state_tensor_is_the_one_stepped(identity_checks):
     m, r, opt, ref = _pair("sgd")
     for s in range(3):
         _two_call([(m, opt), (r, ref)], s)
@@ -398,7 +410,7 @@ def _delete(state, p):
 @pytest.mark.parametrize("planned", [True, False], ids=["planned", "unplanned"])
 @pytest.mark.parametrize("reset", [_replace, _delete], ids=["replaced", "deleted"])
 @pytest.mark.parametrize("base", ["SGD", "AdamW"])
-def test_a_parameters_state_reset_is_seen(base, reset, planned):
+def test_a_parameters_state_reset_is_seen(base, reset, planned, identity_checks):
     """``base.state[p] = {}`` (or ``del``) restarts p's base state, as it does for torch's own
     optimizer: the plans held p's old state dict (its momentum, its AdamW moments) and kept
     stepping it, silently (0.135 away from torch's weights after two more SGD steps)."""
@@ -434,7 +446,7 @@ def _edit_state(opt, p, edit):
 @pytest.mark.parametrize("edit", ["reset", "replaced"])
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 @pytest.mark.parametrize("form", ["two-call", "closure"])
-def test_a_state_edit_inside_a_step_is_seen(form, base, edit):
+def test_a_state_edit_inside_a_step_is_seen(form, base, edit, identity_checks):
     """User code runs inside a step: between ``first_step`` and ``second_step``, or in the
     closure. A base state entry replaced or reset there is written by the descent as by the
     unplanned one (the planned descent stepped the tensors the ascent had checked)."""
@@ -601,7 +613,7 @@ def test_compiled_training_step_after_planned_steps():
 
 @pytest.mark.parametrize("planned", [True, False])
 @pytest.mark.parametrize("how", ["new list", "in place"])
-def test_group_params_replaced(how, planned):
+def test_group_params_replaced(how, planned, identity_checks):
     """A group's parameters swapped for others of the same shapes (a new list, or the same list
     changed in place): the new parameters are the ones normed, perturbed and stepped, as a
     fresh optimizer over them would (their state starts empty)."""
