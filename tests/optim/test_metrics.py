@@ -186,8 +186,14 @@ def exact_max_on_circle(g: torch.Tensor, a: torch.Tensor, rho: float) -> torch.T
 
 def test_ar_is_one_where_one_step_is_optimal():
     # a loss linear in w: the SAM step rho g/||g|| is the exact maximizer
+    # |y| >= 0.1: an example's gradient is y [x, 1], and the ratio of two differences of losses
+    # of size |y| loses ~1e-16 / |y| to rounding (a y of 3e-4, drawn with the global generator
+    # after other tests, gave 1.6e-9)
+    gen = torch.Generator().manual_seed(0)
     lin = nn.Linear(5, 1).double()
-    x, y = torch.randn(12, 5, dtype=F64), torch.randn(12, dtype=F64) + 0.1
+    x = torch.randn(12, 5, dtype=F64, generator=gen)
+    y = torch.randn(12, dtype=F64, generator=gen)
+    y = y.sign() * (y.abs() + 0.1)
     r = approximation_ratio(lin, lambda o, t: (o.squeeze(-1) * t).mean(), (x, y), rho=0.3)
     assert isinstance(r, ApproximationRatioResult) and r.n == 12 and r.n_skipped == 0
     assert all(abs(v - 1.0) < 1e-9 for v in r.ratios)
