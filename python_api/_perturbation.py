@@ -84,14 +84,48 @@ class Perturbation:
         return out
 
     def _collect_grads(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The gradients of ``params`` after an extra evaluation of the closure.
+        """The gradients of ``params`` after an extra evaluation, one per parameter.
 
-        ``params`` are the parameters that had a gradient at ``w`` (this step's set). One that
-        got none at the new point gets zeros (the loss does not depend on it there), but none of
-        them getting one is an error (a closure without ``backward``); a parameter
-        outside the set that got one has it dropped (``p.grad = None``), so every later pass and
-        the base step see exactly the set.
+        For the steps that combine several evaluations into one gradient (CR-SAM, the universal
+        class): ``params`` are the parameters that had a gradient at ``w`` (this step's set); one
+        that got none at the new point gets zeros there (the loss does not depend on it at that
+        point; its other terms still step it). The checks are :meth:`_grads_at_perturbed`'s.
         """
+        self._perturbed_backward_ran(params)
+        out = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
+            out.append(p.grad)
+        return out
+
+    def _grads_at_perturbed(
+        self, params: Sequence[torch.Tensor]
+    ) -> tuple[list[int] | None, list[torch.Tensor]]:
+        """The gradients at the perturbed point of a step that descends along them alone (the
+        switching classes' SAM step, GSAM, FriendlySAM, R-SAM, ESAM): ``(None, grads)`` when
+        every parameter of ``params`` (this step's set, those with a gradient at ``w``) got one,
+        else ``(kept, grads)``, ``kept`` the positions in ``params`` of those that did.
+
+        A parameter without a gradient there is not stepped, as ``SAM`` and the references'
+        ``base.step()`` leave it (torch skips a parameter whose ``.grad`` is None): restored
+        from its backup, its momentum, moments and weight decay untouched. (Filled with zeros,
+        as before, it took a base step along its momentum and weight decay alone, and under
+        GSAM along ``-alpha * g0``, where the references leave it as it was: a mixture of
+        experts' expert that gets no token at ``w + e``.)
+        """
+        self._perturbed_backward_ran(params)
+        grads = [p.grad for p in params]
+        if all(g is not None for g in grads):
+            return None, grads
+        kept = [i for i, g in enumerate(grads) if g is not None]
+        return kept, [grads[i] for i in kept]
+
+    def _perturbed_backward_ran(self, params: Sequence[torch.Tensor]) -> None:
+        """After an evaluation at a perturbed point: at least one of ``params`` got a gradient
+        (else the closure ran no backward: an error), and a parameter outside ``params`` that
+        got one has it dropped (``p.grad = None``), so every later pass and the base step see
+        this step's set."""
         if params and all(p.grad is None for p in params):
             # not one gradient where each of these parameters had one at w: the closure ran no
             # backward (zero gradients would have taken a base step along nothing but momentum
@@ -106,12 +140,6 @@ class Perturbation:
             for p in g["params"]:
                 if p.grad is not None and id(p) not in keep:
                     p.grad = None
-        out = []
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
-            out.append(p.grad)
-        return out
 
     def _evaluate_perturbed(
         self,
@@ -123,6 +151,7 @@ class Perturbation:
         need_loss: bool,
         at: str | None = None,
         flag: bool = True,
+        zeros: bool = True,
     ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """The closure at a perturbed point and its flag: ``(loss, grads, ok, norm)``.
 
@@ -133,13 +162,15 @@ class Perturbation:
         restored first; the message names ``at``, by default ``what``); ``norm`` is the plain
         norm of ``grads`` the finite flag is read from (clipping may reuse it). ``flag=False``
         (only where :attr:`_raises_on_nonfinite` is False): ``ok`` is returned as given, and
-        the caller folds ``norm`` and ``loss`` into a later flag.
+        the caller folds ``norm`` and ``loss`` into a later flag. ``zeros=False`` (a step that
+        descends along these gradients alone): a parameter without one is left out of ``grads``
+        and of the base step (:meth:`_grads_at_perturbed`), not given zeros.
         """
         self._drop_grads()
         loss = self._call_closure(
             closure, perturbed=True, need_loss=need_loss, what=what, restore=perturbed
         )
-        grads = self._collect_grads(ps)
+        grads = self._collect_grads(ps) if zeros else self._grads_at_perturbed(ps)[1]
         norm = self._checked_norm(grads)
         if flag:
             ok = self._and_finite(ok, norm, loss)  # one fused op: ok * [norm, loss finite]

@@ -231,7 +231,10 @@ class SwitchingSAM(SAMFamily):
             # collected (a sparse one refused), the flag, the base step's own checks (the AE
             # statistics, updated at the decision, were left changed by an error here)
             try:
-                gs = self._collect_grads(ps)
+                # a parameter without a gradient at w + e is restored and not stepped
+                kept, gs = self._grads_at_perturbed(ps)
+                if kept is not None:
+                    ps, g0 = [ps[i] for i in kept], [g0[i] for i in kept]
                 n1 = self._checked_norm(gs)  # the norm: reused by clipping
                 ok = self._ok_from(n1, l1)  # one fused op: [n1, l1 finite]
                 if l0_gate is not None:

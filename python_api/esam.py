@@ -213,7 +213,7 @@ class ESAM(SAMFamily):
             if self._bn is not None:
                 self._bn.restore()
         with torch.no_grad():
-            gs = self._collect_grads(ps)
+            _, gs = self._grads_at_perturbed(ps)  # one without a gradient there: not stepped
             ok = ok * torch.isfinite(l1.detach()).all().to(torch.float32)
             fin, n1 = self._finite_and_norm(gs)  # the norm: reused by clipping
             ok = ok * fin

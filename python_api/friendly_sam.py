@@ -258,9 +258,12 @@ class FriendlySAM(SAMFamily):
         self._check_raise(ok, "the evaluation at w (loss L0, gradient g0)")
         pert = self._perturb_along_grad(norm)
 
-        # w + e: g1 in p.grad (the same parameter set as g0)
+        # w + e: g1 in p.grad (the parameters of g0 that got one; the others are restored and
+        # not stepped, as the reference's base.step() leaves them)
         at = "the evaluation at w + e (gradient g1)"
-        l1, _, ok, n1 = self._evaluate_perturbed(closure, ps, pert, ok, "w + e", False, at)
+        l1, _, ok, n1 = self._evaluate_perturbed(
+            closure, ps, pert, ok, "w + e", False, at, zeros=False
+        )
         ok = self._base_step(ok, pert, norm=n1)  # clipping reuses ||g1||
 
         # m = lmbda m + (1 - lmbda) g0 (later) or g0 (first), only if the step was applied:

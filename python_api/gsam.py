@@ -204,23 +204,28 @@ class GSAM(SAMFamily):
         self._check_raise(ok, "the evaluation at w (loss L0, gradient g0)")
         pert = self._perturb_along_grad(n0, factor)
 
-        # w + e: g1 in p.grad (the same parameter set as g0)
+        # w + e: g1 in p.grad (the parameters of g0 that got one; the others are restored and
+        # not stepped, as the reference's base.step() leaves them)
         self._drop_grads()
         l1 = self._call_closure(
             closure, perturbed=True, need_loss=False, what="w + e", restore=pert
         )
-        self._collect_grads(ps)
-        g1 = _dense_grads(self, ps)
+        kept, _ = self._grads_at_perturbed(ps)
+        ps1 = ps if kept is None else [ps[i] for i in kept]
+        g1 = _dense_grads(self, ps1)
         n1 = self._plain_norm(g1)  # finite iff every element of g1 is (fp64 squares)
         ok = self._and_finite(ok, n1, l1)
         self._check_raise(ok, "the evaluation at w + e (gradient g1)", pert)
 
         # cos, and the base-step gradient c * g1 - alpha * g0 (device scalars)
         adaptive = any(g.get("adaptive", False) for g in self.param_groups)
-        n0p = self._plain_norm(g0) if adaptive else n0
+        # the norm of g0 over the parameters of g1, as the reference's (its norms skip a
+        # parameter whose .grad is None at w + e)
+        g0_1 = g0 if kept is None else [g0[i] for i in kept]
+        n0p = self._plain_norm(g0_1) if adaptive or kept is not None else n0
         n0p, n1d = n0p.to(torch.float64), n1.to(torch.float64)
         with sk.prevalidated():  # the parameters' gradients: the plan checked the lists
-            dot = sk.dot(g0, g1, backend=self.backend).to(self._device)
+            dot = sk.dot(g0_1, g1, backend=self.backend).to(self._device)
         cos = dot / (n1d * n0p + _EPS)
         c = 1.0 + alpha * cos * n0p / (n1d + _EPS)
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in ps) else torch.float32

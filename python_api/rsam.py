@@ -345,7 +345,7 @@ class RSAM(NoiseStreamState, SAMFamily):
         l1 = self._call_closure(
             closure, perturbed=True, need_loss=False, what="w + e", restore=noisy
         )
-        g1 = self._collect_grads(ps)
+        _, g1 = self._grads_at_perturbed(ps)  # one without a gradient there: not stepped
         fin, n1 = self._finite_and_norm(g1)
         ok = ok * fin * self._ok_from(l1)
         self._check_raise(ok, "the evaluation at w + e (gradient g1)", noisy)
