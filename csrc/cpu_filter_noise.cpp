@@ -50,7 +50,7 @@ struct Rows {
   int64_t total = 0;
 };
 
-Rows make_rows(const std::vector<at::Tensor>& params) {
+Rows make_rows(at::TensorList params) {
   Rows r;
   const int64_t n = static_cast<int64_t>(params.size());
   r.len.resize(n);

@@ -40,7 +40,7 @@ struct Chunk {
   int64_t len;
 };
 
-inline std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& ref) {
+inline std::vector<Chunk> make_chunks(at::TensorList ref) {
   std::vector<Chunk> out;
   for (int64_t t = 0; t < static_cast<int64_t>(ref.size()); ++t) {
     const int64_t n = ref[t].numel();
@@ -283,7 +283,7 @@ SK_KERNEL void sum_group(const T* const* x, const T* const* y, const int64_t* n,
 // partial[c] = the sum of chunk c's terms (chunks of x; y the second list of the weighted and
 // product kinds, else unused). Threads take runs of chunks; each chunk's sum is the same bits
 // whoever computes it, so the partials do not depend on the thread count.
-inline void chunk_sums(const std::vector<at::Tensor>& x, const std::vector<at::Tensor>& y,
+inline void chunk_sums(at::TensorList x, at::TensorList y,
                        const std::vector<Chunk>& chunks, Sum kind, float eta, double* partial) {
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t c0 = b; c0 < e;) {

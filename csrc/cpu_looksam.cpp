@@ -23,7 +23,7 @@ using namespace cpu;
 constexpr double kReuseEps = 1e-8;
 
 // out[t] = the sum of the terms of tensor t of x (and y): its chunks' fp64 sums in chunk order
-std::vector<double> tensor_sums(const std::vector<at::Tensor>& x, const std::vector<at::Tensor>& y,
+std::vector<double> tensor_sums(at::TensorList x, at::TensorList y,
                                 Sum kind, int64_t n) {
   const auto chunks = make_chunks(x);
   std::vector<double> partial(chunks.size(), 0.0);
@@ -69,9 +69,8 @@ void looksam_project_cpu(at::TensorList gv, at::TensorList g0, at::TensorList gs
   // a skipped step: nothing written (the stand-ins of non-contiguous gv are not copied back)
   if (p.n == 0 || okv == 0.0f) return;
   auto& L = p.lists;
-  static const std::vector<at::Tensor> kNone;
   const std::vector<double> dot = tensor_sums(L[1], L[2], Sum::kProducts, p.n);
-  const std::vector<double> sq = tensor_sums(L[1], kNone, Sum::kSquares, p.n);
+  const std::vector<double> sq = tensor_sums(L[1], at::TensorList(), Sum::kSquares, p.n);
   std::vector<float> neg_c(static_cast<size_t>(p.n));
   for (int64_t t = 0; t < p.n; ++t) {
     const float c = sq[t] > 0.0 ? static_cast<float>(dot[t] / sq[t]) : 0.0f;
@@ -98,9 +97,8 @@ at::Tensor looksam_reuse_coefs_cpu(at::TensorList g0, at::TensorList gv, double 
       op, {{"g0", g0, Access::kRead, true}, {"gv", gv, Access::kRead, true}}, kCpu);
   at::Tensor out = at::empty({2, p.n}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
-  static const std::vector<at::Tensor> kNone;
-  const std::vector<double> s0 = tensor_sums(p.lists[0], kNone, Sum::kSquares, p.n);
-  const std::vector<double> sv = tensor_sums(p.lists[1], kNone, Sum::kSquares, p.n);
+  const std::vector<double> s0 = tensor_sums(p.lists[0], at::TensorList(), Sum::kSquares, p.n);
+  const std::vector<double> sv = tensor_sums(p.lists[1], at::TensorList(), Sum::kSquares, p.n);
   for (int64_t t = 0; t < p.n; ++t) {
     const double n0 = std::sqrt(s0[t]);
     const double nv = std::sqrt(sv[t]);

@@ -33,8 +33,7 @@ using namespace cpu;
 double sum_lists(const Prepared& p, Sum kind, float eta) {
   const auto chunks = make_chunks(p.lists[0]);
   std::vector<double> partial(chunks.size(), 0.0);
-  static const std::vector<at::Tensor> kNone;
-  chunk_sums(p.lists[0], p.has(1) ? p.lists[1] : kNone, chunks, kind, eta, partial.data());
+  chunk_sums(p.lists[0], p.has(1) ? p.lists[1] : at::TensorList(), chunks, kind, eta, partial.data());
   double total = 0.0;
   for (double v : partial) total += v;
   return total;

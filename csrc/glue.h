@@ -30,9 +30,19 @@ struct ListSpec {
 struct Prepared {
   int64_t n = 0;
   // lists[l][i]: the tensor the kernel uses (the caller's, or a contiguous stand-in); lists of
-  // absent specs are empty.
-  std::vector<std::vector<at::Tensor>> lists;
+  // absent specs are empty. A list with no stand-in is a view of the caller's list (no copy:
+  // copying a list of tensors costs an atomic reference count per tensor, ~10% of a step's host
+  // time over ResNet-50's 161 tensors); one with a stand-in views its row of `owned`. The
+  // caller's lists outlive the op that prepared them.
+  std::vector<at::TensorList> lists;
+  std::vector<std::vector<at::Tensor>> owned;
   std::vector<std::pair<at::Tensor, at::Tensor>> writeback;  // (caller's tensor, stand-in)
+
+  Prepared() = default;
+  Prepared(const Prepared&) = delete;  // the views would point into the source's `owned`
+  Prepared& operator=(const Prepared&) = delete;
+  Prepared(Prepared&&) = default;  // a moved vector keeps its buffer: the views stay valid
+  Prepared& operator=(Prepared&&) = default;
 
   bool has(size_t l) const { return l < lists.size() && !lists[l].empty(); }
   void finish() {
@@ -54,14 +64,14 @@ inline Prepared prepare_lists(const char* op, const std::vector<ListSpec>& specs
   Prepared out;
   out.n = static_cast<int64_t>(specs[0].tensors.size());
   out.lists.resize(specs.size());
+  out.owned.resize(specs.size());
   for (const auto& s : specs) {
     const int64_t len = static_cast<int64_t>(s.tensors.size());
     TORCH_CHECK(len == out.n || (!s.required && len == 0), "sam_kernels.", op, ": ", s.name,
                 " has ", len, " tensors, expected ", out.n, " (as ", specs[0].name, ")");
   }
-  for (size_t l = 0; l < specs.size(); ++l) {
-    if (!specs[l].tensors.empty()) out.lists[l].reserve(out.n);
-  }
+  // the checks; the indices whose tensors do not share one dense layout (run on stand-ins)
+  std::vector<int64_t> apart;
   for (int64_t i = 0; i < out.n; ++i) {
     const at::Tensor& ref = specs[0].tensors[i];
     TORCH_CHECK(supported_dtype(ref.scalar_type()), "sam_kernels.", op,
@@ -87,14 +97,23 @@ inline Prepared prepare_lists(const char* op, const std::vector<ListSpec>& specs
       }
     }
     if (same_layout && in_place_ok != nullptr && !in_place_ok(ref)) same_layout = false;
-    for (size_t l = 0; l < specs.size(); ++l) {
-      const auto& s = specs[l];
-      if (s.tensors.empty()) continue;
+    if (!same_layout) apart.push_back(i);
+  }
+  for (size_t l = 0; l < specs.size(); ++l) {
+    const auto& s = specs[l];
+    if (s.tensors.empty()) continue;
+    // a list whose tensors at those indices are all contiguous runs as the caller's
+    bool copy = false;
+    for (const int64_t i : apart) copy = copy || !s.tensors[i].is_contiguous();
+    if (!copy) {
+      out.lists[l] = s.tensors;
+      continue;
+    }
+    std::vector<at::Tensor>& row = out.owned[l];
+    row.assign(s.tensors.begin(), s.tensors.end());
+    for (const int64_t i : apart) {
       const at::Tensor& t = s.tensors[i];
-      if (same_layout || t.is_contiguous()) {
-        out.lists[l].push_back(t);
-        continue;
-      }
+      if (t.is_contiguous()) continue;
       at::Tensor tmp;
       if (s.access == Access::kWrite) {
         tmp = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
@@ -102,8 +121,9 @@ inline Prepared prepare_lists(const char* op, const std::vector<ListSpec>& specs
         tmp = t.contiguous();
       }
       if (s.access != Access::kRead) out.writeback.emplace_back(t, tmp);
-      out.lists[l].push_back(tmp);
+      row[i] = tmp;
     }
+    out.lists[l] = row;
   }
   return out;
 }
