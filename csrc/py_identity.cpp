@@ -34,14 +34,17 @@ PyObject* same_values(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 // same_entries(dicts, keys, values): dicts[i].get(key_i) is values[i] for every i, where key_i
-// is keys[i] (a list) or keys itself (one key for all). A missing key reads as None, as
+// is keys[i] (a list) or keys itself (a str: one key for all). A missing key reads as None, as
 // dict.get does.
 PyObject* same_entries(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 3 || !PyList_CheckExact(args[0]) || !PyList_CheckExact(args[2])) Py_RETURN_NONE;
   PyObject* dicts = args[0];
   PyObject* keys = args[1];
   PyObject* values = args[2];
-  const bool one_key = !PyList_CheckExact(keys);
+  // as the Python version: a str is one key for all, a list one key per dict (anything else:
+  // the Python version reads it)
+  const bool one_key = PyUnicode_Check(keys);
+  if (!one_key && !PyList_CheckExact(keys)) Py_RETURN_NONE;
   const Py_ssize_t n = PyList_GET_SIZE(dicts);
   if (PyList_GET_SIZE(values) != n || (!one_key && PyList_GET_SIZE(keys) != n)) Py_RETURN_NONE;
   for (Py_ssize_t i = 0; i < n; ++i) {

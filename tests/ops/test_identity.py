@@ -88,6 +88,14 @@ def test_same_entries(impl, n):
         assert identity.same_entries(mixed, ["a", "a"], [ts[0], ts[0]]) is False
 
 
+def test_same_entries_keys_as_a_tuple(impl):
+    # one key per dict, as a list would be (the C loop leaves a tuple to the Python version)
+    a, b = torch.zeros(1), torch.ones(1)
+    dicts = [{"x": a}, {"y": b}]
+    assert identity.same_entries(dicts, ("x", "y"), [a, b]) is True
+    assert identity.same_entries(dicts, ("y", "x"), [a, b]) is False
+
+
 def test_same_entries_unhashable_key_raises(impl):
     with pytest.raises(TypeError):
         identity.same_entries([{"a": 1}], [["a"]], [1])
