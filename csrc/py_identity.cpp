@@ -14,12 +14,22 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <cstring>
+
 namespace {
 
-// same_values(mapping, held): mapping is a dict (or a subclass: torch's state is a
-// defaultdict) whose values are exactly the objects of the list `held`, in order.
+// same_values(mapping, held): mapping is a dict (or torch's state, a defaultdict) whose values
+// are exactly the objects of the list `held`, in order.
+// A dict, or collections.defaultdict (torch's optimizer state), whose iteration is the dict's
+// own: a subclass may order its values otherwise (OrderedDict.move_to_end), so any other
+// mapping is left to the Python version.
+bool plain_dict(PyObject* m) {
+  if (PyDict_CheckExact(m)) return true;
+  return PyDict_Check(m) && std::strcmp(Py_TYPE(m)->tp_name, "collections.defaultdict") == 0;
+}
+
 PyObject* same_values(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 2 || !PyDict_Check(args[0]) || !PyList_CheckExact(args[1])) Py_RETURN_NONE;
+  if (nargs != 2 || !plain_dict(args[0]) || !PyList_CheckExact(args[1])) Py_RETURN_NONE;
   PyObject* mapping = args[0];
   PyObject* held = args[1];
   const Py_ssize_t n = PyList_GET_SIZE(held);

@@ -61,6 +61,15 @@ def test_same_values(impl, n):
             assert identity.same_values(m, list(ts)[:-1]) is False
 
 
+def test_same_values_follows_the_mappings_own_order(impl):
+    # an OrderedDict reordered in place: its values() order, not its storage's
+    ts = _tensors(3)
+    m = OrderedDict((i, t) for i, t in enumerate(ts))
+    m.move_to_end(0)
+    assert identity.same_values(m, [ts[1], ts[2], ts[0]]) is True
+    assert identity.same_values(m, list(ts)) is False
+
+
 def test_same_values_other_kinds_fall_back(impl):
     ts = _tensors(3)
     m = {i: t for i, t in enumerate(ts)}
