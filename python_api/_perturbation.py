@@ -121,6 +121,15 @@ class Perturbation:
         kept = [i for i, g in enumerate(grads) if g is not None]
         return kept, [grads[i] for i in kept]
 
+    def _no_backward_error(self) -> RuntimeError:
+        """The error of an evaluation at a perturbed point that left no gradient (the C++
+        plans' ``collect_grads`` raises the same words)."""
+        return RuntimeError(
+            f"{type(self).__name__}: the closure's evaluation at a perturbed point left no "
+            "gradient on any parameter; it must call loss.backward() (the weights are "
+            "restored, the step not taken)"
+        )
+
     def _perturbed_backward_ran(self, params: Sequence[torch.Tensor]) -> None:
         """After an evaluation at a perturbed point: at least one of ``params`` got a gradient
         (else the closure ran no backward: an error), and a parameter outside ``params`` that
@@ -130,11 +139,7 @@ class Perturbation:
             # not one gradient where each of these parameters had one at w: the closure ran no
             # backward (zero gradients would have taken a base step along nothing but momentum
             # and weight decay, counted as taken)
-            raise RuntimeError(
-                f"{type(self).__name__}: the closure's evaluation at a perturbed point left no "
-                "gradient on any parameter; it must call loss.backward() (the weights are "
-                "restored, the step not taken)"
-            )
+            raise self._no_backward_error()
         keep = {id(p) for p in params}
         for g in self.param_groups:
             for p in g["params"]:

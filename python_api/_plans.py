@@ -206,13 +206,6 @@ class _GroupPlan:
         )
 
 
-def _same_dicts(state: Any, dicts: list[dict]) -> bool:
-    """``state``'s per-parameter dicts are ``dicts``, in order: none replaced, deleted or added
-    (a reset of a parameter's state). Read by identity without hashing a parameter
-    (``Tensor.__hash__`` is Python)."""
-    return same_values(state, dicts)
-
-
 class _ModePlan:
     """The norm's and the ascent's parameter lists by (adaptive, eta), with the rho vector."""
 
@@ -243,7 +236,7 @@ class _ModePlan:
     def _held_intact(self, st: Any) -> bool:
         # by identity: the mapping, each parameter's dict in it, each backup in its dict
         held_st, dicts, bdicts, backups = self._held
-        return st is held_st and _same_dicts(st, dicts) and same_entries(bdicts, "backup", backups)
+        return st is held_st and same_values(st, dicts) and same_entries(bdicts, "backup", backups)
 
 
 class _BasePlan:
@@ -299,7 +292,8 @@ class _BasePlan:
         self._values = [v for _, _, v in entries]
         self._bdicts = [d for d, _ in backups]
         self._backups = [b for _, b in backups]
-        # each state mapping with its per-parameter dicts in order (_same_dicts)
+        # each state mapping with its per-parameter dicts in order: none replaced, deleted or
+        # added (a reset of a parameter's state); read by identity (sam_kernels.same_values)
         self._outer = [(m, list(m.values())) for m in (st, opt.state)]
         # the objects whose ids are in the key stay alive as long as the plan (no id reuse)
         self._keep = (tuple(opt.param_groups), st, opt.state)

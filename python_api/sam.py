@@ -220,11 +220,7 @@ class SAM(_step_plan.PlannedSteps, SAMFamily):
         ps = self._params_with_grad()
         if perturbed and not ps:
             # a closure (or the code between the halves) ran no backward at w + e
-            raise RuntimeError(
-                f"{type(self).__name__}: no parameter has a gradient at the perturbed point "
-                "w + e; the closure must call loss.backward() (the weights are restored, the "
-                "step not taken)"
-            )
+            raise self._no_backward_error()
         # the finite check is the fused norm of g1: clipping (max_grad_norm) reuses it
         n1 = self._checked_norm([p.grad for p in ps])
         ok = self._and_finite(ok, n1, loss)  # one fused op: ok * [n1, loss finite]
